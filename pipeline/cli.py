@@ -1,0 +1,39 @@
+"""One command-line entry for every stage: ``python -m pipeline <stage> [options]``.
+
+Each stage is a module exposing ``add_arguments(parser)`` and ``run(args) -> int``; it is
+imported only when chosen, so ``--help`` stays fast and a stage's heavy imports (Ray, MLflow)
+cost nothing to the others. Works unchanged under ``ray job submit -- python -m pipeline ...``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# stage name -> (module, one-line help)
+STAGES: dict[str, tuple[str, str]] = {
+    "generate": ("pipeline.generate", "write WeChat-format synthetic logs with a known oracle"),
+    "preprocess": ("pipeline.preprocess", "raw logs -> model-ready Parquet + feature spec (Ray Data)"),
+    "demo": ("pipeline.demo", "generate -> preprocess -> train -> evaluate, end to end"),
+}
+
+
+def build_parser(stage: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
+    for name, (module_name, help_text) in STAGES.items():
+        stage_parser = sub.add_parser(name, help=help_text, description=help_text)
+        if name == stage:  # import only the chosen stage
+            importlib.import_module(module_name).add_arguments(stage_parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    stage = next((a for a in argv if not a.startswith("-")), None)
+    if stage not in STAGES:
+        stage = None
+    args = build_parser(stage).parse_args(argv)
+    module = importlib.import_module(STAGES[args.stage][0])
+    return int(module.run(args) or 0)
