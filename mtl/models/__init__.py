@@ -15,9 +15,19 @@ from typing import Any
 from mtl.features import FeatureSpec
 from mtl.models.base import MultiTaskModel
 from mtl.models.mmoe import MMoE
+from mtl.models.ple import PLE
+from mtl.models.shared_bottom import SharedBottom
+from mtl.models.single_task import SingleTask
+from mtl.models.snr import SNR
+from mtl.models.soft_sharing import SoftSharing
 
 MODELS: dict[str, type[MultiTaskModel]] = {
     "mmoe": MMoE,
+    "ple": PLE,
+    "shared_bottom": SharedBottom,
+    "single_task": SingleTask,
+    "snr": SNR,
+    "soft_sharing": SoftSharing,
 }
 
 
