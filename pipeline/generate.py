@@ -379,7 +379,7 @@ class _World:
 
         # --- release days: old feeds within/before the window, a reserved pool new on day 15
         rng = _rng(seed, "release")
-        self.n_new_pool = max(5, int(round(0.12 * n_feeds)))
+        self.n_new_pool = max(5, int(round(0.15 * n_feeds)))
         self.release = rng.integers(-int(2 * cfg.popularity_decay_days), TRAIN_DAYS + 1, n_feeds)
         self.new_pool = rng.choice(n_feeds, self.n_new_pool, replace=False)
         self.release[self.new_pool] = TEST_DAY
@@ -460,8 +460,9 @@ class _World:
 # ----------------------------------------------------------------------------- impressions
 
 def _dedupe_within_user(rng: np.random.Generator, world: _World, user: np.ndarray, feed: np.ndarray,
-                        day: np.ndarray, rounds: int = 3) -> None:
-    """Resample the feed of later repeats of a (user, feed) pair (in place, a few rounds)."""
+                        day: np.ndarray, rounds: int = 3, pop: dict[int, np.ndarray] | None = None) -> None:
+    """Resample the feed of later repeats of a (user, feed) pair (in place, a few rounds);
+    ``pop`` overrides the popularity of a day."""
     for _ in range(rounds):
         key = user.astype(np.int64) * world.n_feeds + feed
         _, first = np.unique(key, return_index=True)
@@ -471,7 +472,8 @@ def _dedupe_within_user(rng: np.random.Generator, world: _World, user: np.ndarra
             return
         for t in np.unique(day[dup]):
             idx = np.flatnonzero(dup & (day == t))
-            feed[idx] = _draw(rng, world.popularity(int(t)), len(idx))
+            w = pop[int(t)] if pop and int(t) in pop else world.popularity(int(t))
+            feed[idx] = _draw(rng, w, len(idx))
 
 
 def _train_impressions(world: _World) -> dict[str, np.ndarray]:
@@ -512,7 +514,7 @@ def _test_impressions(world: _World, train_feeds: np.ndarray) -> tuple[dict[str,
     pop = world.popularity(TEST_DAY)
     pop[world.new_pool] = 0.0
     feed = _draw(rng, pop, n_test)
-    _dedupe_within_user(rng, world, user, feed, day, rounds=2)
+    _dedupe_within_user(rng, world, user, feed, day, rounds=2, pop={TEST_DAY: pop})
     in_train = np.zeros(world.n_feeds, dtype=bool)
     in_train[train_feeds] = True
     s = cfg.cold_start_share
