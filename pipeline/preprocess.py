@@ -1,0 +1,982 @@
+"""Raw logs -> model-ready Parquet + ``feature_spec.json``, on Ray Data.
+
+``python -m pipeline preprocess --raw DIR --out DIR [--config configs/datasets/wechat.yaml]
+[--set key=value ...]``
+
+What a :class:`pipeline.datasets.DatasetConfig` describes is done in this order:
+
+1. read every file (type-checked; a missing file/column, a wrong type, an empty file, NaN or
+   an empty required value is an error naming file, column and row — ``row`` is the 1-based
+   data row, ``line`` = row + 1 in a CSV with its header);
+2. check labels (0/1 only, or derived from ``positive`` values), de-duplicate main rows
+   (``keep`` last/first/all, count reported), append extra unlabelled rows (``test_a.csv``);
+3. join side tables on their key (a key missing there is an error unless ``on_missing: null``);
+4. assign splits (by day ranges or seeded random fractions);
+5. fit on training rows only: vocabularies (ids to ``0..V-1``; anything else -> ``V``, the
+   OOV row of :class:`mtl.inputs.InputModule`, counted per split), dense standardisation,
+   PCA of vectors (on the distinct training items), list vocabularies;
+6. history features from strictly earlier days: per key group and window ``w`` the
+   impressions and action counts/rates over days ``d-w .. d-1`` (labelled rows only);
+7. optional per-action negative down-sampling of training rows (seeded, row-hash based);
+8. Ray Data: per block, join the encoded side tables, look up history windows and write
+   Parquet (``train/``, ``valid/``, ``test/``);
+9. ``feature_spec.json`` (:class:`mtl.features.FeatureSpec`), ``report.json``, fitted
+   vocabularies/PCA under ``artifacts/``, ``_SUCCESS`` last; built in a temporary directory
+   next to ``--out`` and renamed into place, so partial output never looks complete.
+
+Global statistics (vocabularies, PCA, per-day aggregates) are small and computed with
+vectorised Arrow/NumPy in the driver; the row-parallel work (joins, history lookups,
+assembling the ~100 output columns, Parquet writing) runs as Ray Data ``map_batches`` tasks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import shutil
+import sys
+import time
+import uuid
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+from mtl.features import WEIGHT_SUFFIX, DenseFeature, FeatureSpec, ListFeature, SparseFeature, VectorFeature
+from pipeline.config import dump_config, load_config
+from pipeline.datasets import DatasetConfig, FileConfig, ListConfig, SideTableConfig, VectorConfig
+
+SPLITS = ("train", "valid", "test")
+SUCCESS = "_SUCCESS"
+MASK_PREFIX = "_mask__"
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "datasets" / "wechat.yaml"
+_ARROW_TYPES = {"int": pa.int64(), "float": pa.float64(), "str": pa.string()}
+_INT_RE = r"^[+-]?[0-9]+$"
+_INT_FLOAT_RE = r"^[+-]?[0-9]+\.0*$"  # "123.0": an integer written by a float writer
+_FLOAT_RE = r"^[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?$|^[+-]?(nan|NaN|inf|Inf|infinity|Infinity)$"
+
+
+class DataError(ValueError):
+    """Bad input data; the message names file, column and row."""
+
+
+# --------------------------------------------------------------------------------------------
+# reading
+
+
+def _where(path: Path | str, column: str | None, row: int | None, csv_file: bool = True) -> str:
+    out = f"{path}"
+    if column is not None:
+        out += f": column {column!r}"
+    if row is not None:
+        out += f", row {row}" + (f" (line {row + 1})" if csv_file else "")
+    return out
+
+
+def _first_bad(mask: np.ndarray) -> int:
+    return int(np.flatnonzero(mask)[0])
+
+
+def _raise_at(path: Path, column: str, rows: np.ndarray, bad: np.ndarray, problem: str, values: Any = None) -> None:
+    i = _first_bad(bad)
+    shown = f" (value {values[i]!r})" if values is not None else ""
+    n = int(bad.sum())
+    raise DataError(
+        f"{_where(path, column, int(rows[i]), path.suffix != '.parquet')}: {problem}{shown}; {n} such row(s)"
+    )
+
+
+def _convert_strings(arr: pa.ChunkedArray | pa.Array, kind: str, path: Path, column: str) -> pa.Array:
+    """Cast a string column to ``kind`` or raise naming the first bad row."""
+    arr = pc.utf8_trim_whitespace(arr.combine_chunks() if isinstance(arr, pa.ChunkedArray) else arr)
+    if kind == "str":
+        return arr
+    valid = pc.is_valid(arr)
+    rows = np.arange(1, len(arr) + 1)
+    if kind == "int":
+        plain = pc.fill_null(pc.match_substring_regex(arr, _INT_RE), False)
+        floaty = pc.fill_null(pc.match_substring_regex(arr, _INT_FLOAT_RE), False)
+        bad = np.asarray(pc.and_(valid, pc.invert(pc.or_(plain, floaty))))
+        if bad.any():
+            _raise_at(path, column, rows, bad, "not an integer", arr.to_pylist())
+        arr = pc.replace_substring_regex(arr, r"\.0*$", "")
+        return pc.cast(arr, pa.int64())
+    ok = pc.fill_null(pc.match_substring_regex(arr, _FLOAT_RE), False)
+    bad = np.asarray(pc.and_(valid, pc.invert(ok)))
+    if bad.any():
+        _raise_at(path, column, rows, bad, "not a number", arr.to_pylist())
+    return pc.cast(arr, pa.float64())
+
+
+def _csv_header(path: Path) -> list[str]:
+    with path.open("r", newline="", encoding="utf-8-sig") as fh:
+        first = fh.readline()
+    if not first.strip():
+        raise DataError(f"{path}: empty file (no header line)")
+    return next(csv.reader([first]))
+
+
+def _locate_parse_error(path: Path, header: list[str], exc: Exception) -> DataError:
+    with path.open("r", newline="", encoding="utf-8-sig") as fh:
+        for line, fields in enumerate(csv.reader(fh), start=1):
+            if line > 1 and len(fields) != len(header):
+                return DataError(
+                    f"{path}: row {line - 1} (line {line}): {len(fields)} fields, header has {len(header)}"
+                )
+    return DataError(f"{path}: CSV parse error: {exc}")
+
+
+def read_source(raw: Path, fc: FileConfig) -> pa.Table:
+    """Read the configured columns of one file with their types, plus ``_row`` (1-based).
+
+    Raises:
+        DataError: missing/empty file, missing column, wrong type, null/NaN in a required
+            column, no data rows.
+    """
+    path = raw / fc.path
+    if not path.is_file():
+        raise DataError(f"{path}: file not found (config file entry {fc.path!r})")
+    if path.stat().st_size == 0:
+        raise DataError(f"{path}: empty file")
+    wanted = list(fc.columns)
+    if path.suffix == ".parquet":
+        schema = pq.read_schema(path)
+        missing = [c for c in wanted if c not in schema.names]
+        if missing:
+            raise DataError(f"{path}: missing column(s) {missing}; file has {schema.names}")
+        table = pq.read_table(path, columns=wanted)
+        cols = {}
+        for c, kind in fc.columns.items():
+            col = table[c]
+            if kind == "str" or not (pa.types.is_integer(col.type) or pa.types.is_floating(col.type)):
+                col = _convert_strings(pc.cast(col, pa.string()), kind, path, c)
+            cols[c] = col
+        table = pa.table(cols)
+    else:
+        header = _csv_header(path)
+        missing = [c for c in wanted if c not in header]
+        if missing:
+            raise DataError(f"{path}: missing column(s) {missing}; header has {header}")
+        opts = dict(
+            read_options=pacsv.ReadOptions(use_threads=True, block_size=1 << 24),
+            parse_options=pacsv.ParseOptions(newlines_in_values=False),
+        )
+
+        def convert(types: dict[str, pa.DataType]) -> pacsv.ConvertOptions:
+            return pacsv.ConvertOptions(
+                include_columns=wanted,
+                column_types=types,
+                null_values=[""],
+                strings_can_be_null=True,
+                quoted_strings_can_be_null=True,
+            )
+
+        try:
+            table = pacsv.read_csv(path, convert_options=convert({c: _ARROW_TYPES[k] for c, k in fc.columns.items()}), **opts)
+        except pa.ArrowInvalid as typed_exc:
+            try:
+                table = pacsv.read_csv(path, convert_options=convert({c: pa.string() for c in wanted}), **opts)
+            except pa.ArrowInvalid as exc:
+                raise _locate_parse_error(path, header, exc) from exc
+            cols = {c: _convert_strings(table[c], k, path, c) for c, k in fc.columns.items()}
+            table = pa.table(cols)
+            del typed_exc
+    table = table.select(wanted)
+    if table.num_rows == 0:
+        raise DataError(f"{path}: no data rows")
+    rows = np.arange(1, table.num_rows + 1, dtype=np.int64)
+    out = {}
+    for c, kind in fc.columns.items():
+        col = table[c].combine_chunks()
+        if kind == "float":
+            col = pc.cast(col, pa.float64())
+            nan = np.asarray(pc.fill_null(pc.is_nan(col), False))
+            if nan.any():
+                if c not in fc.nullable:
+                    _raise_at(path, c, rows, nan, "NaN")
+                col = pc.if_else(pc.is_nan(col), pa.scalar(None, pa.float64()), col)
+            inf = np.asarray(pc.fill_null(pc.is_inf(col), False))
+            if inf.any():
+                _raise_at(path, c, rows, inf, "infinite value")
+        if c not in fc.nullable and col.null_count:
+            _raise_at(path, c, rows, np.asarray(pc.is_null(col)), "empty value")
+        out[c] = col
+    out["_row"] = pa.array(rows)
+    return pa.table(out)
+
+
+# --------------------------------------------------------------------------------------------
+# small helpers
+
+
+def _np(arr: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    if isinstance(arr, pa.ChunkedArray):
+        arr = arr.combine_chunks()
+    return arr.to_numpy(zero_copy_only=False)
+
+
+def hash_uniform(seed: int, stream: int, ids: np.ndarray) -> np.ndarray:
+    """Deterministic uniforms in [0, 1) from (seed, stream, id) (splitmix64), batching-free."""
+    with np.errstate(over="ignore"):
+        x = ids.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+        x = x + np.uint64((seed * 1_000_003 + stream * 7919 + 1) & 0xFFFFFFFFFFFFFFFF)
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        x = x ^ (x >> np.uint64(31))
+    return (x >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+
+
+def _sorted_vocab(values: pa.Array) -> pa.Array:
+    uniq = pc.unique(values.drop_null())
+    return uniq.take(pc.sort_indices(uniq))
+
+
+def _encode(values: pa.Array, vocab: pa.Array) -> np.ndarray:
+    """Ids in ``0..len(vocab)-1``; unseen and null -> ``len(vocab)`` (the OOV row)."""
+    idx = pc.index_in(values, value_set=vocab)
+    return _np(pc.fill_null(idx, len(vocab))).astype(np.int64)
+
+
+@dataclass
+class _Table:
+    """A source table with its config: the main rows, or a side table."""
+
+    fc: FileConfig
+    path: Path
+    table: pa.Table
+    key: str | None = None  # side tables: join key
+    train_mask: np.ndarray | None = None  # rows seen by training rows
+    encoded: dict[str, pa.Array] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------------------------
+# list and vector parsing
+
+
+def _parse_list(arr: pa.Array, f: ListConfig, path: Path, rows: np.ndarray, csv_file: bool) -> tuple[pa.Array, pa.Array | None]:
+    """``"1;2;3"`` -> list<int64> (and list<float32> weights for ``"id w;id w"``)."""
+    arr = pc.fill_null(pc.utf8_trim_whitespace(arr), "")
+    empty = np.asarray(pc.equal(arr, ""))
+    tokens = pc.split_pattern(arr, f.sep)
+    tokens = pc.if_else(pa.array(empty), pa.array([[]] * len(arr), type=tokens.type), tokens)
+    flat = pc.utf8_trim_whitespace(pc.list_flatten(tokens))
+    parent = _np(pc.list_parent_indices(tokens))
+
+    def fail(bad: np.ndarray, problem: str) -> None:
+        i = _first_bad(bad)
+        r = int(rows[parent[i]])
+        raise DataError(
+            f"{_where(path, f.column, r, csv_file)}: malformed list entry {flat[i].as_py()!r} ({problem}) "
+            f"in {arr[parent[i]].as_py()!r}; {len(np.unique(parent[bad]))} such row(s)"
+        )
+
+    if f.weighted:
+        pairs = pc.split_pattern(flat, f.pair_sep)
+        ok_len = np.asarray(pc.equal(pc.list_value_length(pairs), 2))
+        if not ok_len.all():
+            fail(~ok_len, f"expected 'id{f.pair_sep}weight'")
+        ids_s = pc.list_element(pairs, 0)
+        w_s = pc.list_element(pairs, 1)
+    else:
+        ids_s, w_s = flat, None
+    ok = np.asarray(pc.fill_null(pc.match_substring_regex(ids_s, _INT_RE), False))
+    if not ok.all():
+        fail(~ok, "id is not an integer")
+    ids = pc.cast(ids_s, pa.int64())
+    offsets = tokens.offsets
+    id_lists = pa.ListArray.from_arrays(offsets, ids)
+    if w_s is None:
+        return id_lists, None
+    okw = np.asarray(pc.fill_null(pc.match_substring_regex(w_s, _FLOAT_RE), False))
+    if not okw.all():
+        fail(~okw, "weight is not a number")
+    w = _np(pc.cast(w_s, pa.float64()))
+    badw = ~np.isfinite(w) | (w < 0)
+    if badw.any():
+        fail(badw, "weight must be finite and >= 0")
+    return id_lists, pa.ListArray.from_arrays(offsets, pa.array(w.astype(np.float32)))
+
+
+def _parse_vectors(arr: pa.Array, f: VectorConfig, path: Path, rows: np.ndarray, csv_file: bool) -> np.ndarray:
+    """``"0.1 0.2 ..."`` -> float32 ``[n, width]``; wrong width / bad float / NaN -> error."""
+    arr = pc.utf8_trim_whitespace(arr)
+    parts = pc.utf8_split_whitespace(arr) if f.sep == " " else pc.split_pattern(arr, f.sep)
+    lengths = _np(pc.fill_null(pc.list_value_length(parts), 0))
+    bad = lengths != f.width
+    if bad.any():
+        i = _first_bad(bad)
+        raise DataError(
+            f"{_where(path, f.column, int(rows[i]), csv_file)}: vector has {lengths[i]} values, expected {f.width}; "
+            f"{int(bad.sum())} such row(s)"
+        )
+    flat = pc.list_flatten(parts)
+    try:
+        values = _np(pc.cast(flat, pa.float32()))
+    except pa.ArrowInvalid:
+        ok = np.asarray(pc.fill_null(pc.match_substring_regex(flat, _FLOAT_RE), False))
+        i = _first_bad(~ok)
+        r = int(rows[i // f.width])
+        raise DataError(
+            f"{_where(path, f.column, r, csv_file)}: malformed vector entry {flat[i].as_py()!r} at position {i % f.width}"
+        ) from None
+    mat = values.reshape(-1, f.width)
+    finite = np.isfinite(mat).all(axis=1)
+    if not finite.all():
+        _raise_at(path, f.column, rows, ~finite, "vector has NaN/inf")
+    return mat
+
+
+def fit_pca(x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """PCA by eigen-decomposition of the covariance: (mean [d], components [d, k], explained
+    variance ratio [k]). Signs fixed so the largest-magnitude loading is positive."""
+    x = x.astype(np.float64)
+    mean = x.mean(axis=0)
+    xc = x - mean
+    cov = xc.T @ xc / max(len(x) - 1, 1)
+    evals, evecs = np.linalg.eigh(cov)
+    order = np.argsort(evals)[::-1][:k]
+    comps = evecs[:, order]
+    signs = np.sign(comps[np.abs(comps).argmax(axis=0), np.arange(comps.shape[1])])
+    comps = comps * np.where(signs == 0, 1.0, signs)
+    total = evals.clip(min=0).sum()
+    ratio = evals[order].clip(min=0) / total if total > 0 else np.zeros(len(order))
+    return mean, comps, ratio
+
+
+# --------------------------------------------------------------------------------------------
+# history
+
+
+@dataclass
+class HistoryGroup:
+    """Daily sums of one key group, as sorted combined keys plus prefix sums.
+
+    ``comb = key_code * day_base + day`` sorted; ``prefix[i]`` = sums of entries ``< i``;
+    columns of ``prefix``: impressions, then each action's positive count.
+    """
+
+    name: str
+    keys: list[str]
+    uniques: list[np.ndarray]
+    day_base: int
+    comb: np.ndarray
+    prefix: np.ndarray
+
+    def row_codes(self, values: list[np.ndarray]) -> np.ndarray:
+        """Combined key code per row; -1 when any key value never occurs in labelled rows."""
+        code = np.zeros(len(values[0]), dtype=np.int64)
+        ok = np.ones(len(values[0]), dtype=bool)
+        for uniq, v in zip(self.uniques, values):
+            pos = np.searchsorted(uniq, v)
+            pos_c = np.minimum(pos, len(uniq) - 1)
+            ok &= uniq[pos_c] == v
+            code = code * len(uniq) + pos_c
+        return np.where(ok, code, -1)
+
+    def window_sums(self, codes: np.ndarray, days: np.ndarray, w: int) -> np.ndarray:
+        """Sums over days ``[day - w, day - 1]`` per row, ``[n, 1 + A]`` (zeros for code -1)."""
+        base = np.where(codes >= 0, codes, 0) * self.day_base
+        lo = np.searchsorted(self.comb, base + np.maximum(days - w, 0), side="left")
+        hi = np.searchsorted(self.comb, base + np.maximum(days, 0), side="left")
+        out = self.prefix[hi] - self.prefix[lo]
+        out[codes < 0] = 0
+        return out
+
+
+def build_history_group(name: str, keys: list[str], values: list[np.ndarray], days: np.ndarray, actions: np.ndarray, day_base: int) -> HistoryGroup:
+    uniques, code = [], np.zeros(len(days), dtype=np.int64)
+    total = 1
+    for v in values:
+        uniq, inv = np.unique(v, return_inverse=True)
+        uniques.append(uniq)
+        total *= max(len(uniq), 1)
+        code = code * len(uniq) + inv.reshape(-1)
+    if total * day_base >= 2**62:
+        raise DataError(f"history group {name}: too many key combinations ({total}) to encode")
+    comb = code * day_base + days
+    uc, inv = np.unique(comb, return_inverse=True)
+    sums = np.zeros((len(uc), 1 + actions.shape[1]), dtype=np.float64)
+    sums[:, 0] = np.bincount(inv, minlength=len(uc))
+    for a in range(actions.shape[1]):
+        sums[:, 1 + a] = np.bincount(inv, weights=actions[:, a], minlength=len(uc))
+    prefix = np.zeros((len(uc) + 1, sums.shape[1]), dtype=np.float64)
+    np.cumsum(sums, axis=0, out=prefix[1:])
+    return HistoryGroup(name, keys, uniques, day_base, uc, prefix)
+
+
+def history_feature_names(group: str, windows: list[int], actions: list[str], stats: list[str]) -> list[str]:
+    names = []
+    for w in windows:
+        names.append(f"{group}_{w}d_n")
+        for stat in stats:
+            names += [f"{group}_{w}d_{a}_{stat}" for a in actions]
+    return names
+
+
+def history_features(group: HistoryGroup, codes: np.ndarray, days: np.ndarray, windows: list[int], stats: list[str]) -> np.ndarray:
+    """``[n, len(names)]`` float32: per window log1p(impressions), then log1p(action count)
+    and/or rate = count / impressions (0 when no impressions), in :func:`history_feature_names` order."""
+    cols = []
+    for w in windows:
+        s = group.window_sums(codes, days, w)
+        n = s[:, :1]
+        cols.append(np.log1p(n))
+        for stat in stats:
+            if stat == "count":
+                cols.append(np.log1p(s[:, 1:]))
+            else:
+                cols.append(np.divide(s[:, 1:], n, out=np.zeros_like(s[:, 1:]), where=n > 0))
+    return np.concatenate(cols, axis=1).astype(np.float32)
+
+
+# --------------------------------------------------------------------------------------------
+# the per-block assembly (runs in Ray Data tasks)
+
+
+@dataclass
+class AssemblyContext:
+    """Everything a block needs: encoded side tables, history groups, column layout."""
+
+    sides: list[tuple[str, pa.Array, pa.Table]]  # (key column, sorted keys, encoded features)
+    history: list[HistoryGroup]
+    history_windows: list[int]
+    history_stats: list[str]
+    column_order: list[str]
+    vector_dims: dict[str, int]
+    oov_fill: dict[str, int]  # side sparse features: OOV id for rows missing in the side table
+
+
+_CTX_CACHE: dict[str, AssemblyContext] = {}
+
+
+def _resolve_ctx(ctx: Any) -> AssemblyContext:
+    import ray
+
+    if isinstance(ctx, ray.ObjectRef):
+        key = ctx.hex()
+        if key not in _CTX_CACHE:
+            _CTX_CACHE.clear()
+            _CTX_CACHE[key] = ray.get(ctx)
+        return _CTX_CACHE[key]
+    return ctx
+
+
+def assemble_block(block: pa.Table, ctx: Any) -> pa.Table:
+    """Join the encoded side tables, add history windows, order the output columns."""
+    ctx = _resolve_ctx(ctx)
+    cols: dict[str, pa.Array] = {name: block[name].combine_chunks() for name in block.column_names}
+    for key, keys, enc in ctx.sides:
+        pos = pc.index_in(cols[key], value_set=keys)
+        taken = enc.take(pos)
+        for name in enc.column_names:
+            col = taken[name].combine_chunks()
+            if col.null_count:
+                if name in ctx.oov_fill:
+                    col = pc.fill_null(col, ctx.oov_fill[name])
+                elif pa.types.is_list(col.type) or pa.types.is_large_list(col.type):
+                    col = pc.fill_null(col, pa.scalar([], col.type))
+                elif pa.types.is_fixed_size_list(col.type):
+                    zero = pa.scalar([0.0] * col.type.list_size, col.type)
+                    col = pc.fill_null(col, zero)
+                else:
+                    col = pc.fill_null(col, 0.0)
+            cols[name] = col
+    if ctx.history:
+        days = _np(cols["_day"]).astype(np.int64)
+        for g in ctx.history:
+            codes = _np(cols[f"_hk_{g.name}"])
+            feats = history_features(g, codes, days, ctx.history_windows, ctx.history_stats)
+            cols[g.name] = pa.FixedSizeListArray.from_arrays(pa.array(feats.reshape(-1)), feats.shape[1])
+    return pa.table({name: cols[name] for name in ctx.column_order})
+
+
+# --------------------------------------------------------------------------------------------
+# the driver
+
+
+def _fail_missing_key(key: str, side_path: Path, missing: np.ndarray, values: np.ndarray, sources: list[Path], src: np.ndarray, rows: np.ndarray) -> None:
+    i = _first_bad(missing)
+    p = sources[int(src[i])]
+    raise DataError(
+        f"{_where(p, key, int(rows[i]), p.suffix != '.parquet')}: value {values[i]!r} has no row in {side_path}; "
+        f"{int(missing.sum())} such row(s)"
+    )
+
+
+def ensure_ray(num_cpus: int | None = None) -> None:
+    """Start a local Ray (or join ``RAY_ADDRESS``) unless one is running; quiet Ray Data."""
+    import ray
+
+    if not ray.is_initialized():
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"ray\..*")
+        if os.environ.get("RAY_ADDRESS"):
+            ray.init(log_to_driver=False)
+        else:
+            ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+
+
+def preprocess(cfg: DatasetConfig, raw: str | Path, out: str | Path, ray_num_cpus: int | None = None) -> dict[str, Any]:
+    """Run the whole stage; returns the report (also written to ``out/report.json``)."""
+    raw, out = Path(raw), Path(out).resolve()
+    if not raw.is_dir():
+        raise DataError(f"{raw}: raw data directory not found")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.exists() and any(out.iterdir()) and not (out / "feature_spec.json").exists() and not (out / SUCCESS).exists():
+        raise DataError(f"{out}: exists and is not a preprocess output; refusing to replace it")
+    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        report = _build(cfg, raw, tmp, ray_num_cpus)
+        (tmp / SUCCESS).write_text("")
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return report
+
+
+def _build(cfg: DatasetConfig, raw: Path, tmp: Path, ray_num_cpus: int | None) -> dict[str, Any]:
+    t_start = time.perf_counter()
+    timings: dict[str, float] = {}
+    report: dict[str, Any] = {"dataset": cfg.name, "raw": str(raw.resolve()), "attribution": cfg.attribution}
+    lab_names = [lab.name for lab in cfg.labels]
+
+    # ---- 1. main rows: read, labels, dedup -----------------------------------------------
+    main_t = read_source(raw, cfg.main)
+    main_path = raw / cfg.main.path
+    csv_main = main_path.suffix != ".parquet"
+    report["inputs"] = {cfg.main.path: main_t.num_rows}
+    main_rows = _np(main_t["_row"])
+    labels = np.zeros((main_t.num_rows, len(cfg.labels)), dtype=np.float32)
+    for j, lab in enumerate(cfg.labels):
+        col = main_t[lab.column].combine_chunks()
+        if lab.positive is not None:
+            labels[:, j] = np.asarray(pc.is_in(col, value_set=pa.array(lab.positive, type=col.type)), dtype=np.float32)
+        else:
+            v = _np(pc.cast(col, pa.float64()))
+            bad = ~np.isin(v, [0.0, 1.0])
+            if bad.any():
+                _raise_at(main_path, lab.column, main_rows, bad, "label must be 0 or 1", v)
+            labels[:, j] = v
+    dup_info: dict[str, Any] = {"duplicates": 0}
+    if cfg.dedup is not None:
+        codes = np.zeros(main_t.num_rows, dtype=np.int64)
+        for k in cfg.dedup.keys:
+            _, inv = np.unique(_np(main_t[k]), return_inverse=True)
+            codes = codes * (int(inv.max()) + 1) + inv.reshape(-1)
+        n = len(codes)
+        if cfg.dedup.keep == "last":
+            _, first_rev = np.unique(codes[::-1], return_index=True)
+            keep_idx = np.sort(n - 1 - first_rev)
+        else:
+            _, first = np.unique(codes, return_index=True)
+            keep_idx = np.sort(first)
+        n_dup = n - len(keep_idx)
+        dup_info = {"keys": cfg.dedup.keys, "keep": cfg.dedup.keep, "duplicates": int(n_dup), "dropped": 0}
+        if cfg.dedup.keep != "all" and n_dup:
+            main_t = main_t.take(pa.array(keep_idx))
+            labels = labels[keep_idx]
+            dup_info["dropped"] = int(n_dup)
+    report["dedup"] = dup_info
+
+    # ---- 2. extra unlabelled rows ----------------------------------------------------------
+    sources = [main_path]
+    needed = [c for c in cfg.main.columns if c not in {lab.column for lab in cfg.labels}]
+    parts = [main_t.select([*needed, "_row"]).append_column("_source", pa.array(np.zeros(main_t.num_rows, np.int8)))]
+    labelled = [np.ones(main_t.num_rows, dtype=bool)]
+    for i, ex in enumerate(cfg.extra_rows, start=1):
+        t = read_source(raw, ex)
+        report["inputs"][ex.path] = t.num_rows
+        sources.append(raw / ex.path)
+        cols = {}
+        for c in needed:
+            if c in t.column_names:
+                cols[c] = pc.cast(t[c], parts[0].schema.field(c).type)
+            elif c in ex.assign:
+                cols[c] = pa.array([ex.assign[c]] * t.num_rows, type=parts[0].schema.field(c).type)
+            else:
+                raise DataError(f"{raw / ex.path}: missing column {c!r} (needed like in {cfg.main.path}; or set assign)")
+        cols["_row"] = t["_row"]
+        cols["_source"] = pa.array(np.full(t.num_rows, i, np.int8))
+        parts.append(pa.table(cols))
+        labelled.append(np.zeros(t.num_rows, dtype=bool))
+    rows_t = pa.concat_tables(parts).combine_chunks()
+    is_labelled = np.concatenate(labelled)
+    labels = np.concatenate([labels, np.full(((~is_labelled).sum(), len(cfg.labels)), np.nan, np.float32)])
+    n_rows = rows_t.num_rows
+    src = _np(rows_t["_source"])
+    row_no = _np(rows_t["_row"])
+    timings["read_main"] = time.perf_counter() - t_start
+
+    # ---- 3. side tables ---------------------------------------------------------------------
+    t0 = time.perf_counter()
+    sides: list[_Table] = []
+    side_pos: list[np.ndarray] = []
+    repairs: dict[str, int] = {}
+    for sc in cfg.side_tables:
+        st = read_source(raw, sc)
+        report["inputs"][sc.path] = st.num_rows
+        spath = raw / sc.path
+        keyv = _np(st[sc.key])
+        order = np.argsort(keyv, kind="stable")
+        dup = keyv[order][1:] == keyv[order][:-1]
+        if dup.any():
+            i = int(order[1:][dup][0])
+            raise DataError(f"{_where(spath, sc.key, i + 1, spath.suffix != '.parquet')}: duplicate key {keyv[i]!r}; {int(dup.sum())} duplicate(s)")
+        pos = pc.index_in(rows_t[sc.key], value_set=st[sc.key].combine_chunks())
+        pos_np = _np(pc.fill_null(pos, -1)).astype(np.int64)
+        missing = pos_np < 0
+        if missing.any():
+            if sc.on_missing == "error":
+                _fail_missing_key(sc.key, spath, missing, _np(rows_t[sc.key]), sources, src, row_no)
+            repairs[f"{sc.path}: rows without a {sc.key} match (side features missing -> OOV/0/empty)"] = int(missing.sum())
+        sides.append(_Table(sc, spath, st, key=sc.key))
+        side_pos.append(pos_np)
+    timings["read_side"] = time.perf_counter() - t0
+
+    def locate(column: str) -> tuple[int | None, str]:
+        for i, s in enumerate(sides):
+            if column in s.fc.columns and column != s.key:
+                return i, s.fc.path
+        return None, cfg.main.path
+
+    def joined(column: str) -> np.ndarray:
+        """Per-row values of a column (main or side), with None for missing side rows."""
+        i, _ = locate(column)
+        if i is None:
+            return _np(rows_t[column])
+        vals = sides[i].table[column].combine_chunks()
+        return _np(vals.take(pa.array(side_pos[i], mask=side_pos[i] < 0)))
+
+    # ---- 4. splits --------------------------------------------------------------------------
+    sp = cfg.split
+    split = np.full(n_rows, -1, dtype=np.int8)
+    days = None
+    if cfg.time is not None:
+        days = joined(cfg.time).astype(np.int64)
+        if days.min() < 0:
+            i = _first_bad(days < 0)
+            raise DataError(f"{_where(sources[src[i]], cfg.time, int(row_no[i]))}: negative day {days[i]}")
+    if sp.kind == "day":
+        for code, rng in enumerate((sp.train_days, sp.valid_days, sp.test_days)):
+            if rng is not None:
+                split[(days >= rng[0]) & (days <= rng[1]) & (split < 0)] = code
+    else:
+        u = hash_uniform(sp.seed, 0, src.astype(np.int64) * (1 << 40) + row_no)
+        split[:] = 0
+        split[u < sp.valid_fraction + sp.test_fraction] = 1
+        split[u < sp.test_fraction] = 2
+        split[~is_labelled] = 2
+    bad = (~is_labelled) & (split == 0)
+    if bad.any():
+        i = _first_bad(bad)
+        raise DataError(f"{_where(sources[src[i]], cfg.time, int(row_no[i]))}: unlabelled row falls in the training split")
+    train = split == 0
+    if not train.any():
+        raise DataError(f"{main_path}: no training rows under split {sp.model_dump()}")
+    report["rows_outside_splits"] = int((split < 0).sum())
+    for s_i, s in enumerate(sides):
+        p = side_pos[s_i][train]
+        mask = np.zeros(s.table.num_rows, dtype=bool)
+        mask[p[p >= 0]] = True
+        s.train_mask = mask
+
+    # ---- 5. fit encoders on training rows ---------------------------------------------------
+    t0 = time.perf_counter()
+    vocab_sizes: dict[str, int] = {}
+    oov: dict[str, dict[str, int]] = {}
+    truncated: dict[str, int] = {}
+    spec_sparse, spec_lists, spec_dense, spec_vectors = [], [], [], []
+    artifacts = tmp / "artifacts"
+    artifacts.mkdir()
+    row_cols: dict[str, pa.Array] = {"_row": rows_t["_row"].combine_chunks(), "_source": rows_t["_source"].combine_chunks()}
+    side_enc: list[dict[str, pa.Array]] = [dict() for _ in sides]
+    oov_fill: dict[str, int] = {}
+    missing_oov: dict[str, dict[str, int]] = {}
+
+    def count_oov(name: str, per_row_oov: np.ndarray) -> None:
+        oov[name] = {s: int(per_row_oov[split == k].sum()) for k, s in enumerate(SPLITS)}
+
+    for f in cfg.sparse:
+        si, _ = locate(f.column)
+        if si is None:
+            values = rows_t[f.column].combine_chunks()
+            vocab = _sorted_vocab(values.filter(pa.array(train)))
+            enc = _encode(values, vocab)
+            row_cols[f.name] = pa.array(enc)
+            row_null = np.asarray(pc.is_null(values))
+            count_oov(f.name, ~row_null & (enc == len(vocab)))
+            if row_null.any():
+                missing_oov[f.name] = {s: int(row_null[split == k].sum()) for k, s in enumerate(SPLITS)}
+        else:
+            s = sides[si]
+            values = s.table[f.column].combine_chunks()
+            vocab = _sorted_vocab(values.filter(pa.array(s.train_mask)))
+            enc = _encode(values, vocab)
+            side_enc[si][f.name] = pa.array(enc)
+            oov_fill[f.name] = len(vocab)
+            p = side_pos[si]
+            null_side = np.asarray(pc.is_null(values))
+            row_null = (p < 0) | null_side[np.maximum(p, 0)]
+            count_oov(f.name, ~row_null & (enc[np.maximum(p, 0)] == len(vocab)))
+            if row_null.any():
+                missing_oov[f.name] = {s: int(row_null[split == k].sum()) for k, s in enumerate(SPLITS)}
+        if len(vocab) == 0:
+            raise DataError(f"sparse feature {f.name!r} (column {f.column!r}): no values in training rows")
+        vocab_sizes[f.name] = len(vocab)
+        pq.write_table(pa.table({"value": vocab}), artifacts / f"vocab_{f.name}.parquet")
+        spec_sparse.append(SparseFeature(f.name, vocab_size=len(vocab), embedding_dim=f.embedding_dim))
+
+    dense_stats: dict[str, dict[str, float]] = {}
+    for f in cfg.dense:
+        si, fpath = locate(f.column)
+        tbl = rows_t if si is None else sides[si].table
+        col = tbl[f.column].combine_chunks()
+        v = _np(pc.cast(col, pa.float64())).astype(np.float64)
+        nulls = np.isnan(v)
+        if nulls.any():
+            repairs[f"{fpath}: {f.column} empty -> 0 (before scaling)"] = int(nulls.sum())
+            v = np.where(nulls, 0.0, v)
+        if f.transform.startswith("log1p"):
+            neg = v < 0
+            if neg.any():
+                rws = row_no if si is None else _np(tbl["_row"])
+                _raise_at(raw / fpath, f.column, rws, neg, "log1p needs values >= 0", v)
+            v = np.log1p(v)
+        stats = {}
+        if f.transform.endswith("standard"):
+            tr = v[train] if si is None else v[side_pos[si][train & (side_pos[si] >= 0)]]
+            mean, std = float(tr.mean()), float(tr.std())
+            std = std if std > 0 else 1.0
+            v = (v - mean) / std
+            stats = {"mean": mean, "std": std}
+        dense_stats[f.name] = {"transform": f.transform, **stats}
+        arr = pa.array(v.astype(np.float32))
+        if si is None:
+            row_cols[f.name] = arr
+        else:
+            side_enc[si][f.name] = arr
+        spec_dense.append(DenseFeature(f.name))
+
+    list_info: dict[str, Any] = {}
+    for f in cfg.lists:
+        si, fpath = locate(f.column)
+        tbl = rows_t if si is None else sides[si].table
+        tmask = train if si is None else sides[si].train_mask
+        ids, weights = _parse_list(tbl[f.column].combine_chunks(), f, raw / fpath, _np(tbl["_row"]), not fpath.endswith(".parquet"))
+        lengths = _np(pc.list_value_length(ids))
+        trunc = lengths > f.max_len
+        if trunc.any():
+            ids = pc.list_slice(ids, 0, f.max_len)
+            weights = pc.list_slice(weights, 0, f.max_len) if weights is not None else None
+        flat = pc.list_flatten(ids)
+        vocab = _sorted_vocab(pc.list_flatten(ids.filter(pa.array(tmask))))
+        if len(vocab) == 0:
+            raise DataError(f"list feature {f.name!r} (column {f.column!r}): no ids in training rows")
+        enc_flat = _encode(flat, vocab)
+        enc = pa.ListArray.from_arrays(ids.offsets, pa.array(enc_flat))
+        parents = _np(pc.list_parent_indices(ids)) if len(flat) else np.zeros(0, np.int64)
+        oov_entries = np.bincount(parents, weights=(enc_flat == len(vocab)), minlength=len(ids)).astype(np.int64)
+        per_row_lists_oov = oov_entries if si is None else np.where(side_pos[si] >= 0, oov_entries[np.maximum(side_pos[si], 0)], 0)
+        oov[f.name] = {s: int(per_row_lists_oov[split == k].sum()) for k, s in enumerate(SPLITS)}
+        truncated[f.name] = int(trunc.sum())
+        list_info[f.name] = {"empty_lists": int((lengths == 0).sum()), "truncated": int(trunc.sum()), "max_len": f.max_len, "table_rows": len(lengths)}
+        vocab_sizes[f.name] = len(vocab)
+        pq.write_table(pa.table({"value": vocab}), artifacts / f"vocab_{f.name}.parquet")
+        target = row_cols if si is None else side_enc[si]
+        target[f.name] = enc
+        if f.weighted:
+            target[f.name + WEIGHT_SUFFIX] = weights
+        spec_lists.append(ListFeature(f.name, vocab_size=len(vocab), max_len=f.max_len, embedding_dim=f.embedding_dim, pooling=f.pooling, weighted=f.weighted))
+
+    pca_info: dict[str, Any] = {}
+    vector_dims: dict[str, int] = {}
+    for f in cfg.vectors:
+        si, fpath = locate(f.column)
+        tbl = rows_t if si is None else sides[si].table
+        tmask = train if si is None else sides[si].train_mask
+        mat = _parse_vectors(tbl[f.column].combine_chunks(), f, raw / fpath, _np(tbl["_row"]), not fpath.endswith(".parquet"))
+        if f.pca_dim is not None:
+            mean, comps, ratio = fit_pca(mat[tmask], f.pca_dim)
+            mat = ((mat - mean) @ comps).astype(np.float32)
+            np.savez(artifacts / f"pca_{f.name}.npz", mean=mean, components=comps, explained_variance_ratio=ratio)
+            pca_info[f.name] = {"fit_rows": int(tmask.sum()), "dim": f.pca_dim, "explained_variance": float(ratio.sum())}
+        dim = mat.shape[1]
+        vector_dims[f.name] = dim
+        arr = pa.FixedSizeListArray.from_arrays(pa.array(mat.reshape(-1).astype(np.float32)), dim)
+        (row_cols if si is None else side_enc[si])[f.name] = arr
+        spec_vectors.append(VectorFeature(f.name, dim=dim))
+    timings["fit_encoders"] = time.perf_counter() - t0
+
+    # ---- 6. history ---------------------------------------------------------------------------
+    t0 = time.perf_counter()
+    groups: list[HistoryGroup] = []
+    hist_names: dict[str, list[str]] = {}
+    if cfg.history is not None:
+        actions_idx = [lab_names.index(a) for a in cfg.history_actions]
+        day_base = int(days.max()) + 2
+        hist_rows = is_labelled
+        for keys in cfg.history.keys:
+            name = "hist_" + "_".join(keys)
+            vals = [joined(k) for k in keys]
+            for k, v in zip(keys, vals):
+                if v.dtype == object and any(x is None for x in v[hist_rows]):
+                    raise DataError(f"history key {k!r}: missing values in labelled rows")
+            g = build_history_group(name, keys, [v[hist_rows] for v in vals], days[hist_rows], labels[hist_rows][:, actions_idx], day_base)
+            groups.append(g)
+            row_cols[f"_hk_{name}"] = pa.array(g.row_codes(vals))
+            hist_names[name] = history_feature_names(name, cfg.history.windows, cfg.history_actions, cfg.history.stats)
+            spec_dense.append(DenseFeature(name, dim=len(hist_names[name])))
+    timings["history_aggregates"] = time.perf_counter() - t0
+
+    # ---- 7. meta columns, labels, negative sampling ---------------------------------------------
+    if cfg.user is not None:
+        row_cols["_user"] = pa.array(joined(cfg.user))
+    if cfg.item is not None:
+        row_cols["_item"] = pa.array(joined(cfg.item))
+    if days is not None:
+        row_cols["_day"] = pa.array(days)
+    for j, name in enumerate(lab_names):
+        row_cols[name] = pa.array(labels[:, j])
+    keep = np.ones(n_rows, dtype=bool)
+    sampling: dict[str, Any] | None = None
+    mask_names: list[str] = []
+    if cfg.negative_sampling is not None:
+        ns = cfg.negative_sampling
+        kept_any = np.zeros(n_rows, dtype=bool)
+        sampling = {"seed": ns.seed, "rates": ns.rates, "per_action": {}}
+        gid = src.astype(np.int64) * (1 << 40) + row_no
+        for j, name in enumerate(lab_names):
+            rate = ns.rates.get(name, 1.0)
+            keep_a = (labels[:, j] == 1) | (hash_uniform(ns.seed, 1 + j, gid) < rate)
+            kept_any |= keep_a
+            row_cols[MASK_PREFIX + name] = pa.array(keep_a.astype(np.float32))
+            mask_names.append(MASK_PREFIX + name)
+            neg_train = train & (labels[:, j] == 0)
+            sampling["per_action"][name] = {"rate": rate, "train_negatives": int(neg_train.sum()), "kept_negatives": int((neg_train & keep_a).sum())}
+        keep = np.where(train, kept_any, True)
+        sampling["train_rows_before"] = int(train.sum())
+        sampling["train_rows_after"] = int((train & keep).sum())
+    report["negative_sampling"] = sampling
+
+    # ---- 8. Ray Data: join side tables, history windows, write ------------------------------------
+    t0 = time.perf_counter()
+    import ray
+
+    ensure_ray(num_cpus=ray_num_cpus)
+    meta = [c for c in ("_row", "_user", "_item", "_day") if c in row_cols]
+    feature_cols = [f.name for f in spec_sparse]
+    for f in spec_lists:
+        feature_cols.append(f.name)
+        if f.weighted:
+            feature_cols.append(f.name + WEIGHT_SUFFIX)
+    feature_cols += [f.name for f in spec_dense] + [f.name for f in spec_vectors]
+    side_keys = []
+    ctx_sides = []
+    for si, s in enumerate(sides):
+        if side_enc[si]:
+            ctx_sides.append((s.key, s.table[s.key].combine_chunks(), pa.table(side_enc[si])))
+            side_keys.append(s.key)
+            if s.key not in row_cols:
+                row_cols[s.key] = rows_t[s.key].combine_chunks()
+    hk_cols = [f"_hk_{g.name}" for g in groups]
+    input_cols = list(dict.fromkeys([*meta, *[c for c in feature_cols if c in row_cols], *side_keys, *hk_cols, *lab_names, *mask_names]))
+    if "_day" not in input_cols and groups:
+        input_cols.append("_day")
+    input_table = pa.table({c: row_cols[c] for c in input_cols})
+    split_rows: dict[str, int] = {}
+    for code, sname in enumerate(SPLITS):
+        sel = (split == code) & keep
+        labelled_split = bool(is_labelled[sel].all()) if sel.any() else True
+        if sel.any() and not labelled_split and is_labelled[sel].any():
+            raise DataError(f"split {sname} mixes labelled and unlabelled rows; check split ranges")
+        order = [*meta, *feature_cols]
+        if labelled_split:
+            order += lab_names + (mask_names if sname == "train" else [])
+        split_rows[sname] = int(sel.sum())
+        part = input_table.filter(pa.array(sel))
+        (tmp / sname).mkdir()
+        if part.num_rows == 0:
+            continue
+        ctx = AssemblyContext(ctx_sides, groups, cfg.history.windows if cfg.history else [], cfg.history.stats if cfg.history else [], order, vector_dims, oov_fill)
+        ctx_ref = ray.put(ctx)
+        blocks = [part.slice(i, cfg.rows_per_block) for i in range(0, part.num_rows, cfg.rows_per_block)]
+        ds = ray.data.from_arrow(blocks).map_batches(
+            assemble_block, batch_format="pyarrow", batch_size=None, fn_kwargs={"ctx": ctx_ref}, num_cpus=1
+        )
+        ds.write_parquet(str(tmp / sname))
+        del ctx_ref
+    timings["ray_assemble_write"] = time.perf_counter() - t0
+
+    written = {s: sum(pq.read_metadata(p).num_rows for p in (tmp / s).glob("*.parquet")) for s in SPLITS}
+    if written != split_rows:
+        raise RuntimeError(f"rows written {written} != rows selected {split_rows}")
+
+    # ---- 9. spec, report ----------------------------------------------------------------------
+    spec = FeatureSpec(sparse=spec_sparse, lists=spec_lists, dense=spec_dense, vectors=spec_vectors, tasks=lab_names, user_column="_user" if cfg.user else None)
+    spec.save(tmp / "feature_spec.json")
+    (artifacts / "dense_stats.json").write_text(json.dumps(dense_stats, indent=2))
+    report.update(
+        {
+            "rows": {"main_after_dedup": int(is_labelled.sum()), "extra": int((~is_labelled).sum())},
+            "splits": split_rows,
+            "split_rule": sp.model_dump(),
+            "labelled_splits": [s for s in SPLITS if (tmp / s).exists() and split_rows[s] and bool(is_labelled[(split == SPLITS.index(s))].all())],
+            "label_rates": {s: {n: float(np.nanmean(labels[(split == k) & keep & is_labelled, j])) for j, n in enumerate(lab_names)} for k, s in enumerate(SPLITS) if ((split == k) & is_labelled).any()},
+            "vocab_sizes": vocab_sizes,
+            "oov": oov,
+            "missing_to_oov": missing_oov,
+            "repairs": repairs,
+            "lists": list_info,
+            "pca": pca_info,
+            "history_columns": hist_names,
+            "timings_s": {k: round(v, 3) for k, v in {**timings, "total": time.perf_counter() - t_start}.items()},
+            "config": json.loads(json.dumps(cfg.model_dump(mode="json"))),
+        }
+    )
+    (tmp / "report.json").write_text(json.dumps(report, indent=2, default=str))
+    (tmp / "dataset_config.yaml").write_text(dump_config(cfg))
+    return report
+
+
+# --------------------------------------------------------------------------------------------
+# CLI
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--raw", required=True, help="directory with the raw files (e.g. wechat_algo_data1/)")
+    parser.add_argument("--out", required=True, help="output directory (replaced atomically)")
+    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="dataset config YAML (default: %(default)s)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override, repeatable")
+    parser.add_argument("--num-cpus", type=int, default=None, help="CPUs for a local Ray (default: all)")
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = load_config(DatasetConfig, args.config, args.set)
+    try:
+        report = preprocess(cfg, args.raw, args.out, ray_num_cpus=args.num_cpus)
+    except DataError as exc:
+        print(f"preprocess: error: {exc}", file=sys.stderr)
+        return 2
+    summary = {k: report[k] for k in ("splits", "vocab_sizes", "dedup", "rows_outside_splits", "timings_s")}
+    print(json.dumps(summary, indent=2))
+    print(f"wrote {Path(args.out).resolve()}")
+    return 0
