@@ -1,0 +1,163 @@
+"""Small on-device solvers on the ``K x K`` Gram matrix (no host round trip, fixed work).
+
+- :func:`min_norm_simplex`: ``argmin_{w in simplex} w^T M w`` (MGDA) by enumerating the
+  ``2^K - 1`` faces of the simplex and solving each face's KKT system in one batched solve
+  (exact for a convex QP: the minimum over the feasible face solutions is the global minimum).
+- :func:`cagrad_simplex`: CAGrad's inner problem
+  ``argmin_{w in simplex} w^T M b + c sqrt(w^T M w)`` the same way: on a face the stationarity
+  conditions reduce to a quadratic equation in the multiplier, solved in closed form.
+- :func:`nash_weights`: the Nash bargaining solution ``M alpha = 1 / alpha`` by damped Newton on
+  the strictly convex ``F(alpha) = alpha^T M alpha / 2 - sum log alpha`` (self-concordant, so
+  the damped step ``1/(1+lambda)`` keeps ``alpha > 0``).
+
+Face enumeration is used up to :data:`MAX_ENUM_TASKS` tasks (4095 faces); above that
+:func:`min_norm_simplex` and :func:`cagrad_simplex` fall back to projected gradient descent
+with a fixed number of iterations.
+"""
+
+from __future__ import annotations
+
+import itertools
+from functools import lru_cache
+
+import torch
+from torch import Tensor
+
+MAX_ENUM_TASKS = 12
+_RIDGE = 1e-10
+
+
+@lru_cache(maxsize=32)
+def _face_masks_cpu(k: int) -> Tensor:
+    rows = [m for m in itertools.product([0.0, 1.0], repeat=k) if any(m)]
+    return torch.tensor(rows, dtype=torch.float64)
+
+
+def face_masks(k: int, device: torch.device) -> Tensor:
+    """``[2^K - 1, K]`` float64 0/1 masks of the non-empty faces of the simplex."""
+    return _face_masks_cpu(k).to(device)
+
+
+def _masked_system(m: Tensor, masks: Tensor) -> Tensor:
+    """``[S, K, K]``: ``M`` restricted to each face (+ a tiny ridge), identity off the face."""
+    outer = masks.unsqueeze(2) * masks.unsqueeze(1)
+    return m.unsqueeze(0) * outer + torch.diag_embed(1.0 - masks) + _RIDGE * torch.diag_embed(masks)
+
+
+def min_norm_simplex(m: Tensor) -> Tensor:
+    """The min-norm point of the convex hull: ``argmin_{w >= 0, sum w = 1} w^T m w``.
+
+    Args:
+        m: ``[K, K]`` PSD Gram matrix (float64 recommended, scaled to ``max diag = 1``).
+
+    Returns ``w`` ``[K]`` (float64).
+    """
+    k = m.shape[0]
+    if k == 1:
+        return torch.ones(1, dtype=m.dtype, device=m.device)
+    if k > MAX_ENUM_TASKS:
+        return _projected_gradient(lambda w: 2.0 * (m @ w), m, iters=500)
+    masks = face_masks(k, m.device).to(m.dtype)
+    s = masks.shape[0]
+    a = torch.zeros(s, k + 1, k + 1, dtype=m.dtype, device=m.device)
+    a[:, :k, :k] = _masked_system(m, masks)
+    a[:, :k, k] = -masks  # M_S w_S - mu 1_S = 0
+    a[:, k, :k] = masks  # 1^T w = 1
+    rhs = torch.zeros(s, k + 1, 1, dtype=m.dtype, device=m.device)
+    rhs[:, k, 0] = 1.0
+    sol = torch.linalg.solve(a, rhs)[:, :k, 0] * masks
+    feasible = (sol >= -1e-9).all(dim=1)
+    obj = torch.einsum("si,ij,sj->s", sol, m, sol)
+    obj = torch.where(feasible, obj, torch.full_like(obj, float("inf")))
+    w = sol[torch.argmin(obj)].clamp_min(0.0)
+    return w / w.sum()
+
+
+def cagrad_simplex(m: Tensor, c: Tensor) -> Tensor:
+    """CAGrad's inner problem ``argmin_{w in simplex} w^T m b + c * sqrt(w^T m w)`` with
+    ``b = 1/K`` (``m`` the Gram matrix, ``c = alpha * ||g_0||``).
+
+    On a face ``S`` with ``s = ||g_w|| > 0`` stationarity reads
+    ``m_S w_S = (s / c) (mu 1 - (m b)_S)``; with ``u = m_S^{-1} 1``, ``v = m_S^{-1} (m b)_S`` the
+    conditions ``w^T m w = s^2`` and ``1^T w = 1`` give ``a mu^2 - 2 beta mu + gamma - c^2 = 0``
+    (``a = 1^T u``, ``beta = 1^T v``, ``gamma = (m b)_S^T v``) and ``s = c / sqrt(disc)``, so
+    ``w_S = (mu u - v) / sqrt(disc)``. The feasible face solution of least objective is the
+    minimiser. If none exists (``c = 0``, or the minimiser has ``g_w = 0``), returns ``b``.
+
+    Returns ``w`` ``[K]`` (float64).
+    """
+    k = m.shape[0]
+    b = torch.full((k,), 1.0 / k, dtype=m.dtype, device=m.device)
+    if k == 1:
+        return b
+    mb = m @ b
+    if k > MAX_ENUM_TASKS:
+        def grad(w: Tensor) -> Tensor:
+            gw = m @ w
+            return mb + c * gw / torch.sqrt((w @ gw).clamp_min(1e-20))
+
+        return _projected_gradient(grad, m, iters=1000)
+    masks = face_masks(k, m.device).to(m.dtype)
+    a_s = _masked_system(m, masks)
+    rhs = torch.stack([masks, masks * mb.unsqueeze(0)], dim=2)  # [S, K, 2]
+    sol = torch.linalg.solve(a_s, rhs) * masks.unsqueeze(2)
+    u, v = sol[..., 0], sol[..., 1]
+    a = u.sum(1)
+    beta = v.sum(1)
+    gamma = (v * mb.unsqueeze(0)).sum(1)
+    disc = beta * beta - a * (gamma - c * c)
+    valid = disc > 1e-18
+    sq = torch.sqrt(disc.clamp_min(1e-18))
+    mu = (beta + sq) / a
+    w = (mu.unsqueeze(1) * u - v) / sq.unsqueeze(1)
+    feasible = valid & (w >= -1e-9).all(dim=1) & ((w.sum(1) - 1.0).abs() < 1e-6)
+    wc = w.clamp_min(0.0)
+    obj = wc @ mb + c * torch.sqrt(torch.einsum("si,ij,sj->s", wc, m, wc).clamp_min(0.0))
+    obj = torch.where(feasible, obj, torch.full_like(obj, float("inf")))
+    best = torch.argmin(obj)
+    any_feasible = feasible.any()
+    wb = wc[best] / wc[best].sum().clamp_min(1e-30)
+    return torch.where(any_feasible, wb, b)
+
+
+def _project_simplex(v: Tensor) -> Tensor:
+    """Euclidean projection onto the probability simplex (sort-based, no host read)."""
+    k = v.shape[0]
+    u, _ = torch.sort(v, descending=True)
+    css = torch.cumsum(u, 0) - 1.0
+    ind = torch.arange(1, k + 1, dtype=v.dtype, device=v.device)
+    cond = (u - css / ind) > 0
+    rho = (cond * ind).max()  # the largest index where cond holds (1-based)
+    theta = css.gather(0, (rho - 1).long().view(1)) / rho
+    return (v - theta).clamp_min(0.0)
+
+
+def _projected_gradient(grad_fn, m: Tensor, iters: int) -> Tensor:
+    k = m.shape[0]
+    w = torch.full((k,), 1.0 / k, dtype=m.dtype, device=m.device)
+    step = 1.0 / (2.0 * torch.linalg.matrix_norm(m, ord=2).clamp_min(1e-12))
+    for _ in range(iters):
+        w = _project_simplex(w - step * grad_fn(w))
+    return w
+
+
+def nash_weights(m: Tensor, iters: int = 30) -> Tensor:
+    """``alpha > 0`` with ``(m alpha) * alpha = 1`` (Nash-MTL), by damped Newton on
+    ``F(alpha) = alpha^T m alpha / 2 - sum log alpha``.
+
+    Args:
+        m: ``[K, K]`` positive definite Gram matrix (float64; scale it to ``max diag = 1``).
+        iters: Newton iterations (fixed, no convergence test on the host).
+    """
+    k = m.shape[0]
+    alpha = 1.0 / torch.sqrt(k * m.diagonal().clamp_min(1e-30))
+    eye = torch.eye(k, dtype=m.dtype, device=m.device)
+    for _ in range(iters):
+        grad = m @ alpha - 1.0 / alpha
+        hess = m + torch.diag(1.0 / (alpha * alpha)) + 1e-14 * eye
+        delta = -torch.linalg.solve(hess, grad)
+        decrement = torch.sqrt((-(grad * delta).sum()).clamp_min(0.0))
+        t = torch.where(decrement > 0.25, 1.0 / (1.0 + decrement), torch.ones_like(decrement))
+        alpha = alpha + t * delta
+        alpha = alpha.clamp_min(1e-30)
+    return alpha

@@ -1,0 +1,335 @@
+"""The strategy contract: per-task losses (and, where needed, per-task gradients of the declared
+dense shared parameters) in, one combined update out.
+
+A strategy returns a :class:`Combination`:
+
+- ``loss_weights`` ``w`` ``[K]``: the final backward is of ``sum_i w_i * L_i`` (+ ``extra_loss``).
+  Loss-weighting methods (static, Uncertainty, DWA, FAMO, GradNorm) put their weights here, so
+  every parameter, towers included, sees ``w_i * grad L_i`` — the weighted objective of their
+  papers.
+- ``grad_scale`` ``c`` ``[K]``: gradient methods (PCGrad, GradVac, MGDA(-UB), CAGrad, IMTL-G,
+  Nash-MTL, Aligned-MTL) whose shared update is ``sum_i c_i g_i``. ``c`` is computed from the
+  ``K x K`` Gram matrix ``G G^T`` of the per-task gradients of the shared parameters and applied
+  through the model's ``task_grad_scale`` contract (:mod:`mtl.models.base`): one backward of the
+  plain sum gives shared and embedding parameters ``sum_i c_i g_i`` and task-specific
+  parameters (towers, gates) their own task's plain gradient, as in the papers.
+- ``shared_grad``: a flat gradient written directly to the shared parameters (DB-MTL, whose
+  shared update uses an EMA of past task gradients and is not a combination of this step's).
+
+Without a model that supports ``task_grad_scale`` (plain ``losses`` + ``shared_parameters``,
+the API of the Nash-MTL/FAMO reference code), the shared gradient ``sum_i c_i g_i`` is written
+directly from the stacked per-task gradients and every other parameter gets the gradient of
+``sum_i w_i L_i``.
+
+Cost: per-task gradients are taken only over the declared dense shared parameters (``K`` calls
+of ``torch.autograd.grad``, never over the embedding tables), then ONE backward. With
+``refresh_every=N`` the coefficients are recomputed every ``N``-th step and reused (through
+``task_grad_scale``) in between, so those steps cost a plain step. No ``.item()`` or other
+device-to-host read is made in the step path except the optional finite-loss check
+(``check_finite``, on by default; turn it off on accelerators to avoid its synchronisation).
+
+Data parallelism (``shared/docs/surgery_under_ddp.md``):
+
+- ordering 1 (combine per rank, then the normal DDP all-reduce of the one backward): the
+  default — coefficients come from the local Gram matrix;
+- ordering 2 (global): set :attr:`Strategy.grad_reducer` to a function that all-reduces (means)
+  the ``[K, P]`` stack of task gradients; every rank then computes identical coefficients from
+  the global Gram matrix and the one weighted backward's DDP all-reduce yields exactly
+  ``sum_i c_i mean_r g_{r,i}``;
+- loss-driven state (DWA, FAMO, GradNorm's loss ratios): pass all-reduced losses as
+  ``state_losses=`` or set :attr:`Strategy.stat_reducer`; randomness (PCGrad, GradVac task
+  order) comes from a seeded ``torch.Generator`` held in the strategy's state, so identical on
+  every rank.
+
+NaN handling: a non-finite loss raises :class:`ValueError` naming the tasks (``check_finite``).
+An all-zero task gradient is handled per strategy, as documented in each class.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, replace
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+
+@dataclass
+class Combination:
+    """What a strategy asks the backward pass to do (see the module docstring).
+
+    Args:
+        loss_weights: ``[K]`` weights of the losses in the final backward.
+        grad_scale: ``[K]`` coefficients ``c`` of the shared gradient ``sum_i c_i g_i`` (``g_i``
+            the gradient of the *weighted* loss ``w_i L_i``), or ``None`` (plain sum).
+        shared_grad: flat ``[P]`` shared-parameter gradient written directly, or ``None``.
+        extra_loss: a scalar added to the final loss (Uncertainty weighting's regulariser).
+    """
+
+    loss_weights: Tensor
+    grad_scale: Tensor | None = None
+    shared_grad: Tensor | None = None
+    extra_loss: Tensor | None = None
+
+    def detached(self) -> "Combination":
+        return Combination(
+            self.loss_weights.detach(),
+            None if self.grad_scale is None else self.grad_scale.detach(),
+            None,
+            None,
+        )
+
+
+class Strategy(nn.Module):
+    """Base class of every task-balancing strategy.
+
+    Subclasses implement :meth:`combine`. Gradient strategies set :attr:`uses_gradients`; their
+    ``combine`` receives the ``[K, P]`` stack of per-task gradients and its Gram matrix.
+
+    Args:
+        num_tasks: ``K``.
+        refresh_every: recompute gradient-based coefficients every this many steps, reusing
+            them in between (needs a model with ``task_grad_scale`` for the reuse steps).
+        check_finite: raise :class:`ValueError` on a non-finite loss (reads one bool from the
+            device each step).
+
+    Typical use with a :class:`~mtl.models.base.MultiTaskModel` (or :func:`mtl.strategies.model_backward`)::
+
+        scale = strategy.task_grad_scale(device)
+        losses = loss_fn(model(batch, task_grad_scale=scale), labels)   # [K]
+        strategy.backward(losses, shared_parameters=model.shared_parameters(), task_grad_scale=scale)
+        optimizer.step()
+    """
+
+    uses_gradients: ClassVar[bool] = False
+    #: gradient strategies whose coefficients may come from gradients w.r.t. a shared
+    #: representation instead of parameters (MGDA-UB)
+    uses_representation: ClassVar[bool] = False
+
+    def __init__(self, num_tasks: int, refresh_every: int = 1, check_finite: bool = True) -> None:
+        super().__init__()
+        if not isinstance(num_tasks, int) or num_tasks < 1:
+            raise ValueError(f"num_tasks must be a positive int, got {num_tasks!r}")
+        if not isinstance(refresh_every, int) or refresh_every < 1:
+            raise ValueError(f"refresh_every must be a positive int, got {refresh_every!r}")
+        self.num_tasks = num_tasks
+        self.refresh_every = refresh_every
+        self.check_finite = check_finite
+        self.step_count = 0
+        self._cached: Combination | None = None
+        self._pending_scale: Tensor | None = None
+        #: ``[K, P] -> [K, P]``, e.g. an all-reduce (mean) of the task-gradient stack (ordering 2)
+        self.grad_reducer: Callable[[Tensor], Tensor] | None = None
+        #: ``[K] -> [K]``, e.g. an all-reduce (mean) of the detached losses that drive state
+        self.stat_reducer: Callable[[Tensor], Tensor] | None = None
+
+    # ------------------------------------------------------------------ subclass API
+    def combine(self, losses: Tensor, stats: Tensor, grads: Tensor | None, gram: Tensor | None) -> Combination:
+        """The combination for this step.
+
+        Args:
+            losses: ``[K]`` the local losses (with graph).
+            stats: ``[K]`` detached losses for state updates (all-reduced if so configured).
+            grads: ``[K, P]`` per-task gradients of the shared parameters (gradient strategies
+                on refresh steps), else ``None``.
+            gram: ``grads @ grads.T`` ``[K, K]`` or ``None``.
+        """
+        raise NotImplementedError  # pragma: no cover - abstract
+
+    def reuse(self, cached: Combination, losses: Tensor, stats: Tensor) -> Combination:
+        """The combination on a step between refreshes (default: the cached coefficients)."""
+        return cached
+
+    def end_epoch(self) -> None:
+        """Called by trainers at the end of each epoch (DWA uses it); no-op by default."""
+
+    # ------------------------------------------------------------------ state
+    def get_extra_state(self) -> dict[str, Any]:
+        return {"step_count": self.step_count, "cached": self._cached}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        self.step_count = int(state["step_count"])
+        self._cached = state["cached"]
+
+    # ------------------------------------------------------------------ driver
+    def is_refresh_step(self) -> bool:
+        return self._cached is None or self.step_count % self.refresh_every == 0
+
+    def task_grad_scale(self, device: torch.device | str | None = None) -> Tensor | None:
+        """The ``task_grad_scale`` tensor to pass to the model's forward for this step.
+
+        On a refresh step it is a ones tensor (per-task gradients are taken at scale 1) that
+        :meth:`backward` fills with the coefficients before the final backward; between
+        refreshes it holds the cached coefficients. ``None`` for loss-weighting strategies.
+        """
+        if not self.uses_gradients:
+            self._pending_scale = None
+            return None
+        if self.is_refresh_step() or self._cached is None or self._cached.grad_scale is None:
+            self._pending_scale = torch.ones(self.num_tasks, device=device)
+        else:
+            self._pending_scale = self._cached.grad_scale.to(device=device, dtype=torch.float32).clone()
+        return self._pending_scale
+
+    def backward(
+        self,
+        losses: Tensor,
+        shared_parameters: Iterable[nn.Parameter] | None = None,
+        task_specific_parameters: Iterable[nn.Parameter] | None = None,
+        task_grad_scale: Tensor | None = None,
+        state_losses: Tensor | None = None,
+        representation: Tensor | None = None,
+        non_shared_parameters: Sequence[nn.Parameter] | None = None,
+    ) -> Combination:
+        """Combine the task losses and run the one backward pass (gradients accumulate into
+        ``.grad`` like ``loss.backward()``).
+
+        Args:
+            losses: ``[K]`` per-task losses.
+            shared_parameters: the dense shared parameters (required by gradient strategies).
+            task_specific_parameters: accepted for API compatibility with the Nash-MTL/FAMO
+                reference code; towers get their own task's gradient in every mode.
+            task_grad_scale: the tensor returned by :meth:`task_grad_scale` and passed to the
+                model's forward, or ``None`` when the model has no such support (then the shared
+                gradient is written directly and other parameters get the plain weighted sum).
+            state_losses: detached ``[K]`` losses (e.g. all-reduced) that drive state; default
+                ``stat_reducer(losses.detach())``.
+            representation: for :attr:`uses_representation` strategies (MGDA-UB): a shared
+                representation tensor in the graph; task gradients are taken w.r.t. it.
+            non_shared_parameters: all parameters except the shared ones; if given (with a
+                ``task_grad_scale`` model) the final backward skips the shared parameters and
+                their gradient ``sum_i c_i g_i`` is formed from the stack (saves the shared
+                weight-gradient products).
+
+        Returns:
+            the :class:`Combination` used (detached tensors; no host read).
+        """
+        k = self.num_tasks
+        if losses.dim() != 1 or losses.shape[0] != k:
+            raise ValueError(f"{type(self).__name__}: expected losses of shape [{k}], got {tuple(losses.shape)}")
+        if self.check_finite and not bool(torch.isfinite(losses.detach()).all()):
+            bad = torch.nonzero(~torch.isfinite(losses.detach())).flatten().tolist()
+            raise ValueError(f"{type(self).__name__}: non-finite loss for task(s) {bad}: {losses.detach().tolist()}")
+        stats = state_losses.detach() if state_losses is not None else losses.detach()
+        if state_losses is None and self.stat_reducer is not None:
+            stats = self.stat_reducer(stats)
+        shared = list(shared_parameters) if shared_parameters is not None else None
+        if task_grad_scale is not None and task_grad_scale is not self._pending_scale:
+            raise ValueError("task_grad_scale must be the tensor returned by strategy.task_grad_scale() for this step")
+
+        grads: Tensor | None = None
+        refresh = self.is_refresh_step()
+        if self.uses_gradients and not refresh and task_grad_scale is None:
+            refresh = True  # reuse needs the model's task_grad_scale; without it, recompute
+        if self.uses_gradients and refresh:
+            if self.uses_representation and representation is not None:
+                if task_grad_scale is None:
+                    raise ValueError(f"{type(self).__name__}: representation gradients need a model called with task_grad_scale")
+                grads = task_gradients(losses, [representation])
+            else:
+                if not shared:
+                    raise ValueError(f"{type(self).__name__} needs shared_parameters= (the dense shared parameters)")
+                grads = task_gradients(losses, shared)
+            if self.grad_reducer is not None:
+                grads = self.grad_reducer(grads)
+            gram = grads @ grads.t()
+            comb = self.combine(losses, stats, grads, gram)
+            self._cached = comb.detached()
+            if representation is not None and self.uses_representation:
+                grads = None  # representation grads cannot be written to parameters
+        elif self.uses_gradients:
+            assert self._cached is not None
+            comb = self.reuse(self._cached, losses, stats)
+        else:
+            comb = self.combine(losses, stats, None, None)
+            self._cached = comb.detached()
+
+        total = (comb.loss_weights * losses).sum()
+        if comb.extra_loss is not None:
+            total = total + comb.extra_loss
+        direct: Tensor | None = comb.shared_grad
+        if direct is None and comb.grad_scale is not None:
+            if task_grad_scale is None:
+                if grads is None:
+                    raise ValueError(f"{type(self).__name__}: no task gradients to combine")
+                direct = (comb.grad_scale * comb.loss_weights).to(grads.dtype) @ grads
+            elif non_shared_parameters is not None and grads is not None:
+                direct = (comb.grad_scale * comb.loss_weights).to(grads.dtype) @ grads
+        if task_grad_scale is not None:
+            if comb.grad_scale is not None:
+                task_grad_scale.data.copy_(comb.grad_scale.detach())  # read by the saved graph
+            else:
+                task_grad_scale.data.fill_(1.0)
+        self._pending_scale = None
+
+        if direct is None:
+            total.backward()
+        else:
+            if not shared:
+                raise ValueError(f"{type(self).__name__} needs shared_parameters= to write the combined gradient")
+            if non_shared_parameters is not None and task_grad_scale is not None:
+                inputs = [p for p in non_shared_parameters if p.requires_grad]
+                if inputs:
+                    torch.autograd.backward(total, inputs=inputs)
+            else:
+                saved = [p.grad for p in shared]
+                for p in shared:
+                    p.grad = None
+                total.backward()
+                for p, g in zip(shared, saved):
+                    p.grad = g
+            write_flat_grad(shared, direct)
+        self.step_count += 1
+        return replace(
+            comb,
+            loss_weights=comb.loss_weights.detach(),
+            grad_scale=None if comb.grad_scale is None else comb.grad_scale.detach(),
+            extra_loss=None,
+        )
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def task_gradients(losses: Tensor, params: Sequence[Tensor]) -> Tensor:
+    """``[K, P]``: row ``i`` is the flattened gradient of ``losses[i]`` w.r.t. ``params``
+    (zeros where a parameter is not reached); the graph is retained."""
+    k = losses.shape[0]
+    sizes = [p.numel() for p in params]
+    out = losses.new_zeros(k, sum(sizes), dtype=params[0].dtype)
+    for i in range(k):
+        gs = torch.autograd.grad(losses[i], params, retain_graph=True, allow_unused=True)
+        offset = 0
+        for g, n in zip(gs, sizes):
+            if g is not None:
+                out[i, offset : offset + n] = g.reshape(-1)
+            offset += n
+    return out
+
+
+def write_flat_grad(params: Sequence[nn.Parameter], flat: Tensor) -> None:
+    """Accumulate a flat gradient into ``params``' ``.grad`` (like ``backward``)."""
+    offset = 0
+    for p in params:
+        n = p.numel()
+        g = flat[offset : offset + n].view_as(p).to(p.dtype)
+        p.grad = g.clone() if p.grad is None else p.grad + g
+        offset += n
+    if offset != flat.numel():
+        raise ValueError(f"flat gradient has {flat.numel()} entries, parameters have {offset}")
+
+
+def active_tasks(gram: Tensor, rel_eps: float = 1e-12) -> Tensor:
+    """Boolean ``[K]``: tasks whose gradient is not (numerically) zero."""
+    diag = gram.diagonal()
+    return diag > rel_eps * diag.max().clamp_min(torch.finfo(diag.dtype).tiny) + torch.finfo(diag.dtype).tiny
+
+
+def normalized_gram(gram: Tensor) -> tuple[Tensor, Tensor]:
+    """``(gram64 / s, s)`` with ``s`` the largest diagonal entry (1 if all are zero), in float64."""
+    g = gram.to(torch.float64)
+    g = 0.5 * (g + g.t())
+    s = g.diagonal().max()
+    s = torch.where(s > 0, s, torch.ones_like(s))
+    return g / s, s

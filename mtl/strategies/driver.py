@@ -1,0 +1,81 @@
+"""One training step's backward for a :class:`~mtl.models.base.MultiTaskModel` and a strategy."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from mtl.models.base import Batch, MultiTaskModel
+from mtl.strategies.base import Combination, Strategy
+
+
+def per_task_bce(logits: Tensor, labels: Tensor) -> Tensor:
+    """``[K]``: binary cross-entropy with logits, mean over the batch, per task."""
+    return F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype), reduction="none").mean(0)
+
+
+def model_backward(
+    strategy: Strategy,
+    model: MultiTaskModel,
+    batch: Batch,
+    labels: Tensor,
+    loss_fn: Callable[[Tensor, Tensor], Tensor] = per_task_bce,
+    shared_parameters: Sequence[nn.Parameter] | None = None,
+    direct: bool = False,
+    representation_module: nn.Module | None = None,
+    state_losses: Tensor | None = None,
+) -> tuple[Tensor, Combination]:
+    """Forward with ``task_grad_scale``, per-task losses, the strategy's combination, ONE backward.
+
+    Afterwards shared and embedding parameters hold ``sum_i c_i w_i grad L_i`` (gradient
+    strategies; ``c`` from the Gram matrix of the per-task gradients of ``shared_parameters``)
+    and task-specific parameters their own task's gradient ``w_i grad L_i``.
+
+    Args:
+        strategy: the strategy.
+        model: the model (its ``forward`` takes ``task_grad_scale``).
+        batch: the input batch.
+        labels: ``[B, K]`` labels.
+        loss_fn: ``(logits [B, K], labels) -> [K]`` per-task losses.
+        shared_parameters: parameters to take per-task gradients over; default
+            ``model.shared_parameters()`` (GradNorm: pass the last shared layer).
+        direct: form the shared gradient from the per-task stack instead of backpropagating it
+            again (the final backward then skips the shared weight gradients).
+        representation_module: for MGDA-UB: a module whose output is the shared representation
+            (e.g. ``model.experts``); per-task gradients are taken w.r.t. that output.
+        state_losses: all-reduced detached losses for loss-driven state (DDP).
+
+    Returns:
+        ``(losses [K] detached, combination)``.
+    """
+    device = next(model.parameters()).device
+    scale = strategy.task_grad_scale(device)
+    captured: list[Tensor] = []
+    handle = None
+    if strategy.uses_representation and strategy.is_refresh_step():
+        if representation_module is None:
+            raise ValueError(f"{type(strategy).__name__} needs representation_module= (e.g. model.experts)")
+        handle = representation_module.register_forward_hook(lambda _m, _i, out: captured.append(out))
+    try:
+        logits = model(batch, task_grad_scale=scale)
+    finally:
+        if handle is not None:
+            handle.remove()
+    losses = loss_fn(logits, labels)
+    shared = list(shared_parameters) if shared_parameters is not None else model.shared_parameters()
+    non_shared = None
+    if direct:
+        ids = {id(p) for p in shared}
+        non_shared = [p for p in model.parameters() if id(p) not in ids]
+    comb = strategy.backward(
+        losses,
+        shared_parameters=shared,
+        task_grad_scale=scale,
+        state_losses=state_losses,
+        representation=captured[0] if captured else None,
+        non_shared_parameters=non_shared,
+    )
+    return losses.detach(), comb

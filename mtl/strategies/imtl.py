@@ -1,0 +1,36 @@
+"""IMTL-G: gradient part of Impartial Multi-Task Learning (Liu, Li, Kuang, Xue, Chen, Yang,
+Liao & Zhang, ICLR 2021).
+
+The update ``g = sum_i alpha_i g_i`` with ``sum_i alpha_i = 1`` has equal projections onto every
+unit task gradient: ``g . u_i = g . u_j``. On the Gram matrix: ``Gram alpha = t n`` with
+``n_i = ||g_i||``, so ``alpha = Gram^+ n / (1^T Gram^+ n)`` (equal to the closed form
+``alpha_{2:K} = g_1 U^T (D U^T)^{-1}`` of the paper and LibMTL when the gradients are linearly
+independent). Embeddings get the same coefficients. A zero task gradient has no unit vector:
+it gets ``alpha_i = 0`` and the others are balanced among themselves.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from mtl.strategies.base import Combination, Strategy, active_tasks, normalized_gram
+
+
+def imtl_g_coefficients(gram: Tensor) -> Tensor:
+    m, _ = normalized_gram(gram)
+    act = active_tasks(m).to(m.dtype)
+    m = m * act.unsqueeze(0) * act.unsqueeze(1) + torch.diag(1.0 - act)
+    n = torch.sqrt(m.diagonal().clamp_min(0.0)) * act
+    alpha = torch.linalg.solve(m, n)
+    return alpha / alpha.sum()
+
+
+class IMTLG(Strategy):
+    """IMTL-G (gradient balancing only; combine with a loss-scale method for IMTL-L)."""
+
+    uses_gradients = True
+
+    def combine(self, losses: Tensor, stats: Tensor, grads: Tensor | None, gram: Tensor | None) -> Combination:
+        assert gram is not None
+        return Combination(loss_weights=torch.ones_like(losses), grad_scale=imtl_g_coefficients(gram).to(losses.dtype))

@@ -1,0 +1,507 @@
+"""Each strategy against its paper's update on hand-checkable inputs."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy.optimize import minimize
+
+from mtl.strategies import GRADIENT_STRATEGIES, STRATEGIES, build_strategy
+from mtl.strategies._solvers import cagrad_simplex, min_norm_simplex
+from mtl.strategies.aligned import aligned_matrix
+from mtl.strategies.cagrad import cagrad_coefficients
+from mtl.strategies.gradvac import gradvac_rows
+from mtl.strategies.imtl import imtl_g_coefficients
+from mtl.strategies.nash import nash_coefficients
+from mtl.strategies.pcgrad import pcgrad_coefficients, pcgrad_rows, random_orders
+
+D = torch.float64
+
+
+def _grads(k: int, p: int, seed: int) -> torch.Tensor:
+    return torch.randn(k, p, dtype=D, generator=torch.Generator().manual_seed(seed))
+
+
+def _run_direct(strategy, grads: torch.Tensor, losses=None):
+    """Run ``strategy.backward`` on losses ``L_i = g_i . x`` (so grad L_i = g_i) and return the
+    shared gradient it writes plus the combination."""
+    k, p = grads.shape
+    x = torch.zeros(p, dtype=D, requires_grad=True)
+    base = torch.ones(k, dtype=D) if losses is None else torch.as_tensor(losses, dtype=D)
+    ls = grads @ x + base
+    comb = strategy.backward(ls, shared_parameters=[x])
+    return x.grad.clone(), comb
+
+
+# ------------------------------------------------------------------ PCGrad
+
+
+def test_pcgrad_conflicting_pair_by_hand():
+    g = torch.tensor([[1.0, 0.0], [-1.0, 1.0]], dtype=D)  # g1.g2 = -1
+    # g1' = g1 + 0.5 g2 = (0.5, 0.5); g2' = g2 + g1 = (0, 1); sum = (0.5, 1.5)
+    out, _ = _run_direct(build_strategy("pcgrad", 2), g)
+    assert torch.allclose(out, torch.tensor([0.5, 1.5], dtype=D))
+
+
+def test_pcgrad_agreeing_pair_is_plain_sum():
+    g = torch.tensor([[1.0, 0.5], [0.2, 1.0]], dtype=D)
+    out, comb = _run_direct(build_strategy("pcgrad", 2), g)
+    assert torch.allclose(out, g.sum(0))
+    assert torch.allclose(comb.grad_scale, torch.ones(2, dtype=D))
+
+
+def _pcgrad_vectors(g: torch.Tensor, orders: torch.Tensor) -> torch.Tensor:
+    """Algorithm 1 of Yu et al. on vectors."""
+    out = []
+    for i in range(g.shape[0]):
+        gi = g[i].clone()
+        for j in orders[i].tolist():
+            d = gi @ g[j]
+            if d < 0:
+                gi = gi - d / (g[j] @ g[j]) * g[j]
+        out.append(gi)
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("k", [3, 4, 7])
+def test_pcgrad_gram_tracking_equals_vector_algorithm(k):
+    g = _grads(k, 5, seed=k)
+    orders = random_orders(k, torch.Generator().manual_seed(3))
+    for i in range(k):
+        assert sorted(orders[i].tolist()) == [j for j in range(k) if j != i]
+    rows = pcgrad_rows(g @ g.t(), orders)
+    assert torch.allclose(rows @ g, _pcgrad_vectors(g, orders), atol=1e-10)
+    assert torch.allclose(pcgrad_coefficients(g @ g.t(), orders) @ g, _pcgrad_vectors(g, orders).sum(0), atol=1e-10)
+
+
+def test_pcgrad_order_is_seeded_and_checkpointed():
+    g = _grads(5, 6, seed=0)
+    a, b = build_strategy("pcgrad", 5, seed=7), build_strategy("pcgrad", 5, seed=7)
+    ca = [_run_direct(a, g)[1].grad_scale for _ in range(3)]
+    cb = [_run_direct(b, g)[1].grad_scale for _ in range(3)]
+    assert all(torch.equal(x, y) for x, y in zip(ca, cb))
+    state = a.state_dict()
+    nxt = _run_direct(a, g)[1].grad_scale
+    c = build_strategy("pcgrad", 5, seed=99)
+    c.load_state_dict(state)
+    assert torch.equal(_run_direct(c, g)[1].grad_scale, nxt)
+    # orders differ between draws (5 tasks: 24^5 possibilities)
+    assert not torch.equal(random_orders(5, a.generator), random_orders(5, a.generator))
+
+
+# ------------------------------------------------------------------ GradVac
+
+
+def test_gradvac_moves_cosine_to_target():
+    g = torch.tensor([[1.0, 0.0, 0.0], [-0.3, 1.0, 0.5]], dtype=D)
+    targets = torch.full((2, 2), 0.4, dtype=D)
+    orders = torch.tensor([[1], [0]])
+    rows, new_t = gradvac_rows(g @ g.t(), targets, orders, beta=0.1)
+    for i, j in [(0, 1), (1, 0)]:
+        gi = rows[i] @ g
+        cos = float(gi @ g[j] / (gi.norm() * g[j].norm()))
+        assert cos == pytest.approx(0.4, abs=1e-10)
+        phi = float(g[i] @ g[j] / (g[i].norm() * g[j].norm()))
+        assert float(new_t[i, j]) == pytest.approx(0.9 * 0.4 + 0.1 * phi)
+
+
+def test_gradvac_leaves_pairs_above_target_and_updates_ema():
+    g = torch.tensor([[1.0, 0.2], [0.9, 0.4]], dtype=D)  # cos ~ 0.98 > target 0
+    s = build_strategy("gradvac", 2, beta=0.5)
+    out, comb = _run_direct(s, g)
+    assert torch.allclose(out, g.sum(0))
+    cos = float(g[0] @ g[1] / (g[0].norm() * g[1].norm()))
+    assert torch.allclose(s.targets, torch.tensor([[0.0, 0.5 * cos], [0.5 * cos, 0.0]], dtype=D))
+
+
+# ------------------------------------------------------------------ MGDA
+
+
+def _simplex_grid(k: int, n: int):
+    for idx in itertools.product(range(n + 1), repeat=k - 1):
+        if sum(idx) <= n:
+            yield np.array([*idx, n - sum(idx)], dtype=float) / n
+
+
+@pytest.mark.parametrize("k,n", [(2, 2000), (3, 300)])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_mgda_min_norm_matches_brute_force(k, n, seed):
+    g = _grads(k, 4, seed=seed + 10 * k)
+    if seed == 2:
+        g[1] = -0.5 * g[0] + 0.01 * g[1]  # strong conflict
+    m = (g @ g.t()).numpy()
+    best = min(float(w @ m @ w) for w in _simplex_grid(k, n))
+    s = build_strategy("mgda", k)
+    out, comb = _run_direct(s, g)
+    w = comb.grad_scale
+    assert float(w.sum()) == pytest.approx(1.0) and bool((w >= 0).all())
+    assert float(out @ out) <= best + 1e-12
+    assert float(out @ out) >= best - 5e-3 * max(best, 1e-3)  # the grid is close to optimal
+
+
+def test_mgda_kkt_for_seven_tasks():
+    g = _grads(7, 20, seed=5)
+    m = g @ g.t()
+    w = min_norm_simplex(m / m.diagonal().max())
+    grad = m @ w  # KKT: (M w)_i = min_j (M w)_j on the support, >= elsewhere
+    lam = float(w @ grad)
+    support = w > 1e-9
+    assert torch.allclose(grad[support], torch.full_like(grad[support], lam), rtol=1e-6, atol=1e-9)
+    assert bool((grad[~support] >= lam - 1e-9).all())
+
+
+def test_mgda_zero_gradient_gives_zero_update():
+    g = _grads(3, 4, seed=1)
+    g[1] = 0.0
+    out, _ = _run_direct(build_strategy("mgda", 3), g)
+    assert float(out.norm()) < 1e-8
+
+
+# ------------------------------------------------------------------ CAGrad
+
+
+def _cagrad_scipy(gg: np.ndarray, alpha: float) -> np.ndarray:
+    """The official implementation's inner solve (SLSQP)."""
+    k = gg.shape[0]
+    x0 = np.ones(k) / k
+    c = alpha * math.sqrt(gg.mean() + 1e-8)
+    b = x0.copy()
+
+    def obj(x):
+        return float(x @ gg @ b + c * math.sqrt(x @ gg @ x + 1e-8))
+
+    res = minimize(obj, x0, bounds=[(0, 1)] * k, constraints=({"type": "eq", "fun": lambda x: 1 - x.sum()},))
+    return res.x
+
+
+@pytest.mark.parametrize("k", [2, 3, 4, 7])
+@pytest.mark.parametrize("alpha", [0.2, 0.5, 0.9])
+def test_cagrad_solves_inner_problem(k, alpha):
+    g = _grads(k, 12, seed=k * 7 + int(alpha * 10))
+    g[0] = -0.8 * g[1] + 0.2 * g[0]
+    gg = (g @ g.t()).numpy()
+    b = np.ones(k) / k
+    c = alpha * math.sqrt(b @ gg @ b)
+    coeff, w = cagrad_coefficients(g @ g.t(), alpha, rescale=0)
+    w = w.numpy()
+    f = lambda x: float(x @ gg @ b + c * math.sqrt(max(x @ gg @ x, 0.0)))  # noqa: E731
+    ref = _cagrad_scipy(gg, alpha)
+    assert w.min() >= 0 and w.sum() == pytest.approx(1.0)
+    assert f(w) <= f(ref) + 1e-7 * max(1.0, abs(f(ref)))
+    # primal: d = g0 + c g_w/|g_w| maximises min_i g_i.d over the ball |d - g0| <= c
+    d = coeff.numpy() @ g.numpy()
+    g0 = g.numpy().mean(0)
+    assert np.linalg.norm(d - g0) == pytest.approx(c, rel=1e-6)
+    best = (g.numpy() @ d).min()
+    rng = np.random.default_rng(0)
+    for _ in range(2000):
+        u = rng.normal(size=g.shape[1])
+        cand = g0 + c * u / np.linalg.norm(u)
+        assert (g.numpy() @ cand).min() <= best + 1e-9
+
+
+def test_cagrad_rescale_and_zero_alpha():
+    g = _grads(3, 5, seed=3)
+    c0, _ = cagrad_coefficients(g @ g.t(), 0.0, rescale=1)
+    assert torch.allclose(c0, torch.full((3,), 1 / 3, dtype=D))
+    c1, _ = cagrad_coefficients(g @ g.t(), 0.5, rescale=1)
+    c2, _ = cagrad_coefficients(g @ g.t(), 0.5, rescale=0)
+    assert torch.allclose(c1 * 1.25, c2)
+
+
+def test_cagrad_simplex_solver_direct_k12_fallback_agrees():
+    g = _grads(4, 9, seed=4)
+    m = g @ g.t()
+    m = m / m.diagonal().max()
+    c = torch.tensor(0.3, dtype=D)
+    w = cagrad_simplex(m, c)
+    b = torch.full((4,), 0.25, dtype=D)
+    f = lambda x: float(x @ m @ b + c * torch.sqrt(x @ m @ x))  # noqa: E731
+    from mtl.strategies._solvers import _projected_gradient
+
+    w_pg = _projected_gradient(lambda x: m @ b + c * (m @ x) / torch.sqrt(x @ m @ x), m, iters=3000)
+    assert f(w) <= f(w_pg) + 1e-6
+
+
+# ------------------------------------------------------------------ IMTL-G
+
+
+@pytest.mark.parametrize("k", [2, 4, 7])
+def test_imtl_g_equal_projections_and_libmtl_closed_form(k):
+    g = _grads(k, 15, seed=k)
+    out, comb = _run_direct(build_strategy("imtl_g", k), g)
+    units = g / g.norm(dim=1, keepdim=True)
+    proj = units @ out
+    assert torch.allclose(proj, proj.mean().expand(k), rtol=1e-8)
+    assert float(comb.grad_scale.sum()) == pytest.approx(1.0)
+    # LibMTL / paper closed form
+    d = g[0:1] - g[1:]
+    u = units[0:1] - units[1:]
+    a = (g[0] @ u.t()) @ torch.linalg.inv(d @ u.t())
+    alpha = torch.cat([1 - a.sum().view(1), a])
+    assert torch.allclose(comb.grad_scale, alpha, atol=1e-8)
+
+
+def test_imtl_g_zero_gradient_task_gets_zero_weight():
+    g = _grads(4, 6, seed=2)
+    g[2] = 0.0
+    c = imtl_g_coefficients(g @ g.t())
+    assert float(c[2]) == 0.0
+    keep = [0, 1, 3]
+    assert torch.allclose(c[keep], imtl_g_coefficients(g[keep] @ g[keep].t()), atol=1e-10)
+
+
+# ------------------------------------------------------------------ Nash-MTL
+
+
+@pytest.mark.parametrize("k", [2, 4, 7])
+@pytest.mark.parametrize("scale", [1e-4, 1.0, 1e3])
+def test_nash_weights_satisfy_bargaining_condition(k, scale):
+    g = _grads(k, 3 * k, seed=k) * scale
+    g[0] = -0.9 * g[1] + 0.1 * g[0]  # near-conflict makes the Gram matrix ill-conditioned
+    m = g @ g.t()
+    alpha = nash_coefficients(m)
+    assert bool((alpha > 0).all())
+    assert torch.allclose((m @ alpha) * alpha, torch.ones(k, dtype=D), rtol=1e-8)
+
+
+def test_nash_frobenius_normalization_matches_reference_scaling():
+    g = _grads(3, 8, seed=1)
+    m = g @ g.t()
+    a_ref = nash_coefficients(m, gram_normalization="frobenius")
+    mn = m / torch.linalg.matrix_norm(m)
+    assert torch.allclose((mn @ a_ref) * a_ref, torch.ones(3, dtype=D), rtol=1e-8)
+
+
+def test_nash_zero_gradient_task():
+    g = _grads(3, 8, seed=1)
+    g[1] = 0
+    a = nash_coefficients(g @ g.t())
+    assert float(a[1]) == 0.0
+    keep = [0, 2]
+    m = g[keep] @ g[keep].t()
+    assert torch.allclose((m @ a[keep]) * a[keep], torch.ones(2, dtype=D), rtol=1e-8)
+
+
+# ------------------------------------------------------------------ Aligned-MTL
+
+
+@pytest.mark.parametrize("k", [2, 4, 7])
+def test_aligned_mtl_orthogonal_equal_norm(k):
+    g = _grads(k, 20, seed=k)
+    b = aligned_matrix(g @ g.t())
+    aligned = b @ g
+    lam_min = float(torch.linalg.eigvalsh(g @ g.t()).min())
+    assert torch.allclose(aligned @ aligned.t(), lam_min * torch.eye(k, dtype=D), atol=1e-8 * lam_min * k)
+    out, comb = _run_direct(build_strategy("aligned_mtl", k), g)
+    assert torch.allclose(out, aligned.sum(0), atol=1e-10)
+
+
+def test_aligned_mtl_rank_deficient():
+    g = _grads(3, 5, seed=0)
+    g[2] = g[0] + g[1]
+    out, _ = _run_direct(build_strategy("aligned_mtl", 3), g)
+    assert bool(torch.isfinite(out).all()) and float(out.norm()) > 0
+
+
+# ------------------------------------------------------------------ loss weighting
+
+
+def test_uncertainty_log_variance_gradients_match_formula():
+    s = build_strategy("uncertainty", 3, kinds=["classification", "regression", "classification"])
+    with torch.no_grad():
+        s.log_vars.copy_(torch.tensor([0.3, -0.2, 1.0]))
+    x = torch.ones(3, requires_grad=True)
+    losses = torch.tensor([0.7, 1.3, 0.2]) * x
+    s.backward(losses)
+    L = torch.tensor([0.7, 1.3, 0.2])
+    sv = torch.tensor([0.3, -0.2, 1.0])
+    fac = torch.tensor([1.0, 0.5, 1.0])
+    assert torch.allclose(s.log_vars.grad, -fac * torch.exp(-sv) * L + 0.5)
+    assert torch.allclose(x.grad, fac * torch.exp(-sv) * L)
+
+
+def test_dwa_weights_match_formula_and_sum_to_k():
+    s = build_strategy("dwa", 3, temperature=2.0)
+    x = torch.ones(3, requires_grad=True)
+    epochs = [[1.0, 2.0, 3.0], [0.5, 1.9, 3.3], [0.4, 1.0, 3.0]]
+    seen = []
+    for ep in epochs:
+        for scale in (0.9, 1.1):  # two steps per epoch, mean = ep
+            comb = s.backward(torch.tensor(ep) * scale * x)
+            seen.append(comb.loss_weights)
+        s.end_epoch()
+    assert torch.equal(seen[0], torch.ones(3)) and torch.equal(seen[3], torch.ones(3))
+    r = torch.tensor(epochs[1]) / torch.tensor(epochs[0])
+    expect = 3 * torch.exp(r / 2) / torch.exp(r / 2).sum()
+    assert torch.allclose(seen[4], expect, rtol=1e-6) and torch.allclose(seen[5], expect, rtol=1e-6)
+    assert float(seen[4].sum()) == pytest.approx(3.0)
+    w_next = s.weights()
+    r2 = torch.tensor(epochs[2]) / torch.tensor(epochs[1])
+    assert torch.allclose(w_next, 3 * torch.softmax(r2 / 2, 0), rtol=1e-6)
+
+
+def test_dwa_period_steps():
+    s = build_strategy("dwa", 2, period_steps=1)
+    x = torch.ones(2, requires_grad=True)
+    for losses in ([1.0, 1.0], [0.5, 1.0]):
+        s.backward(torch.tensor(losses) * x)
+    r = torch.tensor([0.5, 1.0])
+    assert torch.allclose(s.weights(), 2 * torch.softmax(r / 2.0, 0))
+
+
+def test_gradnorm_weights_sum_to_k_and_move_toward_targets():
+    k = 3
+    s = build_strategy("gradnorm", k, alpha=1.5, lr=0.01)
+    g = _grads(k, 6, seed=1).float()
+    g[0] *= 3.0  # task 0 has a large gradient
+    _run_direct(s, g.double(), losses=[1.0, 1.0, 1.0])  # sets L(0)
+    stats = torch.tensor([0.5, 0.9, 1.0])  # task 2 trains slowest -> largest target
+    gram = (g @ g.t()).double()
+    before_g, target, _ = s.target_and_grad(stats, gram)
+    gap_before = (before_g - target).abs()
+    x = torch.zeros(6, dtype=D, requires_grad=True)
+    comb = s.backward(g.double() @ x + stats.double(), shared_parameters=[x])
+    assert float(s.weights.sum()) == pytest.approx(k)
+    # compare directions: weight of the over-large task 0 falls, of the slow task 2 rises
+    assert float(s.weights[0]) < float(comb.loss_weights[0])
+    assert float(s.weights[2]) > float(comb.loss_weights[2])
+    # before renormalisation every |G_i - target_i| shrinks
+    norms = torch.sqrt(gram.diagonal()).float()
+    new = comb.loss_weights.float() - 0.01 * torch.sign(before_g - target) * norms
+    assert bool(((new * norms - target).abs() < gap_before).all())
+
+
+def _famo_reference(losses_seq, k, lr=0.025, gamma=0.01):
+    """A transcription of the official FAMO code (torch.optim.Adam on the logits)."""
+    w = torch.zeros(k, requires_grad=True)
+    opt = torch.optim.Adam([w], lr=lr, weight_decay=gamma)
+    min_losses = torch.zeros(k)
+    weights = []
+    prev = None
+    for cur in losses_seq:
+        if prev is not None:
+            delta = (prev - min_losses + 1e-8).log() - (cur - min_losses + 1e-8).log()
+            with torch.enable_grad():
+                d = torch.autograd.grad(torch.softmax(w, -1), w, grad_outputs=delta.detach())[0]
+            opt.zero_grad()
+            w.grad = d
+            opt.step()
+        # weighted loss: sum(log(D) * z / c); its gradient wrt L_i is z_i / (c D_i)
+        lv = cur.clone().requires_grad_(True)
+        z = torch.softmax(w, -1)
+        dd = lv - min_losses + 1e-8
+        c = (z / dd).sum().detach()
+        (dd.log() * z / c).sum().backward()
+        weights.append(lv.grad.clone())
+        prev = cur
+    return weights, w.detach()
+
+
+def test_famo_weight_update_matches_reference():
+    k = 3
+    seq = [torch.tensor(v) for v in ([1.0, 2.0, 0.5], [0.9, 1.5, 0.5], [0.7, 1.4, 0.45], [0.6, 1.0, 0.5], [0.5, 0.9, 0.3])]
+    ref_w, ref_logits = _famo_reference(seq, k)
+    s = build_strategy("famo", k)
+    x = torch.ones(k, requires_grad=True)
+    for cur, rw in zip(seq, ref_w):
+        comb = s.backward(cur * x)
+        assert torch.allclose(comb.loss_weights, rw, rtol=1e-5)
+    s.update(torch.tensor([0.45, 0.85, 0.3]))  # explicit update after the last step
+    ref_w2, ref_logits2 = _famo_reference([*seq, torch.tensor([0.45, 0.85, 0.3])], k)
+    assert torch.allclose(s.logits, ref_logits2, atol=1e-6)
+
+
+def test_dbmtl_matches_libmtl_formula():
+    k, p = 3, 5
+    s = build_strategy("dbmtl", k, beta=0.9, beta_sigma=0.5)
+    buf = torch.zeros(k, p, dtype=D)
+    for step in range(1, 4):
+        g = _grads(k, p, seed=step)
+        losses = torch.tensor([0.5, 1.0, 2.0], dtype=D) * step
+        out, comb = _run_direct(s, g, losses=losses)
+        lg = g / (losses + 1e-8).unsqueeze(1)
+        buf = lg + (0.9 / step**0.5) * (buf - lg)
+        u = buf.norm(dim=1)
+        alpha = u.max() / (u + 1e-8)
+        assert torch.allclose(out, alpha @ buf, atol=1e-10)
+        assert torch.allclose(comb.loss_weights, 1 / (losses + 1e-8))
+
+
+# ------------------------------------------------------------------ contract
+
+
+def test_registry_builds_every_strategy_and_rejects_unknown():
+    for name in STRATEGIES:
+        s = build_strategy(name, 4)
+        assert s.num_tasks == 4
+    with pytest.raises(ValueError, match="unknown strategy 'nope'"):
+        build_strategy("nope", 2)
+
+
+def test_nan_loss_raises_naming_task():
+    s = build_strategy("pcgrad", 3)
+    x = torch.zeros(2, dtype=D, requires_grad=True)
+    losses = torch.stack([x.sum() + 1, x.sum() + float("nan"), x.sum()])
+    with pytest.raises(ValueError, match=r"non-finite loss for task\(s\) \[1\]"):
+        s.backward(losses, shared_parameters=[x])
+
+
+def test_gradient_strategy_without_shared_parameters_raises():
+    s = build_strategy("mgda", 2)
+    x = torch.ones(2, requires_grad=True)
+    with pytest.raises(ValueError, match="shared_parameters"):
+        s.backward(x * 2)
+
+
+@pytest.mark.parametrize("name", [*GRADIENT_STRATEGIES[:-1], "dbmtl", "gradnorm"])
+def test_zero_task_gradient_gives_finite_update(name):
+    g = _grads(3, 5, seed=9)
+    g[1] = 0.0
+    out, comb = _run_direct(build_strategy(name, 3), g)
+    assert bool(torch.isfinite(out).all())
+    assert bool(torch.isfinite(comb.loss_weights).all())
+
+
+@pytest.mark.parametrize("name", ["pcgrad", "cagrad", "nash_mtl"])
+def test_all_zero_gradients(name):
+    out, _ = _run_direct(build_strategy(name, 2), torch.zeros(2, 3, dtype=D))
+    assert torch.equal(out, torch.zeros(3, dtype=D))
+
+
+def test_state_dict_roundtrip_keeps_state():
+    for name, kw in [("gradvac", {"beta": 0.5}), ("famo", {}), ("dwa", {"period_steps": 1}), ("gradnorm", {}), ("dbmtl", {})]:
+        a = build_strategy(name, 3, **kw)
+        for step in range(3):
+            _run_direct(a, _grads(3, 4, seed=step), losses=[1.0 + step, 2.0, 0.5 * (step + 1)])
+        b = build_strategy(name, 3, **kw)
+        b.load_state_dict(a.state_dict())
+        g = _grads(3, 4, seed=11)
+        oa, ca = _run_direct(a, g, losses=[1.0, 1.5, 2.0])
+        ob, cb = _run_direct(b, g, losses=[1.0, 1.5, 2.0])
+        assert torch.allclose(oa, ob) and torch.allclose(ca.loss_weights, cb.loss_weights), name
+
+
+def test_grad_reducer_sees_stack_and_stat_reducer_sees_losses():
+    s = build_strategy("pcgrad", 2)
+    seen = {}
+
+    def reduce_stack(t):
+        seen["stack"] = t.shape
+        return t * 2
+
+    s.grad_reducer = reduce_stack
+    g = torch.tensor([[1.0, 0.0], [0.0, 1.0]], dtype=D)
+    out, _ = _run_direct(s, g)
+    assert seen["stack"] == (2, 2)
+    assert torch.allclose(out, 2 * g.sum(0))
+    d = build_strategy("dwa", 2, period_steps=1)
+    d.stat_reducer = lambda t: t * 0 + torch.tensor([2.0, 4.0])
+    x = torch.ones(2, requires_grad=True)
+    d.backward(x * 1.0)
+    d.backward(x * 1.0)
+    assert torch.allclose(d.weights(), torch.ones(2))  # both periods saw the reduced [2, 4]
