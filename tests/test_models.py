@@ -117,6 +117,14 @@ def test_shapes(variant: str, k: int) -> None:
         assert model(batch).shape == (B, k)
 
 
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_default_construction(name: str) -> None:
+    torch.manual_seed(0)
+    model = build_model(name, make_spec(2))
+    assert model(make_batch()).shape == (B, 2)
+    assert all(isinstance(v, Tensor) and v.shape[0] == B for v in model.routing_weights(make_batch()).values())
+
+
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_parameter_partition_is_complete(variant: str) -> None:
     k = 4
@@ -427,3 +435,20 @@ def test_seeded_construction_is_deterministic(variant: str) -> None:
     assert all(torch.equal(a[key], b[key]) for key in a)
     float_keys = [key for key in a if a[key].is_floating_point() and a[key].numel() > 1]
     assert float_keys and all(not torch.equal(a[key], c[key]) for key in float_keys)
+
+
+@pytest.mark.parametrize("variant", ["mmoe", "shared_bottom", "snr_trans", "ple_2"])
+def test_sparse_embedding_gradients_match_dense(variant: str) -> None:
+    name, kwargs = VARIANTS[variant]
+    spec, batch, c = make_spec(3), make_batch(), torch.tensor([0.5, 1.0, 2.0])
+    models = []
+    for sparse in (False, True):
+        torch.manual_seed(0)
+        model = build_model(name, spec, sparse_gradients=sparse, **kwargs(3))
+        torch.manual_seed(9)
+        torch.stack(task_losses(model(batch, task_grad_scale=c))).sum().backward()
+        models.append(model)
+    dense, sparse_model = models
+    for p_dense, p_sparse in zip(dense.embedding_parameters(), sparse_model.embedding_parameters()):
+        assert p_sparse.grad is not None and p_sparse.grad.is_sparse
+        torch.testing.assert_close(p_sparse.grad.to_dense(), p_dense.grad)

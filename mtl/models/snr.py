@@ -141,7 +141,7 @@ class SNR(MultiTaskModel):
 
     def routing_weights(self, batch: Batch) -> dict[str, Tensor]:
         """``{"z": [B, K, E] eval-mode 0/1 connections, "open_prob": [B, K, E] P(z != 0)}``."""
-        b = next(iter(batch.values())).shape[0]
+        b = batch[self.spec.all_features()[0].name].shape[0]
         z = hard_concrete_eval(self.log_alpha, self.gamma, self.zeta).detach()
         p = self.open_probability().detach()
         return {"z": z.expand(b, -1, -1), "open_prob": p.expand(b, -1, -1)}
