@@ -769,6 +769,7 @@ def _run(cfg: GenerateConfig, out: Path, verbose: bool) -> Path:
             "files": ["user_action.csv", "feed_info.csv", "feed_embeddings.csv", "test_a.csv",
                       f"{ORACLE_DIR}/oracle_train.parquet", f"{ORACLE_DIR}/oracle_test_a.parquet"],
         }
+        tick("manifest")
         # publish: drop any old manifest first, move files into place, write the manifest last
         (out / MANIFEST).unlink(missing_ok=True)
         (out / ORACLE_DIR).mkdir(exist_ok=True)
