@@ -81,13 +81,19 @@ def _where(path: Path | str, column: str | None, row: int | None, csv_file: bool
     return out
 
 
+def _py(value: Any) -> Any:
+    return value.item() if isinstance(value, np.generic) else value
+
+
 def _first_bad(mask: np.ndarray) -> int:
     return int(np.flatnonzero(mask)[0])
 
 
 def _raise_at(path: Path, column: str, rows: np.ndarray, bad: np.ndarray, problem: str, values: Any = None) -> None:
     i = _first_bad(bad)
-    shown = f" (value {values[i]!r})" if values is not None else ""
+    value = values[i] if values is not None else None
+    value = value.item() if isinstance(value, np.generic) else value
+    shown = f" (value {value!r})" if values is not None else ""
     n = int(bad.sum())
     raise DataError(
         f"{_where(path, column, int(rows[i]), path.suffix != '.parquet')}: {problem}{shown}; {n} such row(s)"
@@ -506,7 +512,7 @@ def _fail_missing_key(key: str, side_path: Path, missing: np.ndarray, values: np
     i = _first_bad(missing)
     p = sources[int(src[i])]
     raise DataError(
-        f"{_where(p, key, int(rows[i]), p.suffix != '.parquet')}: value {values[i]!r} has no row in {side_path}; "
+        f"{_where(p, key, int(rows[i]), p.suffix != '.parquet')}: value {_py(values[i])!r} has no row in {side_path}; "
         f"{int(missing.sum())} such row(s)"
     )
 
@@ -574,7 +580,7 @@ def _build(cfg: DatasetConfig, raw: Path, tmp: Path, ray_num_cpus: int | None) -
             v = _np(pc.cast(col, pa.float64()))
             bad = ~np.isin(v, [0.0, 1.0])
             if bad.any():
-                _raise_at(main_path, lab.column, main_rows, bad, "label must be 0 or 1", v)
+                _raise_at(main_path, lab.column, main_rows, bad, "label must be 0 or 1", _np(col))
             labels[:, j] = v
     dup_info: dict[str, Any] = {"duplicates": 0}
     if cfg.dedup is not None:
@@ -640,7 +646,7 @@ def _build(cfg: DatasetConfig, raw: Path, tmp: Path, ray_num_cpus: int | None) -
         dup = keyv[order][1:] == keyv[order][:-1]
         if dup.any():
             i = int(order[1:][dup][0])
-            raise DataError(f"{_where(spath, sc.key, i + 1, spath.suffix != '.parquet')}: duplicate key {keyv[i]!r}; {int(dup.sum())} duplicate(s)")
+            raise DataError(f"{_where(spath, sc.key, i + 1, spath.suffix != '.parquet')}: duplicate key {_py(keyv[i])!r}; {int(dup.sum())} duplicate(s)")
         pos = pc.index_in(rows_t[sc.key], value_set=st[sc.key].combine_chunks())
         pos_np = _np(pc.fill_null(pos, -1)).astype(np.int64)
         missing = pos_np < 0
@@ -674,7 +680,7 @@ def _build(cfg: DatasetConfig, raw: Path, tmp: Path, ray_num_cpus: int | None) -
         days = joined(cfg.time).astype(np.int64)
         if days.min() < 0:
             i = _first_bad(days < 0)
-            raise DataError(f"{_where(sources[src[i]], cfg.time, int(row_no[i]))}: negative day {days[i]}")
+            raise DataError(f"{_where(sources[src[i]], cfg.time, int(row_no[i]))}: negative day {_py(days[i])}")
     if sp.kind == "day":
         for code, rng in enumerate((sp.train_days, sp.valid_days, sp.test_days)):
             if rng is not None:
@@ -893,10 +899,10 @@ def _build(cfg: DatasetConfig, raw: Path, tmp: Path, ray_num_cpus: int | None) -
     ctx_sides = []
     for si, s in enumerate(sides):
         if side_enc[si]:
-            ctx_sides.append((s.key, s.table[s.key].combine_chunks(), pa.table(side_enc[si])))
-            side_keys.append(s.key)
-            if s.key not in row_cols:
-                row_cols[s.key] = rows_t[s.key].combine_chunks()
+            # raw join key under a reserved name: a feature may share the key's name (feedid)
+            ctx_sides.append(("_key__" + s.key, s.table[s.key].combine_chunks(), pa.table(side_enc[si])))
+            side_keys.append("_key__" + s.key)
+            row_cols["_key__" + s.key] = rows_t[s.key].combine_chunks()
     hk_cols = [f"_hk_{g.name}" for g in groups]
     input_cols = list(dict.fromkeys([*meta, *[c for c in feature_cols if c in row_cols], *side_keys, *hk_cols, *lab_names, *mask_names]))
     if "_day" not in input_cols and groups:
