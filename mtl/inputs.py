@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
+from torch.nn import functional as F
 
 from mtl.features import PAD_ID, WEIGHT_SUFFIX, FeatureSpec, ListFeature, SparseFeature
 
@@ -45,14 +48,39 @@ class InputModule(nn.Module):
             nn.init.normal_(table.weight, std=0.01)
             self.tables[f.name] = table
         self.output_dim = spec.input_dim
+        # Fast row-sparse path: sparse features grouped by embedding width, each group looked up
+        # with one unique + one gather (see :class:`_UniqueRowsLookup`).
+        self._groups: list[_SparseGroup] = []
+        by_dim: dict[int, list[SparseFeature]] = {}
+        for f in spec.sparse:
+            by_dim.setdefault(f.embedding_dim, []).append(f)
+        for dim, feats in by_dim.items():
+            sizes = [f.vocab_size for f in feats]
+            starts = [0]
+            for v in sizes:
+                starts.append(starts[-1] + v + 1)
+            self._groups.append(
+                _SparseGroup(
+                    names=[f.name for f in feats],
+                    dim=dim,
+                    vocab=torch.tensor(sizes, dtype=torch.long),
+                    offsets=torch.tensor(starts[:-1], dtype=torch.long),
+                    bounds=starts,
+                )
+            )
+        # One group = all sparse features, already in spec order: its output is used whole.
+        self._in_spec_order = len(self._groups) == 1
 
     def embedding_parameters(self) -> list[nn.Parameter]:
         return [t.weight for t in self.tables.values()]
 
     def forward(self, batch: Mapping[str, Tensor]) -> Tensor:
         parts: list[Tensor] = []
-        for f in self.spec.sparse:
-            parts.append(self._embed_sparse(f, _get(batch, f.name)))
+        if self.sparse_gradients and self.spec.sparse:
+            parts.extend(self._embed_sparse_grouped(batch))
+        else:
+            for f in self.spec.sparse:
+                parts.append(self._embed_sparse(f, _get(batch, f.name)))
         for f in self.spec.lists:
             parts.append(self._pool_list(f, batch))
         for f in self.spec.dense:
@@ -65,6 +93,26 @@ class InputModule(nn.Module):
     def _embed_sparse(self, f: SparseFeature, ids: Tensor) -> Tensor:
         return self.tables[f.name](to_table_ids(ids.long(), f.vocab_size))
 
+    def _embed_sparse_grouped(self, batch: Mapping[str, Tensor]) -> list[Tensor]:
+        """Sparse embeddings in spec order via one unique-row lookup per width group."""
+        outputs: dict[str, Tensor] = {}
+        whole: Tensor | None = None
+        for g in self._groups:
+            raw = torch.stack([_get(batch, name).long().reshape(-1) for name in g.names], dim=1)  # [B, F]
+            vocab = g.vocab.to(raw.device)
+            in_vocab = (raw >= 0) & (raw < vocab)
+            rows = torch.where(in_vocab, raw, vocab) + g.offsets.to(raw.device)
+            weights = [self.tables[name].weight for name in g.names]
+            out = _UniqueRowsLookup.apply(rows, g.bounds, *weights)  # [B, F * dim]
+            if self._in_spec_order:
+                whole = out
+            else:
+                for i, name in enumerate(g.names):
+                    outputs[name] = out[:, i * g.dim : (i + 1) * g.dim]
+        if whole is not None:
+            return [whole]
+        return [outputs[f.name] for f in self.spec.sparse]
+
     def _pool_list(self, f: ListFeature, batch: Mapping[str, Tensor]) -> Tensor:
         ids = _get(batch, f.name).long()
         mask = (ids != PAD_ID).float()
@@ -76,6 +124,60 @@ class InputModule(nn.Module):
         if f.pooling == "mean":
             pooled = pooled / weights.sum(dim=1, keepdim=True).clamp_min(1e-12)
         return pooled
+
+
+class _SparseGroup(NamedTuple):
+    names: list[str]
+    dim: int
+    vocab: Tensor  # [F] in-vocabulary sizes
+    offsets: Tensor  # [F] first row of each table in the group's row numbering
+    bounds: list[int]  # F + 1 row boundaries of the tables in that numbering
+
+
+class _UniqueRowsLookup(torch.autograd.Function):
+    """Embedding lookup of several tables at once that touches each distinct row once.
+
+    ``rows`` ``[B, F]`` numbers the rows of the ``F`` tables consecutively (table ``f`` owns
+    ``bounds[f] .. bounds[f+1]-1``). The forward gathers the ``U`` distinct rows once and expands
+    them; the backward sums the output gradient into a dense ``[U, dim]`` block (no ``[V, dim]``
+    zero-fill) and returns each table's gradient as a coalesced sparse COO tensor of its touched
+    rows, which :mod:`mtl.optim` (or ``torch.optim.SparseAdam``) updates lazily.
+    """
+
+    @staticmethod
+    def forward(ctx, rows: Tensor, bounds: list[int], *weights: Tensor) -> Tensor:  # type: ignore[override]
+        b, f = rows.shape
+        uniq, inverse = torch.unique(rows.reshape(-1), sorted=True, return_inverse=True)
+        cut = torch.searchsorted(uniq, torch.tensor(bounds, device=uniq.device)).tolist()
+        dim = weights[0].shape[1]
+        gathered = [
+            F.embedding(uniq[cut[i] : cut[i + 1]] - bounds[i], w) for i, w in enumerate(weights)
+        ]
+        uniq_rows = torch.cat(gathered) if len(gathered) > 1 else gathered[0]  # [U, dim]
+        ctx.save_for_backward(uniq, inverse)
+        ctx.cut = cut
+        ctx.bounds = bounds
+        ctx.shapes = [w.shape for w in weights]
+        return F.embedding(inverse, uniq_rows).view(b, f * dim)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        uniq, inverse = ctx.saved_tensors
+        cut, bounds, shapes = ctx.cut, ctx.bounds, ctx.shapes
+        dim = shapes[0][1]
+        grad_rows = torch.zeros(uniq.numel(), dim, dtype=grad.dtype, device=grad.device)
+        grad_rows.index_add_(0, inverse, grad.reshape(-1, dim))
+        grads: list[Tensor | None] = []
+        for i, shape in enumerate(shapes):
+            if not ctx.needs_input_grad[2 + i]:
+                grads.append(None)
+                continue
+            idx = (uniq[cut[i] : cut[i + 1]] - bounds[i]).unsqueeze(0)
+            grads.append(
+                torch.sparse_coo_tensor(idx, grad_rows[cut[i] : cut[i + 1]], shape, is_coalesced=True, check_invariants=False)
+            )
+        return (None, None, *grads)
 
 
 def _get(batch: Mapping[str, Tensor], name: str) -> Tensor:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 from mtl.features import FeatureSpec
 from mtl.models.base import Batch, MultiTaskModel
@@ -44,6 +45,7 @@ class MMoE(MultiTaskModel):
         # All K gates as one Linear(d, K*E); rows k*E:(k+1)*E belong to task k.
         self.gates = nn.Linear(d, k * num_experts)
         self.towers = BatchedMLP(k, expert_hidden[-1], tower_hidden, out_dim=1, shared_input=False)
+        self._workspace = Workspace()
 
     def routing_weights(self, batch: Batch) -> dict[str, Tensor]:
         return {"gate": self.gate_weights(self.inputs(batch))}
@@ -54,6 +56,22 @@ class MMoE(MultiTaskModel):
         return torch.softmax(logits.view(x.shape[0], self.num_tasks, self.num_experts), dim=-1)
 
     def forward_representation(self, x: Tensor, task_grad_scale: Tensor | None = None) -> Tensor:
+        if x.dim() != 2 or x.shape[1] != self.inputs.output_dim:
+            raise ValueError(f"MMoE: expected input [B, {self.inputs.output_dim}], got {list(x.shape)}")
+        if task_grad_scale is not None and task_grad_scale.shape != (self.num_tasks,):
+            raise ValueError(f"task_grad_scale must have shape [{self.num_tasks}], got {list(task_grad_scale.shape)}")
+        params = [*self.experts.weights, *self.experts.biases, self.gates.weight, self.gates.bias]
+        params += [*self.towers.weights, *self.towers.biases]
+        scale = None if task_grad_scale is None else task_grad_scale.detach().to(x.dtype)
+        ws = self._workspace if torch.is_grad_enabled() else None
+        return _MMoEFunction.apply(
+            x, scale, len(self.experts.weights), len(self.towers.weights), ws, *params
+        )
+
+    def forward_modules(self, x: Tensor, task_grad_scale: Tensor | None = None) -> Tensor:
+        """The same logits as :meth:`forward_representation`, composed from the generic layers
+        (:class:`BatchedMLP`, :func:`mix_experts`) under autograd; slower, kept as the readable
+        definition and as a check of the fused path."""
         experts = self.experts(x)  # [E, B, H]
         mixed = mix_experts(self.gate_weights(x, task_grad_scale), experts, task_grad_scale)  # [K, B, H]
         return self.towers(mixed).squeeze(-1).t()
@@ -64,3 +82,204 @@ class MMoE(MultiTaskModel):
     def task_parameter_owners(self) -> list[tuple[nn.Parameter, Tensor]]:
         gate_owner = torch.arange(self.num_tasks).repeat_interleave(self.num_experts)
         return [(self.gates.weight, gate_owner), (self.gates.bias, gate_owner)] + stacked_owners(self.towers)
+
+
+class Workspace:
+    """Reusable scratch buffers for fused kernels, so that a training step does not allocate
+    (and page-fault in) tens of MB of fresh memory every time.
+
+    :meth:`take` hands out a *view* of a pooled buffer and reuses a buffer only when nothing but
+    the pool holds its storage (no saved activation of a live graph, no returned tensor), so
+    reuse is never visible: a graph kept for a second backward (``retain_graph=True``) or a
+    tensor the caller keeps simply makes the pool allocate another buffer (at most
+    ``max_per_shape`` pooled per shape; beyond that plain allocations). The pool is not part of
+    the module's state and is dropped when pickled.
+    """
+
+    def __init__(self, max_per_shape: int = 4) -> None:
+        self.max_per_shape = max_per_shape
+        self._buffers: dict[tuple, list[Tensor]] = {}
+
+    def take(self, shape: tuple[int, ...], like: Tensor) -> Tensor:
+        """An uninitialised tensor of ``shape`` with ``like``'s dtype and device."""
+        key = (tuple(shape), like.dtype, like.device)
+        pool = self._buffers.setdefault(key, [])
+        for buf in pool:
+            if _only_pool_holds(buf):
+                return buf.view(shape)
+        buf = torch.empty(shape, dtype=like.dtype, device=like.device)
+        if len(pool) < self.max_per_shape:
+            pool.append(buf)
+            return buf.view(shape)
+        return buf
+
+    def clear(self) -> None:
+        self._buffers.clear()
+
+    def __getstate__(self) -> dict:
+        return {"max_per_shape": self.max_per_shape, "_buffers": {}}
+
+    def __deepcopy__(self, memo: dict) -> "Workspace":
+        return Workspace(self.max_per_shape)
+
+
+def _storage_refs(t: Tensor) -> int:
+    return torch._C._storage_Use_Count(t.untyped_storage()._cdata)
+
+
+# Use count of a storage held by exactly one tensor, as _storage_refs sees it (the call itself
+# holds a temporary reference).
+_LONE_STORAGE_REFS = _storage_refs(torch.empty(1))
+
+
+def _only_pool_holds(buf: Tensor) -> bool:
+    return _storage_refs(buf) <= _LONE_STORAGE_REFS
+
+
+def _relu_grad_(grad: Tensor, out: Tensor, result: Tensor | None = None) -> Tensor:
+    """``grad * (out > 0)`` written into ``result`` (default: into ``grad``)."""
+    dest = grad if result is None else result
+    return torch.ops.aten.threshold_backward.grad_input(grad, out, 0.0, grad_input=dest)
+
+
+class _MMoEFunction(torch.autograd.Function):
+    """The whole MMoE body (experts, gates, mixing, towers) with a hand-written backward.
+
+    Mathematically the composition of :class:`~mtl.models.layers.BatchedMLP` (experts, shared
+    input), a softmax gate per task, :func:`~mtl.models.layers.mix_experts` and the tower
+    :class:`~mtl.models.layers.BatchedMLP` (tests/test_fast_path.py checks logits and every
+    gradient against a per-module computation). It is faster on CPU because the experts' first
+    layer and all gates are one GEMM (forward and backward), ReLUs and their gradients are
+    applied in place, GEMMs write straight into the layout the next one reads, and large
+    intermediates live in reused :class:`Workspace` buffers instead of fresh memory.
+
+    Inputs: ``x`` ``[B, D]``; ``scale`` ``[K]`` or ``None`` (``task_grad_scale``); the layer
+    counts; the workspace (or ``None``); then the parameters: expert weights (``[E, in, out]``
+    per layer), expert biases (``[E, 1, out]``), gate weight ``[K*E, D]`` and bias ``[K*E]``,
+    tower weights ``[K, in, out]`` and biases ``[K, 1, out]`` (the last tower layer has
+    ``out == 1``). Output: logits ``[B, K]``.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx,
+        x: Tensor,
+        scale: Tensor | None,
+        n_expert_layers: int,
+        n_tower_layers: int,
+        ws: Workspace | None,
+        *params: Tensor,
+    ) -> Tensor:
+        le, lt = n_expert_layers, n_tower_layers
+        ew, eb = params[:le], params[le : 2 * le]
+        gw, gb = params[2 * le], params[2 * le + 1]
+        tw, tb = params[2 * le + 2 : 2 * le + 2 + lt], params[2 * le + 2 + lt :]
+        b, d = x.shape
+        e, h1 = ew[0].shape[0], ew[0].shape[2]
+        k = tw[0].shape[0]
+        eh = e * h1
+
+        def buf(*shape: int) -> Tensor:
+            return ws.take(shape, x) if ws is not None else torch.empty(shape, dtype=x.dtype, device=x.device)
+
+        # Experts' first layer and all gates: one GEMM.
+        w_cat = torch.cat([ew[0].permute(1, 0, 2).reshape(d, eh), gw.t()], dim=1)  # [D, E*H1 + K*E]
+        b_cat = torch.cat([eb[0].reshape(eh), gb])
+        z = torch.addmm(b_cat, x, w_cat, out=buf(b, eh + k * e))
+        z[:, :eh].relu_()
+        gates = torch.softmax(z[:, eh:].view(b, k, e), dim=-1)  # [B, K, E]
+        hs = [z[:, :eh].view(b, e, h1).transpose(0, 1)]  # [E, B, H1] (strided view of z)
+        for layer in range(1, le):
+            out = buf(e, b, ew[layer].shape[2])
+            hs.append(torch.baddbmm(eb[layer], hs[-1], ew[layer], out=out).relu_())
+        h = hs[-1].shape[2]
+        mixed = torch.bmm(gates, hs[-1].transpose(0, 1), out=buf(b, k, h))  # [B, K, H]
+        ts = [mixed.transpose(0, 1)]  # [K, B, H]
+        for layer in range(lt):
+            if layer < lt - 1:
+                t = torch.baddbmm(tb[layer], ts[-1], tw[layer], out=buf(k, b, tw[layer].shape[2])).relu_()
+            else:
+                t = torch.baddbmm(tb[layer], ts[-1], tw[layer])  # returned: not a workspace buffer
+            ts.append(t)
+        ctx.le, ctx.lt, ctx.has_scale, ctx.ws = le, lt, scale is not None, ws
+        saved = [x, z, gates, w_cat, *hs[1:], *ts[:-1], *ew[1:], *tw]
+        if scale is not None:
+            saved.append(scale)
+        ctx.save_for_backward(*saved)
+        return ts[-1].squeeze(-1).t()
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        le, lt, ws = ctx.le, ctx.lt, ctx.ws
+        saved = list(ctx.saved_tensors)
+        x, z, gates, w_cat = saved[:4]
+        pos = 4
+        hs_rest = saved[pos : pos + le - 1]
+        pos += le - 1
+        ts = saved[pos : pos + lt]
+        pos += lt
+        ew_rest = saved[pos : pos + le - 1]
+        pos += le - 1
+        tw = saved[pos : pos + lt]
+        pos += lt
+        scale = saved[pos] if ctx.has_scale else None
+        b, k, e = gates.shape
+        eh = z.shape[1] - k * e
+        h1 = eh // e
+        hs = [z[:, :eh].view(b, e, h1).transpose(0, 1), *hs_rest]
+
+        def buf(*shape: int) -> Tensor:
+            return ws.take(shape, z) if ws is not None else torch.empty(shape, dtype=z.dtype, device=z.device)
+
+        # Towers, last layer first.
+        d_tw: list[Tensor] = [None] * lt  # type: ignore[list-item]
+        d_tb: list[Tensor] = [None] * lt  # type: ignore[list-item]
+        dt = grad.t().unsqueeze(-1)  # [K, B, 1]
+        for layer in reversed(range(lt)):
+            d_tw[layer] = torch.bmm(ts[layer].transpose(1, 2), dt)
+            d_tb[layer] = dt.sum(1, keepdim=True)
+            dt = torch.bmm(dt, tw[layer].transpose(1, 2), out=buf(k, b, tw[layer].shape[1]))
+            if layer > 0:
+                _relu_grad_(dt, ts[layer])
+        # dt: gradient w.r.t. the mixtures [K, B, H] (each task's own, unscaled).
+        h = dt.shape[2]
+        d_gates = torch.bmm(dt.transpose(0, 1), hs[-1].permute(1, 2, 0))  # [B, K, E]
+        d_gate_logits = gates * (d_gates - (d_gates * gates).sum(-1, keepdim=True))  # [B, K, E]
+        if scale is not None:
+            dt = torch.mul(dt, scale.view(k, 1, 1), out=buf(k, b, h))
+
+        # Experts, last layer first; the first layer is done together with the gates in dz.
+        dz = buf(b, eh + k * e)
+        dz_experts = dz[:, :eh].view(b, e, h1)  # [B, E, H1]
+        d_ew: list[Tensor] = [None] * le  # type: ignore[list-item]
+        d_eb: list[Tensor] = [None] * le  # type: ignore[list-item]
+        if le == 1:
+            torch.bmm(gates.transpose(1, 2), dt.transpose(0, 1), out=dz_experts)
+        else:
+            d_h = torch.bmm(gates.transpose(1, 2), dt.transpose(0, 1), out=buf(b, e, h))  # [B, E, H]
+            d_h = _relu_grad_(d_h.transpose(0, 1), hs[-1], buf(e, b, h))  # [E, B, H]
+            for layer in reversed(range(1, le)):
+                if layer < le - 1:
+                    _relu_grad_(d_h, hs[layer])
+                d_ew[layer] = torch.bmm(hs[layer - 1].transpose(1, 2), d_h)
+                d_eb[layer] = d_h.sum(1, keepdim=True)
+                w_t = ew_rest[layer - 1].transpose(1, 2)
+                if layer > 1:
+                    d_h = torch.bmm(d_h, w_t, out=buf(e, b, w_t.shape[2]))
+                else:
+                    torch.bmm(d_h, w_t, out=dz_experts.transpose(0, 1))
+        _relu_grad_(dz_experts, z[:, :eh].view(b, e, h1))
+        dz[:, eh:] = d_gate_logits.view(b, k * e)
+        d_wcat = torch.mm(x.t(), dz)  # [D, E*H1 + K*E]
+        d_bcat = dz.sum(0)
+        d_x = None
+        if ctx.needs_input_grad[0]:
+            if scale is not None:
+                dz[:, eh:] = (d_gate_logits * scale.view(1, k, 1)).view(b, k * e)
+            d_x = torch.mm(dz, w_cat.t())
+        d_ew[0] = d_wcat[:, :eh].reshape(-1, e, h1).transpose(0, 1).contiguous()
+        d_eb[0] = d_bcat[:eh].reshape(e, 1, h1)
+        d_gw = d_wcat[:, eh:].t().contiguous()
+        d_gb = d_bcat[eh:]
+        return (d_x, None, None, None, None, *d_ew, *d_eb, d_gw, d_gb, *d_tw, *d_tb)
