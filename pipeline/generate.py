@@ -181,6 +181,14 @@ def _rng(seed: int, name: str) -> np.random.Generator:
     return np.random.default_rng([seed, zlib.crc32(name.encode())])
 
 
+def _unique(a: np.ndarray) -> np.ndarray:
+    """Sorted distinct values (np.unique without return_* takes a slow hash path in numpy 2.4)."""
+    s = np.sort(a, kind="stable")
+    keep = np.ones(len(s), dtype=bool)
+    keep[1:] = s[1:] != s[:-1]
+    return s[keep]
+
+
 def _zipf_weights(rng: np.random.Generator, n: int, alpha: float, offset: float) -> np.ndarray:
     ranks = rng.permutation(n).astype(np.float64)
     return (ranks + offset) ** (-alpha)
@@ -470,7 +478,7 @@ def _dedupe_within_user(rng: np.random.Generator, world: _World, user: np.ndarra
         dup[first] = False
         if not dup.any():
             return
-        for t in np.unique(day[dup]):
+        for t in _unique(day[dup]):
             idx = np.flatnonzero(dup & (day == t))
             w = pop[int(t)] if pop and int(t) in pop else world.popularity(int(t))
             feed[idx] = _draw(rng, w, len(idx))
@@ -520,7 +528,7 @@ def _test_impressions(world: _World, train_feeds: np.ndarray) -> tuple[dict[str,
     s = cfg.cold_start_share
 
     def n_new_for(mask: np.ndarray) -> int:
-        old_feeds = np.unique(feed[mask])
+        old_feeds = _unique(feed[mask])
         d_old, d_old_cold = len(old_feeds), int((~in_train[old_feeds]).sum())
         return int(round((s * d_old - d_old_cold) / (1 - s)))
 
@@ -538,7 +546,7 @@ def _test_impressions(world: _World, train_feeds: np.ndarray) -> tuple[dict[str,
                              _draw(rng, _zipf_weights(rng, n_new, 1.0, 3.0), m_new - n_new)])
     feed[new_rows] = pool[rng.permutation(assign)]
     device = np.where(rng.random(n_test) < 0.97, world.user_device[user], 3 - world.user_device[user])
-    test_feeds = np.unique(feed)
+    test_feeds = _unique(feed)
     info = {"test_distinct_feeds": int(len(test_feeds)),
             "test_cold_feeds": int((~in_train[test_feeds]).sum()),
             "new_feeds_on_day_15": n_new}
@@ -711,7 +719,7 @@ def _run(cfg: GenerateConfig, out: Path, verbose: bool) -> Path:
         world = _World(cfg)
         tick("world")
         train = _train_impressions(world)
-        test, test_info = _test_impressions(world, np.unique(train["feed"]))
+        test, test_info = _test_impressions(world, _unique(train["feed"]))
         tick("impressions")
         intercepts: dict[str, list[float]] = {a: [] for a in ACTIONS}
         rng = _rng(cfg.seed, "labels")
@@ -757,8 +765,8 @@ def _run(cfg: GenerateConfig, out: Path, verbose: bool) -> Path:
             "config": cfg.model_dump(mode="json"),
             "rows": {"user_action": int(len(uid_tr)), "feed_info": world.n_feeds,
                      "feed_embeddings": world.n_feeds, "test_a": int(len(uid_te))},
-            "users": int(len(np.unique(uid_tr))), "train_feeds": int(len(np.unique(fid_tr))),
-            "duplicate_rows": int(len(key) - len(np.unique(key))),
+            "users": int(len(_unique(uid_tr))), "train_feeds": int(len(_unique(fid_tr))),
+            "duplicate_rows": int(len(key) - len(_unique(key))),
             "max_actions_per_user": int(np.bincount(train["user"]).max()),
             **test_info,
             "rates_train": {a: float(y_tr[:, j].mean()) for j, a in enumerate(ACTIONS)},
