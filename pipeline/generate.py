@@ -557,7 +557,7 @@ def _test_impressions(world: _World, train_feeds: np.ndarray) -> tuple[dict[str,
 # ----------------------------------------------------------------------------- labels
 
 def _labels(world: _World, imp: dict[str, np.ndarray], days: list[int], rng: np.random.Generator,
-            hist: tuple[np.ndarray, np.ndarray], intercepts: dict[str, list[float]]
+            hist: tuple[np.ndarray, np.ndarray], intercepts: dict[str, list[float | None]]
             ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, tuple[np.ndarray, np.ndarray]]:
     """Per day: logits -> intercepts -> probabilities -> labels; update the user-author history.
 
@@ -572,6 +572,10 @@ def _labels(world: _World, imp: dict[str, np.ndarray], days: list[int], rng: np.
     author = world.feed_author[imp["feed"]]
     for t in days:
         idx = np.flatnonzero(imp["day"] == t)
+        if len(idx) == 0:  # only possible at toy sizes
+            for act in ACTIONS:
+                intercepts[act].append(None)
+            continue
         u, f, dev = imp["user"][idx], imp["feed"][idx], imp["device"][idx]
         z = world.static_logits(u, f, dev)
         key = u.astype(np.int64) * world.n_authors + author[idx]
@@ -721,7 +725,7 @@ def _run(cfg: GenerateConfig, out: Path, verbose: bool) -> Path:
         train = _train_impressions(world)
         test, test_info = _test_impressions(world, _unique(train["feed"]))
         tick("impressions")
-        intercepts: dict[str, list[float]] = {a: [] for a in ACTIONS}
+        intercepts: dict[str, list[float | None]] = {a: [] for a in ACTIONS}
         rng = _rng(cfg.seed, "labels")
         hist = (np.zeros(0, dtype=np.int64), np.zeros(0))
         p_tr, y_tr, play_tr, stay_tr, hist = _labels(world, train, list(range(1, TRAIN_DAYS + 1)), rng, hist,

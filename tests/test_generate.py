@@ -322,3 +322,13 @@ def test_cli_generate(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
     assert m["seed"] == 5 and m["config"]["task_relatedness"] == 0.9 and m["rows"]["test_a"] == 300
     printed = json.loads(capsys.readouterr().out)
     assert printed["rows"] == m["rows"]
+
+
+def test_toy_sizes_with_empty_days(tmp_path: Path) -> None:
+    out = gen.generate(tmp_path / "toy", n_users=2, n_feeds=20, n_actions=10, n_test=10)
+    ua = pd.read_csv(out / "user_action.csv")
+    m = json.loads((out / gen.MANIFEST).read_text())
+    assert len(ua) == 10 and ua["date_"].nunique() < 14
+    empty_days = set(range(1, 15)) - set(ua["date_"])
+    assert all(m["intercepts_by_day"]["like"][d - 1] is None for d in empty_days)
+    assert len(pd.read_csv(out / "test_a.csv")) == 10
