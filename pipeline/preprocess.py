@@ -455,7 +455,7 @@ class AssemblyContext:
     history: list[HistoryGroup]
     history_windows: list[int]
     history_stats: list[str]
-    column_order: list[str]
+    column_order: dict[str, list[str]]  # per split name
     vector_dims: dict[str, int]
     oov_fill: dict[str, int]  # side sparse features: OOV id for rows missing in the side table
 
@@ -501,7 +501,19 @@ def assemble_block(block: pa.Table, ctx: Any) -> pa.Table:
             codes = _np(cols[f"_hk_{g.name}"])
             feats = history_features(g, codes, days, ctx.history_windows, ctx.history_stats)
             cols[g.name] = pa.FixedSizeListArray.from_arrays(pa.array(feats.reshape(-1)), feats.shape[1])
-    return pa.table({name: cols[name] for name in ctx.column_order})
+    split = SPLITS[int(_np(cols["_split"])[0])] if "_split" in cols else SPLITS[0]
+    return pa.table({name: cols[name] for name in ctx.column_order[split]})
+
+
+def assemble_and_write(block: pa.Table, ctx: Any, out_dir: str) -> pa.Table:
+    """:func:`assemble_block`, then write ``out_dir/<split>/part-<k>.parquet``; returns one
+    row (split, file, rows) so the driver can check nothing was lost."""
+    split = SPLITS[int(_np(block["_split"])[0])]
+    part = int(_np(block["_part"])[0])
+    table = assemble_block(block, ctx)
+    path = Path(out_dir) / split / f"part-{part:05d}.parquet"
+    pq.write_table(table, path)
+    return pa.table({"split": [split], "file": [path.name], "rows": [table.num_rows]})
 
 
 # --------------------------------------------------------------------------------------------
@@ -909,30 +921,43 @@ def _build(cfg: DatasetConfig, raw: Path, tmp: Path, ray_num_cpus: int | None) -
         input_cols.append("_day")
     input_table = pa.table({c: row_cols[c] for c in input_cols})
     split_rows: dict[str, int] = {}
+    orders: dict[str, list[str]] = {}
+    blocks: list[pa.Table] = []
     for code, sname in enumerate(SPLITS):
         sel = (split == code) & keep
         labelled_split = bool(is_labelled[sel].all()) if sel.any() else True
         if sel.any() and not labelled_split and is_labelled[sel].any():
             raise DataError(f"split {sname} mixes labelled and unlabelled rows; check split ranges")
-        order = [*meta, *feature_cols]
+        orders[sname] = [*meta, *feature_cols]
         if labelled_split:
-            order += lab_names + (mask_names if sname == "train" else [])
+            orders[sname] += lab_names + (mask_names if sname == "train" else [])
         split_rows[sname] = int(sel.sum())
-        part = input_table.filter(pa.array(sel))
         (tmp / sname).mkdir()
-        if part.num_rows == 0:
-            continue
-        ctx = AssemblyContext(ctx_sides, groups, cfg.history.windows if cfg.history else [], cfg.history.stats if cfg.history else [], order, vector_dims, oov_fill)
+        part = input_table.filter(pa.array(sel))
+        for k, start in enumerate(range(0, part.num_rows, cfg.rows_per_block)):
+            b = part.slice(start, cfg.rows_per_block)
+            b = b.append_column("_split", pa.array(np.full(b.num_rows, code, np.int8)))
+            blocks.append(b.append_column("_part", pa.array(np.full(b.num_rows, k, np.int32))))
+    ctx = AssemblyContext(
+        ctx_sides, groups, cfg.history.windows if cfg.history else [], cfg.history.stats if cfg.history else [],
+        orders, vector_dims, oov_fill,
+    )
+    files: list[dict[str, Any]] = []
+    if blocks:
         ctx_ref = ray.put(ctx)
-        blocks = [part.slice(i, cfg.rows_per_block) for i in range(0, part.num_rows, cfg.rows_per_block)]
+        # one Ray Data job: every block is assembled and written by one task (2 in parallel on
+        # 2 CPUs); the tasks return one small row per file written
         ds = ray.data.from_arrow(blocks).map_batches(
-            assemble_block, batch_format="pyarrow", batch_size=None, fn_kwargs={"ctx": ctx_ref}, num_cpus=1
+            assemble_and_write, batch_format="pyarrow", batch_size=None, num_cpus=1,
+            fn_kwargs={"ctx": ctx_ref, "out_dir": str(tmp)},
         )
-        ds.write_parquet(str(tmp / sname))
+        files = ds.take_all()
         del ctx_ref
     timings["ray_assemble_write"] = time.perf_counter() - t0
 
     written = {s: sum(pq.read_metadata(p).num_rows for p in (tmp / s).glob("*.parquet")) for s in SPLITS}
+    if sum(int(f["rows"]) for f in files) != sum(split_rows.values()):
+        raise RuntimeError(f"Ray tasks wrote {sum(int(f['rows']) for f in files)} rows, expected {split_rows}")
     if written != split_rows:
         raise RuntimeError(f"rows written {written} != rows selected {split_rows}")
 
