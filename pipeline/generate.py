@@ -702,10 +702,11 @@ def generate(out_dir: str | Path, scale: str = "tiny", seed: int = 0, *, config:
     if config is None:
         config = GenerateConfig.model_validate({**GenerateConfig().model_dump(), "scale": scale, "seed": seed,
                                                 **overrides})
-    return _run(config, Path(out_dir), verbose)
+    return _run(config, Path(out_dir), verbose)[0]
 
 
-def _run(cfg: GenerateConfig, out: Path, verbose: bool) -> Path:
+def _run(cfg: GenerateConfig, out: Path, verbose: bool) -> tuple[Path, dict[str, float]]:
+    """Generate into ``out`` atomically; returns (out, seconds per step)."""
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
 
@@ -748,7 +749,8 @@ def _run(cfg: GenerateConfig, out: Path, verbose: bool) -> Path:
         _write_embeddings(tmp / "feed_embeddings.csv", world)
         tick("write_feed_embeddings")
 
-        def oracle_table(uid, fid, imp, p, extra) -> pa.Table:
+        def oracle_table(uid: np.ndarray, fid: np.ndarray, imp: dict[str, np.ndarray], p: np.ndarray,
+                         extra: dict[str, pa.Array]) -> pa.Table:
             cols = {"row": pa.array(np.arange(len(uid), dtype=np.int64)), "userid": pa.array(uid),
                     "feedid": pa.array(fid), "date_": pa.array(imp["day"].astype(np.int64)),
                     "device": pa.array(imp["device"])}
@@ -795,7 +797,7 @@ def _run(cfg: GenerateConfig, out: Path, verbose: bool) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
     if verbose:
         print(f"[generate] total: {time.perf_counter() - t0:.2f}s -> {out}", file=sys.stderr, flush=True)
-    return out
+    return out, timings
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -816,11 +818,11 @@ def run(args: argparse.Namespace) -> int:
     if not args.quiet:
         print(dump_config(cfg), file=sys.stderr, end="")
     t0 = time.perf_counter()
-    out = _run(cfg, Path(args.out), verbose=not args.quiet)
+    out, timings = _run(cfg, Path(args.out), verbose=not args.quiet)
     manifest = json.loads((out / MANIFEST).read_text())
-    sizes = {p.name: p.stat().st_size for p in sorted(out.rglob("*")) if p.is_file()}
+    sizes = {rel: (out / rel).stat().st_size for rel in [*manifest["files"], MANIFEST]}
     print(json.dumps({"out": str(out), "seconds": round(time.perf_counter() - t0, 2),
-                      "rows": manifest["rows"], "bytes": sizes,
+                      "step_seconds": timings, "rows": manifest["rows"], "bytes": sizes,
                       "rates_train": manifest["rates_train"],
                       "test_cold_share": manifest["test_cold_share"]}, indent=1))
     return 0
