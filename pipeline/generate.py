@@ -23,8 +23,10 @@ The planted model, for action k on an impression (user u, feed f, device d, day 
 
     logit_k = b_{k,t} + sigma * [ sqrt(s_int) <w_k, U_u * F_f> + sqrt(s_user) a^user_{u,k}
               + sqrt(s_feed) a^feed_{f,k} + sqrt(s_author) a^author_{author(f),k}
-              + sqrt(s_emb) <v_k, z_f> + sqrt(s_song) a^song + sqrt(s_tag) mean-ish(a^tag)
-              + sqrt(s_kw) mean-ish(a^kw) + sqrt(s_dev) a^dev_{d,k} ]
+              + sqrt(s_emb) <v_k, z_f> + sqrt(s_song) a^song_{song(f),k} (0 without bgm)
+              + sqrt(s_tag) sum_{tag in manual_tag_list(f)} a^tag_{tag,k} / sqrt(#tags)
+              + sqrt(s_kw) sum_{kw in manual+machine keywords(f)} a^kw_{kw,k} / sqrt(#kws)
+              + sqrt(s_dev) a^dev_{d,k} ]
               + beta * log1p(H_t(u, author(f)))
 
 Every per-task random effect and task direction is ``sqrt(r) e_0 + sqrt(1-r) (sqrt(1-c) e_k +
@@ -37,6 +39,14 @@ feeds, so history features carry real signal. ``z_f`` is the feed's content late
 ``feed_embedding`` is a noisy linear image of it, so PCA of the embedding recovers signal.
 ``b_{k,t}`` is solved per day (safeguarded Newton/bisection) so the mean true probability on
 that day's impressions equals the target rate (real preliminary-round rates by default).
+Labels are independent Bernoulli draws given the logits. ``play`` = watch ratio x
+videoplayseconds x 1000 (log-normal ratio rising with the row's mean task logit, 12 % quick
+skips, capped at 6 plays); ``stay`` = play + browsing time (+ longer after read_comment/comment).
+Impressions: per-user totals log-normal (capped at ``max_actions_per_user``) spread over the
+14 days; feeds drawn per day from Zipf base popularity x exp(-age/decay) after a release day;
+repeats within a user resampled, then ``duplicate_rate`` explicit repeats. Day 15 (test_a) adds
+feeds released that day, their number set so ``cold_start_share`` of distinct test feeds are
+unseen in training.
 """
 
 from __future__ import annotations
@@ -507,7 +517,7 @@ def _train_impressions(world: _World) -> dict[str, np.ndarray]:
     if n_dup:
         rows = np.sort(rng.choice(cand, n_dup, replace=False))
         src = start[rows] + np.floor(rng.random(n_dup) * (rows - start[rows])).astype(np.int64)
-        feed[rows] = feed[src]  # rows ascending and src < row: sources may be earlier repeats
+        feed[rows] = feed[src]  # src < row, same user: a feed the user was shown before
     device = np.where(rng.random(len(user)) < 0.97, world.user_device[user], 3 - world.user_device[user])
     return {"user": user, "feed": feed, "day": day, "device": device}
 
