@@ -146,9 +146,17 @@ class MixedAdam(torch.optim.Optimizer):
                 state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             grad = p.grad
             if grad.is_sparse:
-                if not grad.is_coalesced():
-                    grad = grad.coalesce()
+                if grad.sparse_dim() != 1:
+                    raise ValueError(
+                        f"MixedAdam: row_sparse parameter of shape {list(p.shape)} got a sparse gradient with "
+                        f"sparse_dim={grad.sparse_dim()}; expected row-sparse (sparse_dim=1, as nn.Embedding makes)"
+                    )
                 rows = grad._indices()[0]
+                # Autograd's gradient accumulation drops the coalesced flag; rows that are
+                # strictly increasing are unique, so no sort is needed then.
+                if not (grad.is_coalesced() or bool((rows[1:] > rows[:-1]).all())):
+                    grad = grad.coalesce()
+                    rows = grad._indices()[0]
                 values = grad._values()
                 if values.numel() == 0:
                     continue
