@@ -23,8 +23,27 @@ from functools import lru_cache
 import torch
 from torch import Tensor
 
+from mtl.strategies.base import psqrt
+
 MAX_ENUM_TASKS = 12
 _RIDGE = 1e-10
+
+
+def spd_solve(a: Tensor, b: Tensor) -> Tensor:
+    """Solve ``a x = b`` for (batches of) small symmetric positive definite ``a`` ``[..., n, n]``
+    and ``b`` ``[..., n, r]`` by Gauss-Jordan elimination without pivoting (stable for SPD).
+
+    Written with element-wise tensor ops on purpose: batched LAPACK calls on tiny matrices
+    enter a parallel region per call, which on a loaded CPU costs milliseconds; this costs
+    ``n`` rounds of a few small element-wise kernels on any device.
+    """
+    n = a.shape[-1]
+    aug = torch.cat([a, b], dim=-1)
+    for k in range(n):
+        row = aug[..., k : k + 1, :] / aug[..., k : k + 1, k : k + 1]
+        aug = aug - aug[..., :, k : k + 1] * row
+        aug = torch.cat([aug[..., :k, :], row, aug[..., k + 1 :, :]], dim=-2)
+    return aug[..., :, n:]
 
 
 @lru_cache(maxsize=32)
@@ -36,6 +55,12 @@ def _face_masks_cpu(k: int) -> Tensor:
 def face_masks(k: int, device: torch.device) -> Tensor:
     """``[2^K - 1, K]`` float64 0/1 masks of the non-empty faces of the simplex."""
     return _face_masks_cpu(k).to(device)
+
+
+def _quad_forms(x: Tensor, m: Tensor) -> Tensor:
+    """``[S]``: ``x_s^T m x_s`` with element-wise ops (batched tiny matmuls enter a parallel
+    region per call on CPU, which is slow on a loaded machine)."""
+    return ((x.unsqueeze(2) * m.unsqueeze(0)).sum(1) * x).sum(1)
 
 
 def _masked_system(m: Tensor, masks: Tensor) -> Tensor:
@@ -58,16 +83,12 @@ def min_norm_simplex(m: Tensor) -> Tensor:
     if k > MAX_ENUM_TASKS:
         return _projected_gradient(lambda w: 2.0 * (m @ w), m, iters=500)
     masks = face_masks(k, m.device).to(m.dtype)
-    s = masks.shape[0]
-    a = torch.zeros(s, k + 1, k + 1, dtype=m.dtype, device=m.device)
-    a[:, :k, :k] = _masked_system(m, masks)
-    a[:, :k, k] = -masks  # M_S w_S - mu 1_S = 0
-    a[:, k, :k] = masks  # 1^T w = 1
-    rhs = torch.zeros(s, k + 1, 1, dtype=m.dtype, device=m.device)
-    rhs[:, k, 0] = 1.0
-    sol = torch.linalg.solve(a, rhs)[:, :k, 0] * masks
-    feasible = (sol >= -1e-9).all(dim=1)
-    obj = torch.einsum("si,ij,sj->s", sol, m, sol)
+    # On face S the KKT conditions M_S w_S = mu 1_S, 1^T w = 1 give w_S = u / 1^T u, u = M_S^{-1} 1_S.
+    u = spd_solve(_masked_system(m, masks), masks.unsqueeze(2))[..., 0] * masks
+    total = u.sum(1)
+    sol = u / torch.where(total.abs() > 0, total, torch.ones_like(total)).unsqueeze(1)
+    feasible = (total > 0) & (sol >= -1e-9).all(dim=1)
+    obj = _quad_forms(sol, m)
     obj = torch.where(feasible, obj, torch.full_like(obj, float("inf")))
     w = sol[torch.argmin(obj)].clamp_min(0.0)
     return w / w.sum()
@@ -94,25 +115,25 @@ def cagrad_simplex(m: Tensor, c: Tensor) -> Tensor:
     if k > MAX_ENUM_TASKS:
         def grad(w: Tensor) -> Tensor:
             gw = m @ w
-            return mb + c * gw / torch.sqrt((w @ gw).clamp_min(1e-20))
+            return mb + c * gw / psqrt((w @ gw).clamp_min(1e-20))
 
         return _projected_gradient(grad, m, iters=1000)
     masks = face_masks(k, m.device).to(m.dtype)
     a_s = _masked_system(m, masks)
     rhs = torch.stack([masks, masks * mb.unsqueeze(0)], dim=2)  # [S, K, 2]
-    sol = torch.linalg.solve(a_s, rhs) * masks.unsqueeze(2)
+    sol = spd_solve(a_s, rhs) * masks.unsqueeze(2)
     u, v = sol[..., 0], sol[..., 1]
     a = u.sum(1)
     beta = v.sum(1)
     gamma = (v * mb.unsqueeze(0)).sum(1)
     disc = beta * beta - a * (gamma - c * c)
     valid = disc > 1e-18
-    sq = torch.sqrt(disc.clamp_min(1e-18))
+    sq = psqrt(disc.clamp_min(1e-18))
     mu = (beta + sq) / a
     w = (mu.unsqueeze(1) * u - v) / sq.unsqueeze(1)
     feasible = valid & (w >= -1e-9).all(dim=1) & ((w.sum(1) - 1.0).abs() < 1e-6)
     wc = w.clamp_min(0.0)
-    obj = wc @ mb + c * torch.sqrt(torch.einsum("si,ij,sj->s", wc, m, wc).clamp_min(0.0))
+    obj = (wc * mb.unsqueeze(0)).sum(1) + c * psqrt(_quad_forms(wc, m).clamp_min(0.0))
     obj = torch.where(feasible, obj, torch.full_like(obj, float("inf")))
     best = torch.argmin(obj)
     any_feasible = feasible.any()
@@ -141,23 +162,35 @@ def _projected_gradient(grad_fn, m: Tensor, iters: int) -> Tensor:
     return w
 
 
-def nash_weights(m: Tensor, iters: int = 30) -> Tensor:
+def nash_weights(m: Tensor, iters: int = 20, init: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """``alpha > 0`` with ``(m alpha) * alpha = 1`` (Nash-MTL), by damped Newton on
-    ``F(alpha) = alpha^T m alpha / 2 - sum log alpha``.
+    ``F(beta) = beta^T C beta / 2 - sum log beta`` for the correlation matrix
+    ``C = D^{-1/2} m D^{-1/2}`` (``D = diag m``; ``(C beta) beta = 1`` is the same condition for
+    ``alpha = D^{-1/2} beta``, and ``C`` has a unit diagonal whatever the gradient scales).
+    The Newton step is damped by ``1 / (1 + decrement)`` while the decrement exceeds 1/4 (F is
+    self-concordant, so ``beta`` stays positive).
 
     Args:
-        m: ``[K, K]`` positive definite Gram matrix (float64; scale it to ``max diag = 1``).
+        m: ``[K, K]`` positive definite Gram matrix (float64).
         iters: Newton iterations (fixed, no convergence test on the host).
+        init: a warm start ``beta`` (e.g. the previous step's); ignored where not positive.
+
+    Returns ``(alpha, beta)`` (``beta`` for the next warm start).
     """
     k = m.shape[0]
-    alpha = 1.0 / torch.sqrt(k * m.diagonal().clamp_min(1e-30))
+    d = psqrt(m.diagonal().clamp_min(1e-300))
+    c = m / (d.unsqueeze(0) * d.unsqueeze(1))
+    beta = torch.full((k,), 1.0 / k**0.5, dtype=m.dtype, device=m.device)
+    if init is not None:
+        init = init.to(beta)
+        beta = torch.where(torch.isfinite(init) & (init > 0) & (init < 1e150), init, beta)
     eye = torch.eye(k, dtype=m.dtype, device=m.device)
     for _ in range(iters):
-        grad = m @ alpha - 1.0 / alpha
-        hess = m + torch.diag(1.0 / (alpha * alpha)) + 1e-14 * eye
+        inv = 1.0 / beta
+        grad = (c * beta.unsqueeze(0)).sum(1) - inv
+        hess = c + torch.diag(inv * inv) + 1e-14 * eye
         delta = -torch.linalg.solve(hess, grad)
-        decrement = torch.sqrt((-(grad * delta).sum()).clamp_min(0.0))
+        decrement = psqrt((-(grad * delta).sum()).clamp_min(0.0))
         t = torch.where(decrement > 0.25, 1.0 / (1.0 + decrement), torch.ones_like(decrement))
-        alpha = alpha + t * delta
-        alpha = alpha.clamp_min(1e-30)
-    return alpha
+        beta = (beta + t * delta).clamp_min(1e-300)
+    return beta / d, beta

@@ -333,3 +333,10 @@ def normalized_gram(gram: Tensor) -> tuple[Tensor, Tensor]:
     s = g.diagonal().max()
     s = torch.where(s > 0, s, torch.ones_like(s))
     return g / s, s
+
+
+def psqrt(x: Tensor) -> Tensor:
+    """``sqrt(x)`` for ``x >= 0`` as ``x * rsqrt(x)``: on CPU ``torch.sqrt`` (and ``pow(0.5)``)
+    of small float64 tensors was seen to go through a multi-threaded vector-math path whose
+    thread wake-up cost milliseconds on a loaded 2-core machine; ``rsqrt`` did not."""
+    return x * x.clamp_min(torch.finfo(x.dtype).tiny).rsqrt()

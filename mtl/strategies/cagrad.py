@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from mtl.strategies._solvers import cagrad_simplex
-from mtl.strategies.base import Combination, Strategy, normalized_gram
+from mtl.strategies.base import Combination, Strategy, normalized_gram, psqrt
 
 
 def cagrad_coefficients(gram: Tensor, alpha: float, rescale: int = 1) -> tuple[Tensor, Tensor]:
@@ -26,10 +26,10 @@ def cagrad_coefficients(gram: Tensor, alpha: float, rescale: int = 1) -> tuple[T
     k = gram.shape[0]
     m, _ = normalized_gram(gram)
     b = torch.full((k,), 1.0 / k, dtype=m.dtype, device=m.device)
-    g0_norm = torch.sqrt((b @ m @ b).clamp_min(0.0))
+    g0_norm = psqrt((b @ m @ b).clamp_min(0.0))
     cval = alpha * g0_norm
     w = cagrad_simplex(m, cval)
-    gw_norm = torch.sqrt((w @ m @ w).clamp_min(0.0))
+    gw_norm = psqrt((w @ m @ w).clamp_min(0.0))
     lam = cval / (gw_norm + 1e-12)
     coeff = b + lam * w
     if rescale == 1:

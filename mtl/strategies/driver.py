@@ -64,6 +64,11 @@ def model_backward(
     finally:
         if handle is not None:
             handle.remove()
+    if handle is not None and not captured:
+        raise ValueError(
+            f"{type(strategy).__name__}: representation_module {type(representation_module).__name__} was not called "
+            "during the model's forward (a fused forward path bypasses it); pass a module the forward calls"
+        )
     losses = loss_fn(logits, labels)
     shared = list(shared_parameters) if shared_parameters is not None else model.shared_parameters()
     non_shared = None

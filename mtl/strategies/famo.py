@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from mtl.strategies.base import Combination, Strategy
+from mtl.strategies.base import Combination, Strategy, psqrt
 
 _EPS = 1e-8
 
@@ -73,7 +73,7 @@ class FAMO(Strategy):
         step = self.adam_step + 1.0
         exp_avg = b1 * self.exp_avg + (1 - b1) * grad
         exp_avg_sq = b2 * self.exp_avg_sq + (1 - b2) * grad * grad
-        denom = torch.sqrt(exp_avg_sq / (1 - b2**step)) + self.adam_eps
+        denom = psqrt(exp_avg_sq / (1 - b2**step)) + self.adam_eps
         new_logits = self.logits - self.lr * (exp_avg / (1 - b1**step)) / denom
         p = self.pending
         self.logits.copy_(torch.where(p, new_logits, self.logits))

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from mtl.strategies.base import Combination, Strategy
+from mtl.strategies.base import Combination, Strategy, psqrt
 
 
 class GradNorm(Strategy):
@@ -44,7 +44,7 @@ class GradNorm(Strategy):
     def target_and_grad(self, stats: Tensor, gram: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """``(G, target, dL_grad/dw)`` for the current weights."""
         l0 = torch.where(self.initialized, self.initial_losses, stats)
-        norms = torch.sqrt(gram.diagonal().clamp_min(0.0)).to(self.weights.dtype)
+        norms = psqrt(gram.diagonal().clamp_min(0.0)).to(self.weights.dtype)
         g = self.weights * norms
         ltilde = stats / l0.clamp_min(1e-12)
         rate = ltilde / ltilde.mean().clamp_min(1e-12)

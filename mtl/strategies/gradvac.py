@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from mtl.strategies.base import Combination, Strategy
+from mtl.strategies.base import Combination, Strategy, psqrt
 from mtl.strategies.pcgrad import random_orders
 
 
@@ -37,7 +37,7 @@ def gradvac_rows(gram: Tensor, targets: Tensor, orders: Tensor, beta: float) -> 
     m = gram.to(torch.float64)
     tgt = targets.to(torch.float64).clone()
     tiny = 1e-30
-    norm = torch.sqrt(m.diagonal().clamp_min(0.0))
+    norm = psqrt(m.diagonal().clamp_min(0.0))
     a = torch.eye(k, dtype=m.dtype, device=m.device)
     rows = torch.arange(k, device=m.device)
     orders = orders.to(m.device)
@@ -45,13 +45,13 @@ def gradvac_rows(gram: Tensor, targets: Tensor, orders: Tensor, beta: float) -> 
         j = orders[:, s]
         am = a @ m
         dots = am.gather(1, j.view(k, 1)).squeeze(1)
-        norm_pc = torch.sqrt((am * a).sum(1).clamp_min(0.0))
+        norm_pc = psqrt((am * a).sum(1).clamp_min(0.0))
         norm_j = norm[j]
         valid = (norm_pc > 1e-15 * norm.max()) & (norm_j > 1e-15 * norm.max())
         phi = (dots / (norm_pc * norm_j).clamp_min(tiny)).clamp(-1.0, 1.0)
         phi_hat = tgt[rows, j]
-        root_hat = torch.sqrt((1.0 - phi_hat * phi_hat).clamp_min(1e-12))
-        w = norm_pc * (phi_hat * torch.sqrt((1.0 - phi * phi).clamp_min(0.0)) - phi * root_hat) / (norm_j.clamp_min(tiny) * root_hat)
+        root_hat = psqrt((1.0 - phi_hat * phi_hat).clamp_min(1e-12))
+        w = norm_pc * (phi_hat * psqrt((1.0 - phi * phi).clamp_min(0.0)) - phi * root_hat) / (norm_j.clamp_min(tiny) * root_hat)
         w = torch.where(valid & (phi < phi_hat), w, torch.zeros_like(w))
         a[rows, j] = a[rows, j] + w
         tgt[rows, j] = torch.where(valid, (1.0 - beta) * phi_hat + beta * phi, phi_hat)

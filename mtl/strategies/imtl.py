@@ -5,7 +5,7 @@ The update ``g = sum_i alpha_i g_i`` with ``sum_i alpha_i = 1`` has equal projec
 unit task gradient: ``g . u_i = g . u_j``. On the Gram matrix: ``Gram alpha = t n`` with
 ``n_i = ||g_i||``, so ``alpha = Gram^+ n / (1^T Gram^+ n)`` (equal to the closed form
 ``alpha_{2:K} = g_1 U^T (D U^T)^{-1}`` of the paper and LibMTL when the gradients are linearly
-independent). Embeddings get the same coefficients. A zero task gradient has no unit vector:
+independent; a relative ridge of 1e-12 covers dependent ones). Embeddings get the same coefficients. A zero task gradient has no unit vector:
 it gets ``alpha_i = 0`` and the others are balanced among themselves.
 """
 
@@ -14,15 +14,21 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from mtl.strategies.base import Combination, Strategy, active_tasks, normalized_gram
+from mtl.strategies._solvers import spd_solve
+from mtl.strategies.base import Combination, Strategy, active_tasks, normalized_gram, psqrt
+
+_RIDGE = 1e-12
 
 
 def imtl_g_coefficients(gram: Tensor) -> Tensor:
+    """``alpha`` (float64, sums to 1). Solved as ``(Gram + eps I)^{-1} n`` (relative
+    ``eps = 1e-12``): for dependent gradients (e.g. exactly opposed ones at a Pareto-stationary
+    point) this is the limit that gives equal (zero) projections."""
     m, _ = normalized_gram(gram)
     act = active_tasks(m).to(m.dtype)
-    m = m * act.unsqueeze(0) * act.unsqueeze(1) + torch.diag(1.0 - act)
-    n = torch.sqrt(m.diagonal().clamp_min(0.0)) * act
-    alpha = torch.linalg.solve(m, n)
+    n = psqrt(m.diagonal().clamp_min(0.0)) * act
+    m = m * act.unsqueeze(0) * act.unsqueeze(1) + torch.diag(1.0 - act) + _RIDGE * torch.eye(m.shape[0], dtype=m.dtype, device=m.device)
+    alpha = spd_solve(m, n.unsqueeze(1))[:, 0]
     return alpha / alpha.sum()
 
 

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from mtl.strategies._solvers import min_norm_simplex
-from mtl.strategies.base import Combination, Strategy, normalized_gram
+from mtl.strategies.base import Combination, Strategy, normalized_gram, psqrt
 
 
 class MGDA(Strategy):
@@ -41,7 +41,7 @@ class MGDA(Strategy):
     def combine(self, losses: Tensor, stats: Tensor, grads: Tensor | None, gram: Tensor | None) -> Combination:
         assert gram is not None
         g64 = gram.to(torch.float64)
-        norms = torch.sqrt(g64.diagonal().clamp_min(0.0))
+        norms = psqrt(g64.diagonal().clamp_min(0.0))
         st = stats.to(torch.float64)
         if self.normalization == "l2":
             n = norms

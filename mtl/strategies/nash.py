@@ -15,22 +15,27 @@ Embeddings get the same coefficients. A zero task gradient has no finite Nash we
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
 from mtl.strategies._solvers import nash_weights
-from mtl.strategies.base import Combination, Strategy, active_tasks, normalized_gram
+from mtl.strategies.base import Combination, Strategy, active_tasks, normalized_gram, psqrt
 
 
-def nash_coefficients(gram: Tensor, gram_normalization: str = "none", iters: int = 30) -> Tensor:
+def nash_coefficients(
+    gram: Tensor, gram_normalization: str = "none", iters: int = 20, init: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """``(alpha, beta)``: the Nash weights and the solver state for a warm start."""
     g = gram.to(torch.float64)
     if gram_normalization == "frobenius":
         g = g / torch.linalg.matrix_norm(g).clamp_min(1e-30)
     m, s = normalized_gram(g)
     act = active_tasks(m).to(m.dtype)
     m = m * act.unsqueeze(0) * act.unsqueeze(1) + torch.diag(1.0 - act)
-    alpha = nash_weights(m, iters=iters)  # (m alpha) alpha = 1 with m = g / s
-    return alpha * act / torch.sqrt(s)
+    alpha, beta = nash_weights(m, iters=iters, init=init)  # (m alpha) alpha = 1 with m = g / s
+    return alpha * act / psqrt(s), beta
 
 
 class NashMTL(Strategy):
@@ -39,18 +44,31 @@ class NashMTL(Strategy):
     Args:
         num_tasks: ``K``.
         gram_normalization: ``"none"`` (the paper's condition) or ``"frobenius"`` (reference code).
-        iters: Newton iterations.
+        iters: Newton iterations per solve (fixed; warm-started from the previous step's
+            solution, as the reference code warm-starts its CCP).
+        warm_start: start Newton from the previous solution.
     """
 
     uses_gradients = True
 
-    def __init__(self, num_tasks: int, gram_normalization: str = "none", iters: int = 30, **kw) -> None:
+    def __init__(
+        self, num_tasks: int, gram_normalization: str = "none", iters: int = 20, warm_start: bool = True, **kw
+    ) -> None:
         super().__init__(num_tasks, **kw)
         if gram_normalization not in ("none", "frobenius"):
             raise ValueError(f"NashMTL: unknown gram_normalization {gram_normalization!r}")
-        self.gram_normalization, self.iters = gram_normalization, int(iters)
+        self.gram_normalization, self.iters, self.warm_start = gram_normalization, int(iters), warm_start
+        self._beta: Tensor | None = None
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return {**super().get_extra_state(), "beta": self._beta}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        super().set_extra_state(state)
+        self._beta = state["beta"]
 
     def combine(self, losses: Tensor, stats: Tensor, grads: Tensor | None, gram: Tensor | None) -> Combination:
         assert gram is not None
-        c = nash_coefficients(gram, self.gram_normalization, self.iters)
+        init = self._beta if self.warm_start else None
+        c, self._beta = nash_coefficients(gram, self.gram_normalization, self.iters, init)
         return Combination(loss_weights=torch.ones_like(losses), grad_scale=c.to(losses.dtype))
