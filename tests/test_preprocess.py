@@ -273,8 +273,8 @@ def _dedup_actions(raw: Path) -> pd.DataFrame:
 class _LeakyGroup(HistoryGroup):
     """A deliberately wrong implementation: the window includes the row's own day."""
 
-    def window_sums(self, codes, days, w):
-        return super().window_sums(codes, days + 1, w + 1)
+    def upper(self, codes, days):
+        return super().upper(codes, days + 1)
 
 
 def test_history_equals_brute_force_and_catches_a_leak(tiny_processed: Path, tiny_raw: Path) -> None:
