@@ -11,7 +11,14 @@ import torch
 
 from mtl.features import DenseFeature, FeatureSpec, SparseFeature
 from mtl.models import build_model
-from mtl.strategies import GRADIENT_STRATEGIES, STRATEGIES, build_strategy, model_backward, per_task_bce
+from mtl.strategies import (
+    GRADIENT_STRATEGIES,
+    STRATEGIES,
+    build_strategy,
+    model_backward,
+    per_task_bce,
+    task_gradients,
+)
 
 
 
@@ -139,6 +146,50 @@ def test_direct_mode_equals_backward_mode(name):
         res.append([p.grad.clone() for p in model.parameters()])
     for a, b in zip(*res):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-7)
+
+
+def test_model_provided_task_gradients_are_used():
+    k = 3
+    model, batch, labels = _setup(k, seed=8)
+    grads, _ = _per_task_grads(model, batch, labels)
+    calls = []
+
+    def fast(losses):
+        calls.append(losses.shape)
+        return task_gradients(losses, model.shared_parameters())
+
+    model.shared_task_gradients = fast
+    _, comb = model_backward(build_strategy("cagrad", k), model, batch, labels)
+    assert calls == [(k,)]
+    _check_contract(model, grads, comb)
+    model.shared_task_gradients = lambda losses: torch.zeros(k, 5)
+    with pytest.raises(ValueError, match="expected"):
+        model_backward(build_strategy("cagrad", k), model, batch, labels)
+
+
+@pytest.mark.parametrize("name", ["pcgrad", "mgda", "nash_mtl"])
+def test_ordering_two_on_two_simulated_ranks_equals_union_batch(name):
+    """All-reducing the [K, P] stack (grad_reducer) + the DDP mean of the one weighted backward
+    equals the method run by one process on the union batch."""
+    import copy
+
+    k = 3
+    model, batch, labels = _setup(k, seed=9)
+    halves = [slice(0, 32), slice(32, 64)]
+    parts = [({key: v[h] for key, v in batch.items()}, labels[h]) for h in halves]
+    stacks = [task_gradients(per_task_bce(model(b), y), model.shared_parameters()) for b, y in parts]
+    mean_stack = (stacks[0] + stacks[1]) / 2
+    full = copy.deepcopy(model)
+    model_backward(build_strategy(name, k, seed=1) if name == "pcgrad" else build_strategy(name, k), full, batch, labels)
+    rank_grads = []
+    for b, y in parts:
+        replica = copy.deepcopy(model)
+        s = build_strategy(name, k, seed=1) if name == "pcgrad" else build_strategy(name, k)
+        s.grad_reducer = lambda _local: mean_stack  # stands in for all_reduce(mean)
+        model_backward(s, replica, b, y)
+        rank_grads.append([p.grad for p in replica.parameters()])
+    for p_full, g0, g1 in zip(full.parameters(), *rank_grads):
+        assert torch.allclose(p_full.grad, (g0 + g1) / 2, rtol=1e-4, atol=1e-7)
 
 
 def test_refresh_every_reuses_coefficients_between_refreshes():

@@ -36,6 +36,8 @@ Data parallelism (``shared/docs/surgery_under_ddp.md``):
   the ``[K, P]`` stack of task gradients; every rank then computes identical coefficients from
   the global Gram matrix and the one weighted backward's DDP all-reduce yields exactly
   ``sum_i c_i mean_r g_{r,i}``;
+- a cheaper middle way: :attr:`Strategy.gram_reducer` all-reduces the ``K x K`` Gram matrices
+  (identical coefficients on every rank, but from the mean of local Gram matrices);
 - loss-driven state (DWA, FAMO, GradNorm's loss ratios): pass all-reduced losses as
   ``state_losses=`` or set :attr:`Strategy.stat_reducer`; randomness (PCGrad, GradVac task
   order) comes from a seeded ``torch.Generator`` held in the strategy's state, so identical on
@@ -121,6 +123,9 @@ class Strategy(nn.Module):
         self._pending_scale: Tensor | None = None
         #: ``[K, P] -> [K, P]``, e.g. an all-reduce (mean) of the task-gradient stack (ordering 2)
         self.grad_reducer: Callable[[Tensor], Tensor] | None = None
+        #: ``[K, K] -> [K, K]`` applied to the Gram matrix (e.g. all-reducing the local Gram
+        #: matrices: ``K^2`` numbers, but their mean is not the global Gram matrix)
+        self.gram_reducer: Callable[[Tensor], Tensor] | None = None
         #: ``[K] -> [K]``, e.g. an all-reduce (mean) of the detached losses that drive state
         self.stat_reducer: Callable[[Tensor], Tensor] | None = None
 
@@ -146,11 +151,16 @@ class Strategy(nn.Module):
 
     # ------------------------------------------------------------------ state
     def get_extra_state(self) -> dict[str, Any]:
-        return {"step_count": self.step_count, "cached": self._cached}
+        """Plain tensors and ints only, so ``torch.load(..., weights_only=True)`` reads it."""
+        cached = None
+        if self._cached is not None:
+            cached = {"loss_weights": self._cached.loss_weights, "grad_scale": self._cached.grad_scale}
+        return {"step_count": self.step_count, "cached": cached}
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
         self.step_count = int(state["step_count"])
-        self._cached = state["cached"]
+        cached = state["cached"]
+        self._cached = None if cached is None else Combination(cached["loss_weights"], cached["grad_scale"])
 
     # ------------------------------------------------------------------ driver
     def is_refresh_step(self) -> bool:
@@ -181,6 +191,7 @@ class Strategy(nn.Module):
         state_losses: Tensor | None = None,
         representation: Tensor | None = None,
         non_shared_parameters: Sequence[nn.Parameter] | None = None,
+        task_gradients_fn: Callable[[Tensor, list[nn.Parameter]], Tensor] | None = None,
     ) -> Combination:
         """Combine the task losses and run the one backward pass (gradients accumulate into
         ``.grad`` like ``loss.backward()``).
@@ -201,6 +212,11 @@ class Strategy(nn.Module):
                 ``task_grad_scale`` model) the final backward skips the shared parameters and
                 their gradient ``sum_i c_i g_i`` is formed from the stack (saves the shared
                 weight-gradient products).
+            task_gradients_fn: ``(losses, shared_parameters) -> [K, P]`` replacing
+                :func:`task_gradients` (``K`` calls of ``torch.autograd.grad``), e.g. a model's
+                batched per-task backward (``MultiTaskModel.shared_task_gradients`` if present);
+                it must return the same stack (rows: flattened per-task gradients in parameter
+                order) and keep the graph for the final backward.
 
         Returns:
             the :class:`Combination` used (detached tensors; no host read).
@@ -230,10 +246,15 @@ class Strategy(nn.Module):
             else:
                 if not shared:
                     raise ValueError(f"{type(self).__name__} needs shared_parameters= (the dense shared parameters)")
-                grads = task_gradients(losses, shared)
+                grads = (task_gradients_fn or task_gradients)(losses, shared)
+                expected = (k, sum(p.numel() for p in shared))
+                if tuple(grads.shape) != expected:
+                    raise ValueError(f"task gradients have shape {tuple(grads.shape)}, expected {expected}")
             if self.grad_reducer is not None:
                 grads = self.grad_reducer(grads)
             gram = grads @ grads.t()
+            if self.gram_reducer is not None:
+                gram = self.gram_reducer(gram)
             comb = self.combine(losses, stats, grads, gram)
             self._cached = comb.detached()
             if representation is not None and self.uses_representation:

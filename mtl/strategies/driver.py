@@ -48,6 +48,11 @@ def model_backward(
             (e.g. ``model.experts``); per-task gradients are taken w.r.t. that output.
         state_losses: all-reduced detached losses for loss-driven state (DDP).
 
+    If the model has a method ``shared_task_gradients(losses) -> [K, P]`` (per-task gradients of
+    ``model.shared_parameters()`` for the last forward, flattened in parameter order, graph
+    kept), it replaces the ``K`` generic ``torch.autograd.grad`` calls when
+    ``shared_parameters`` is not given.
+
     Returns:
         ``(losses [K] detached, combination)``.
     """
@@ -71,6 +76,7 @@ def model_backward(
         )
     losses = loss_fn(logits, labels)
     shared = list(shared_parameters) if shared_parameters is not None else model.shared_parameters()
+    fast = getattr(model, "shared_task_gradients", None) if shared_parameters is None else None
     non_shared = None
     if direct:
         ids = {id(p) for p in shared}
@@ -82,5 +88,6 @@ def model_backward(
         state_losses=state_losses,
         representation=captured[0] if captured else None,
         non_shared_parameters=non_shared,
+        task_gradients_fn=(lambda ls, _params: fast(ls)) if fast is not None else None,
     )
     return losses.detach(), comb

@@ -1,0 +1,151 @@
+"""Training-step cost of every task-balancing strategy on bench-v1 (``shared/docs/bench_v1.md``).
+
+In ONE process, interleaved (A B C ... A B C ...): the bare reference MMoE's plain step, the
+project's own equal-weight step (``bench_v1.project_step``: the project MMoE + its default
+optimizer), and one step of the project MMoE with each strategy through
+:func:`mtl.strategies.model_backward` (per-task gradients over the dense shared experts only,
+coefficients from the ``K x K`` Gram matrix, one backward with ``task_grad_scale``). Gradient
+strategies run exact (coefficients every step) and with ``refresh_every=4``.
+
+Usage::
+
+    python bench/bench_strategies.py                         # everything, 5 warm-up + 40 steps
+    python bench/bench_strategies.py --strategies pcgrad mgda --steps 20
+
+Prints, per set-up, the median step time (and the mean, which for ``refresh=4`` includes the
+refresh steps), samples/s and the ratios of the median to both baselines' medians.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench_v1 import (  # noqa: E402
+    BATCH_SIZE,
+    LR,
+    ReferenceMMoE,
+    build_project,
+    make_batches,
+    make_bench_data,
+    project_step,
+    reference_step,
+    time_interleaved,
+)
+
+from mtl.strategies import GRADIENT_STRATEGIES, build_strategy, model_backward  # noqa: E402
+
+LOSS_ONLY = ("uncertainty", "dwa", "famo")
+GRADIENT_LOSS = ("gradnorm", "dbmtl")
+DEFAULT = (*GRADIENT_STRATEGIES, *GRADIENT_LOSS, *LOSS_ONLY)
+
+
+def strategy_setup(
+    name: str, refresh_every: int, seed: int, direct: bool, batches: list
+) -> Callable[[], None]:
+    """A no-argument step callable: project MMoE + default optimizer + the strategy."""
+    model, opt = build_project(seed)
+    kw: dict = {"refresh_every": refresh_every}
+    if name == "dwa":
+        kw["period_steps"] = 1
+    strategy = build_strategy(name, model.num_tasks, **kw)
+    extra = list(strategy.parameters())
+    extra_opt = torch.optim.Adam(extra, lr=LR) if extra else None
+    shared = None
+    if name == "gradnorm":  # the paper's choice: the last shared layer
+        shared = [model.experts.weights[-1], model.experts.biases[-1]]
+    rep = {}
+    if name == "mgda_ub":
+        # the fused MMoE body does not call model.experts; use the per-module path
+        model.forward_representation = model.forward_modules  # type: ignore[method-assign]
+        rep = {"representation_module": model.experts}
+    state = {"i": 0}
+
+    def step() -> None:
+        b, y = batches[state["i"] % len(batches)]
+        state["i"] += 1
+        opt.zero_grad(set_to_none=True)
+        if extra_opt is not None:
+            extra_opt.zero_grad(set_to_none=True)
+        model_backward(strategy, model, b, y, shared_parameters=shared, direct=direct, **rep)
+        opt.step()
+        if extra_opt is not None:
+            extra_opt.step()
+
+    return step
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rows", type=int, default=262144)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--strategies", nargs="*", default=list(DEFAULT))
+    p.add_argument("--refresh", type=int, default=4, help="refresh period of the cheap variant (0: skip)")
+    p.add_argument("--direct", action="store_true", help="also time pcgrad with direct=True")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    t0 = time.perf_counter()
+    batch, labels = make_bench_data(args.rows, args.seed)
+    batches = make_batches(batch, labels, args.warmup + args.steps, seed=args.seed + 1)
+    print(f"data: {args.rows} rows, {len(batches)} batches of {BATCH_SIZE} in {time.perf_counter() - t0:.1f}s", flush=True)
+
+    torch.manual_seed(args.seed)
+    ref = ReferenceMMoE()
+    ref_opt = torch.optim.Adam(ref.parameters(), lr=LR)
+    proj, proj_opt = build_project(args.seed)
+    fns: dict[str, Callable[[], object]] = {}
+
+    def cycle(step, model, opt):
+        st = {"i": 0}
+
+        def fn():
+            b, y = batches[st["i"] % len(batches)]
+            st["i"] += 1
+            return step(model, opt, b, y)
+
+        return fn
+
+    fns["reference"] = cycle(reference_step, ref, ref_opt)
+    fns["equal (project)"] = cycle(project_step, proj, proj_opt)
+    for name in args.strategies:
+        fns[name] = strategy_setup(name, 1, args.seed, False, batches)
+        if args.refresh > 1 and (name in GRADIENT_STRATEGIES or name in GRADIENT_LOSS):
+            fns[f"{name} refresh={args.refresh}"] = strategy_setup(name, args.refresh, args.seed, False, batches)
+    if args.direct:
+        fns["pcgrad direct"] = strategy_setup("pcgrad", 1, args.seed, True, batches)
+
+    t0 = time.perf_counter()
+    times = time_interleaved(fns, warmup=args.warmup, steps=args.steps)
+    print(f"timed {len(fns)} set-ups x {args.steps} steps (interleaved) in {time.perf_counter() - t0:.0f}s")
+    med = {k: statistics.median(v) for k, v in times.items()}
+    mean = {k: statistics.fmean(v) for k, v in times.items()}
+    ref_m, eq_m = med["reference"], med["equal (project)"]
+    print(f"{'set-up':<26}{'median ms':>10}{'mean ms':>9}{'samples/s':>11}{'/ reference':>13}{'/ equal':>9}")
+    for k in fns:
+        print(f"{k:<26}{med[k] * 1e3:>10.1f}{mean[k] * 1e3:>9.1f}{BATCH_SIZE / med[k]:>11.0f}"
+              f"{med[k] / ref_m:>13.3f}{med[k] / eq_m:>9.3f}")
+    if "pcgrad" in med:
+        pc = med["pcgrad"]
+        print("gradient methods / pcgrad (medians, exact): " + ", ".join(
+            f"{k}={med[k] / pc:.3f}" for k in args.strategies if k in GRADIENT_STRATEGIES or k in GRADIENT_LOSS))
+        if f"pcgrad refresh={args.refresh}" in mean:
+            r = f"pcgrad refresh={args.refresh}"
+            print(f"{r}: mean / equal = {mean[r] / mean['equal (project)']:.3f}, median / equal = {med[r] / eq_m:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
