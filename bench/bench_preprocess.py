@@ -47,7 +47,7 @@ WECHAT = ROOT / "configs" / "datasets" / "wechat.yaml"
 
 def _encode(values: pd.Series, train_values: pd.Series) -> tuple[np.ndarray, int]:
     vocab = np.sort(train_values.dropna().unique())
-    codes = pd.Categorical(values, categories=vocab).codes.astype(np.int64)
+    codes = pd.Index(vocab).get_indexer(values).astype(np.int64)  # -1: unseen or missing
     return np.where(codes < 0, len(vocab), codes), len(vocab)
 
 
@@ -97,7 +97,11 @@ def pandas_preprocess(raw: Path, out: Path, cfg: DatasetConfig) -> dict:
         grouped = codes.groupby(level=0).apply(lambda c: c.to_numpy(np.int64))
         ff[f.name] = [grouped.get(i, np.zeros(0, np.int64)) for i in range(len(feeds))]
     vec = cfg.vectors[0]
-    x = np.array(emb.feed_embedding.str.split().tolist(), dtype=np.float32)
+    # parsed in chunks: one Python str per float for all 512-d strings at once needs > 5 GB
+    x = np.concatenate([
+        np.array(emb.feed_embedding.iloc[i : i + 10_000].str.split().tolist(), dtype=np.float32)
+        for i in range(0, len(emb), 10_000)
+    ])
     xtrain = x[emb.feedid.isin(train_feeds).to_numpy()].astype(np.float64)
     mean = xtrain.mean(axis=0)
     xc = xtrain - mean
@@ -141,23 +145,26 @@ def pandas_preprocess(raw: Path, out: Path, cfg: DatasetConfig) -> dict:
                     c = m[a].to_numpy(np.float64)
                     v = np.log1p(c) if stat == "count" else np.divide(c, n, out=np.zeros_like(c), where=n > 0)
                     hist_cols[f"{name}_{w}d_{a}_{stat}"] = v.astype(np.float32)
-    out_df = pd.DataFrame(out_cols)
     for f in cfg.lists:
-        out_df[f.name] = rows[f.name].to_numpy()
+        out_cols[f.name] = rows[f.name].to_numpy()
         if f.weighted:
-            out_df[f.name + "__weight"] = rows[f.name + "__weight"].to_numpy()
-    out_df["videoplayseconds_log"] = rows["videoplayseconds_log"].to_numpy()
-    out_df = pd.concat([out_df, pd.DataFrame(hist_cols), pd.DataFrame({vec.name: rows[vec.name].to_numpy()})], axis=1)
+            out_cols[f.name + "__weight"] = rows[f.name + "__weight"].to_numpy()
+    out_cols["videoplayseconds_log"] = rows["videoplayseconds_log"].to_numpy()
+    out_cols.update(hist_cols)
+    out_cols[vec.name] = rows[vec.name].to_numpy()
     for a in labels:
-        out_df[a] = rows[a].astype(np.float32)
+        out_cols[a] = rows[a].to_numpy(np.float32)
+    out_cols = {k: np.asarray(v) for k, v in out_cols.items()}
+    del rows
     counts = {}
     for code, name in enumerate(("train", "valid", "test")):
-        part = out_df[split == code]
-        if name == "test":
-            part = part.drop(columns=labels)
+        idx = np.flatnonzero(split == code)
         (out / name).mkdir(parents=True, exist_ok=True)
-        part.to_parquet(out / name / "part-0.parquet", index=False)
-        counts[name] = len(part)
+        for k, start in enumerate(range(0, len(idx), 1_000_000)):  # bounded memory: 1M-row files
+            sub = idx[start : start + 1_000_000]
+            part = pd.DataFrame({c: v[sub] for c, v in out_cols.items() if not (name == "test" and c in labels)})
+            part.to_parquet(out / name / f"part-{k:03d}.parquet", index=False)
+        counts[name] = len(idx)
     return {"splits": counts, "seconds": time.perf_counter() - t0}
 
 

@@ -494,3 +494,20 @@ def test_adult_end_to_end(tmp_path: Path, ray_session) -> None:
     again = preprocess(cfg, ADULT, tmp_path / "adult2")
     assert again["splits"] == report["splits"]
     assert read_split(tmp_path / "adult2", "valid").equals(read_split(out, "valid"))
+
+
+def test_read_source_types(tmp_path: Path) -> None:
+    from pipeline.datasets import FileConfig
+    from pipeline.preprocess import read_source
+
+    (tmp_path / "t.csv").write_text("a,b,c\n1,2.0,x\n3,,y\n")
+    fc = FileConfig(path="t.csv", columns={"a": "int", "b": "int", "c": "str"}, nullable=["b"])
+    t = read_source(tmp_path, fc)  # "2.0" (an integer written by a float writer) is accepted
+    assert t["b"].to_pylist() == [2, None] and t["_row"].to_pylist() == [1, 2]
+    (tmp_path / "t.csv").write_text("a,b,c\n1,2.5,x\n3,4,y\n")
+    with pytest.raises(DataError, match=r"t\.csv: column 'b', row 1 \(line 2\): not an integer \(value '2\.5'\)"):
+        read_source(tmp_path, fc)
+    fc_strict = FileConfig(path="t.csv", columns={"a": "int", "b": "int", "c": "str"})
+    (tmp_path / "t.csv").write_text("a,b,c\n1,2,x\n3,,y\n")
+    with pytest.raises(DataError, match=r"column 'b', row 2 \(line 3\): empty value"):
+        read_source(tmp_path, fc_strict)
