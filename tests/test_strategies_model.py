@@ -148,6 +148,27 @@ def test_direct_mode_equals_backward_mode(name):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-7)
 
 
+@pytest.mark.parametrize("name", ["pcgrad", "cagrad", "nash_mtl", "aligned_mtl"])
+@pytest.mark.parametrize("k", [2, 4])
+def test_plain_embedding_variant(name, k):
+    """K - 1 per-task calls + one plain backward: shared = sum c_i g_i (the same c as the
+    default mode), embeddings and towers = plain sum."""
+    model, batch, labels = _setup(k, seed=7)
+    grads, _ = _per_task_grads(model, batch, labels)
+    _, ref = model_backward(build_strategy(name, k), model, batch, labels)
+    model.zero_grad()
+    _, comb = model_backward(build_strategy(name, k, embedding_grad="plain"), model, batch, labels)
+    assert torch.allclose(comb.grad_scale, ref.grad_scale, rtol=1e-4, atol=1e-6)
+    for p in model.shared_parameters():
+        assert torch.allclose(p.grad, _combined(grads[id(p)], comb.grad_scale.float()), rtol=1e-4, atol=1e-7)
+    for p in model.embedding_parameters():
+        assert torch.allclose(p.grad, grads[id(p)].sum(0), rtol=1e-4, atol=1e-7)
+    for p, owner in model.task_parameter_owners():
+        assert torch.allclose(p.grad, grads[id(p)][owner, torch.arange(p.shape[0])], rtol=1e-4, atol=1e-7)
+    with pytest.raises(ValueError, match="Gram-matrix strategy"):
+        build_strategy("famo", k, embedding_grad="plain")
+
+
 def test_model_provided_task_gradients_are_used():
     k = 3
     model, batch, labels = _setup(k, seed=8)

@@ -90,7 +90,7 @@ def min_norm_simplex(m: Tensor) -> Tensor:
     feasible = (total > 0) & (sol >= -1e-9).all(dim=1)
     obj = _quad_forms(sol, m)
     obj = torch.where(feasible, obj, torch.full_like(obj, float("inf")))
-    w = sol[torch.argmin(obj)].clamp_min(0.0)
+    w = sol.index_select(0, torch.argmin(obj).view(1))[0].clamp_min(0.0)  # no host read
     return w / w.sum()
 
 
@@ -135,9 +135,9 @@ def cagrad_simplex(m: Tensor, c: Tensor) -> Tensor:
     wc = w.clamp_min(0.0)
     obj = (wc * mb.unsqueeze(0)).sum(1) + c * psqrt(_quad_forms(wc, m).clamp_min(0.0))
     obj = torch.where(feasible, obj, torch.full_like(obj, float("inf")))
-    best = torch.argmin(obj)
+    best = wc.index_select(0, torch.argmin(obj).view(1))[0]  # no host read
     any_feasible = feasible.any()
-    wb = wc[best] / wc[best].sum().clamp_min(1e-30)
+    wb = best / best.sum().clamp_min(1e-30)
     return torch.where(any_feasible, wb, b)
 
 
@@ -189,7 +189,7 @@ def nash_weights(m: Tensor, iters: int = 20, init: Tensor | None = None) -> tupl
         inv = 1.0 / beta
         grad = (c * beta.unsqueeze(0)).sum(1) - inv
         hess = c + torch.diag(inv * inv) + 1e-14 * eye
-        delta = -torch.linalg.solve(hess, grad)
+        delta = -torch.linalg.solve_ex(hess, grad.unsqueeze(1)).result[:, 0]  # no error check: no sync
         decrement = psqrt((-(grad * delta).sum()).clamp_min(0.0))
         t = torch.where(decrement > 0.25, 1.0 / (1.0 + decrement), torch.ones_like(decrement))
         beta = (beta + t * delta).clamp_min(1e-300)

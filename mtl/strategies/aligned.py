@@ -7,6 +7,7 @@ with equal norms ``sigma_min`` (condition number 1; ``scale_mode`` picks another
 the official code); the update is their sum
 ``(B G)^T 1 = sum_i c_i g_i`` with ``c = B 1`` (task weights ones). Embeddings get the same
 coefficients. Zero or dependent task gradients are handled by the rank cut.
+``torch.linalg.eigh`` checks its result for errors, which on CUDA reads one flag from the device.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ class AlignedMTL(Strategy):
     """
 
     uses_gradients = True
+    gram_only = True
 
     def __init__(self, num_tasks: int, scale_mode: str = "min", **kw) -> None:
         super().__init__(num_tasks, **kw)

@@ -95,6 +95,13 @@ class Strategy(nn.Module):
             them in between (needs a model with ``task_grad_scale`` for the reuse steps).
         check_finite: raise :class:`ValueError` on a non-finite loss (reads one bool from the
             device each step).
+        embedding_grad: ``"combined"`` (default): embeddings get ``sum_i c_i grad L_i`` through
+            ``task_grad_scale``, at the cost of ``K`` per-task gradient calls + one backward.
+            ``"plain"`` (Gram strategies): on refresh steps only ``K - 1`` per-task calls; the one
+            plain backward of ``sum_i L_i`` gives every other parameter its plain gradient (so
+            embeddings get the plain sum), task ``K``'s shared gradient is the sum minus the
+            others, and the shared gradient ``sum_i c_i g_i`` is written directly. Between
+            refreshes the cached ``c`` goes through ``task_grad_scale`` as usual.
 
     Typical use with a :class:`~mtl.models.base.MultiTaskModel` (or :func:`mtl.strategies.model_backward`)::
 
@@ -105,12 +112,22 @@ class Strategy(nn.Module):
     """
 
     uses_gradients: ClassVar[bool] = False
+    #: Gram-matrix strategies: loss weights are ones and the combination depends on the Gram
+    #: matrix (and state) only; these support ``embedding_grad="plain"``
+    gram_only: ClassVar[bool] = False
     #: gradient strategies whose coefficients may come from gradients w.r.t. a shared
     #: representation instead of parameters (MGDA-UB)
     uses_representation: ClassVar[bool] = False
 
-    def __init__(self, num_tasks: int, refresh_every: int = 1, check_finite: bool = True) -> None:
+    def __init__(
+        self, num_tasks: int, refresh_every: int = 1, check_finite: bool = True, embedding_grad: str = "combined"
+    ) -> None:
         super().__init__()
+        if embedding_grad not in ("combined", "plain"):
+            raise ValueError(f"embedding_grad must be 'combined' or 'plain', got {embedding_grad!r}")
+        if embedding_grad == "plain" and not self.gram_only:
+            raise ValueError(f"{type(self).__name__}: embedding_grad='plain' needs a Gram-matrix strategy")
+        self.embedding_grad = embedding_grad
         if not isinstance(num_tasks, int) or num_tasks < 1:
             raise ValueError(f"num_tasks must be a positive int, got {num_tasks!r}")
         if not isinstance(refresh_every, int) or refresh_every < 1:
@@ -238,6 +255,10 @@ class Strategy(nn.Module):
         refresh = self.is_refresh_step()
         if self.uses_gradients and not refresh and task_grad_scale is None:
             refresh = True  # reuse needs the model's task_grad_scale; without it, recompute
+        if refresh and self.embedding_grad == "plain" and not (self.uses_representation and representation is not None):
+            if not shared:
+                raise ValueError(f"{type(self).__name__} needs shared_parameters= (the dense shared parameters)")
+            return self._backward_plain_embeddings(losses, stats, shared, task_grad_scale)
         if self.uses_gradients and refresh:
             if self.uses_representation and representation is not None:
                 if task_grad_scale is None:
@@ -308,6 +329,38 @@ class Strategy(nn.Module):
             grad_scale=None if comb.grad_scale is None else comb.grad_scale.detach(),
             extra_loss=None,
         )
+
+
+    def _backward_plain_embeddings(
+        self, losses: Tensor, stats: Tensor, shared: list[nn.Parameter], task_grad_scale: Tensor | None
+    ) -> Combination:
+        """``embedding_grad="plain"`` on a refresh step (see the class docstring)."""
+        k = self.num_tasks
+        grads = losses.new_zeros(k, sum(p.numel() for p in shared), dtype=shared[0].dtype)
+        if k > 1:
+            grads[: k - 1] = task_gradients(losses[: k - 1], shared)
+        saved = [p.grad for p in shared]
+        for p in shared:
+            p.grad = None
+        if task_grad_scale is not None:
+            task_grad_scale.data.fill_(1.0)
+        self._pending_scale = None
+        losses.sum().backward()
+        total = torch.cat([torch.zeros(p.numel(), dtype=p.dtype, device=p.device) if p.grad is None else p.grad.reshape(-1) for p in shared])
+        for p, g in zip(shared, saved):
+            p.grad = g
+        grads[k - 1] = total - grads[: k - 1].sum(0)
+        if self.grad_reducer is not None:
+            grads = self.grad_reducer(grads)
+        gram = grads @ grads.t()
+        if self.gram_reducer is not None:
+            gram = self.gram_reducer(gram)
+        comb = self.combine(losses, stats, grads, gram)
+        assert comb.grad_scale is not None and comb.shared_grad is None
+        self._cached = comb.detached()
+        write_flat_grad(shared, (comb.grad_scale * comb.loss_weights).to(grads.dtype) @ grads)
+        self.step_count += 1
+        return comb.detached()
 
 
 # ---------------------------------------------------------------------- helpers

@@ -49,6 +49,7 @@ class CAGrad(Strategy):
     """
 
     uses_gradients = True
+    gram_only = True
 
     def __init__(self, num_tasks: int, alpha: float = 0.5, rescale: int = 1, **kw) -> None:
         super().__init__(num_tasks, **kw)

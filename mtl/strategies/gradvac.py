@@ -68,6 +68,7 @@ class GradVac(Strategy):
     """
 
     uses_gradients = True
+    gram_only = True
 
     def __init__(self, num_tasks: int, beta: float = 0.01, seed: int = 0, **kw) -> None:
         super().__init__(num_tasks, **kw)

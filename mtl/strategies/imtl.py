@@ -36,6 +36,7 @@ class IMTLG(Strategy):
     """IMTL-G (gradient balancing only; combine with a loss-scale method for IMTL-L)."""
 
     uses_gradients = True
+    gram_only = True
 
     def combine(self, losses: Tensor, stats: Tensor, grads: Tensor | None, gram: Tensor | None) -> Combination:
         assert gram is not None

@@ -31,6 +31,7 @@ class MGDA(Strategy):
     """
 
     uses_gradients = True
+    gram_only = True
 
     def __init__(self, num_tasks: int, normalization: str = "none", **kw) -> None:
         super().__init__(num_tasks, **kw)

@@ -50,6 +50,7 @@ class NashMTL(Strategy):
     """
 
     uses_gradients = True
+    gram_only = True
 
     def __init__(
         self, num_tasks: int, gram_normalization: str = "none", iters: int = 20, warm_start: bool = True, **kw

@@ -59,6 +59,7 @@ class PCGrad(Strategy):
     """
 
     uses_gradients = True
+    gram_only = True
 
     def __init__(self, num_tasks: int, seed: int = 0, **kw) -> None:
         super().__init__(num_tasks, **kw)
