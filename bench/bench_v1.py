@@ -201,8 +201,9 @@ def reference_step(model: nn.Module, opt: torch.optim.Optimizer, batch: dict[str
 # ----------------------------------------------------------------------------- project
 
 
-def build_project(seed: int = 0) -> tuple[nn.Module, object]:
-    """The project's MMoE for bench-v1 with its default optimizer set-up."""
+def build_project(seed: int = 0, compute_dtype: str | None = None) -> tuple[nn.Module, object]:
+    """The project's MMoE for bench-v1 with its default optimizer set-up
+    (``compute_dtype="bfloat16"``: the opt-in mixed-precision body)."""
     from mtl.models import build_model
 
     torch.manual_seed(seed)
@@ -213,6 +214,7 @@ def build_project(seed: int = 0) -> tuple[nn.Module, object]:
         expert_hidden=list(EXPERT_HIDDEN),
         tower_hidden=list(TOWER_HIDDEN),
         sparse_gradients=True,
+        compute_dtype=compute_dtype,
     )
     try:
         from mtl.optim import build_optimizer
@@ -331,7 +333,7 @@ def run_auc(args: argparse.Namespace, batch: dict[str, Tensor], labels: Tensor) 
     tr_b, tr_y = slice_batch(batch, labels, perm[n_val:])
     train_batches = make_batches(tr_b, tr_y, args.auc_steps, seed=args.seed + 2)
     result: dict[str, list[float]] = {}
-    for name, (model, opt, step) in _setups(args.seed).items():
+    for name, (model, opt, step) in _setups(args.seed, args.bf16).items():
         t0 = time.perf_counter()
         for b, y in train_batches:
             step(model, opt, b, y)
@@ -341,12 +343,35 @@ def run_auc(args: argparse.Namespace, batch: dict[str, Tensor], labels: Tensor) 
     return result
 
 
-def _setups(seed: int) -> dict[str, tuple[nn.Module, object, Callable]]:
+def _setups(seed: int, bf16: bool = False) -> dict[str, tuple[nn.Module, object, Callable]]:
     torch.manual_seed(seed)
     ref = ReferenceMMoE()
     ref_opt = torch.optim.Adam(ref.parameters(), lr=LR)
     model, opt = build_project(seed)
-    return {"reference": (ref, ref_opt, reference_step), "mtl": (model, opt, project_step)}
+    setups = {"reference": (ref, ref_opt, reference_step), "mtl": (model, opt, project_step)}
+    if bf16:
+        model16, opt16 = build_project(seed, compute_dtype="bfloat16")
+        setups["mtl_bf16"] = (model16, opt16, project_step)
+    return setups
+
+
+def profile_steps(batches: list[tuple[dict[str, Tensor], Tensor]], steps: int, seed: int) -> None:
+    """Print where the project's step spends its time (torch.profiler, ops by self CPU time)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    model, opt = build_project(seed)
+    fn = cycling_step(project_step, model, opt, batches)
+    for _ in range(3):
+        fn()
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        for _ in range(steps):
+            fn()
+    events = sorted(prof.key_averages(group_by_input_shape=True), key=lambda e: -e.self_cpu_time_total)
+    total = sum(e.self_cpu_time_total for e in events) / steps / 1e3
+    print(f"[profile] mtl step, {steps} steps, self CPU time {total:.2f} ms/step (profiler overhead included)")
+    for e in events[:25]:
+        shapes = str(e.input_shapes)[:90]
+        print(f"[profile] {e.self_cpu_time_total / steps / 1e3:7.3f} ms/step  {e.key[:36]:36s} {shapes}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -359,6 +384,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=1, help="independent timing runs (fresh models)")
     p.add_argument("--auc-steps", type=int, default=0, help="also train both this many steps and report AUC")
     p.add_argument("--val-fraction", type=float, default=0.2)
+    p.add_argument("--profile", type=int, default=0, help="profile this many project steps")
+    p.add_argument("--bf16", action="store_true", help="also run the opt-in bfloat16-compute MMoE (mtl_bf16)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -370,20 +397,27 @@ def main(argv: list[str] | None = None) -> int:
 
     batches = make_batches(batch, labels, args.warmup + args.steps, seed=args.seed + 1)
     for rep in range(args.repeats):
-        setups = _setups(args.seed)
+        setups = _setups(args.seed, args.bf16)
         fns = {name: cycling_step(step, m, o, batches) for name, (m, o, step) in setups.items()}
         times = time_interleaved(fns, warmup=args.warmup, steps=args.steps)
         med = {name: statistics.median(ts) for name, ts in times.items()}
         for name, m in med.items():
             print(f"[time {rep}] {name:>9}: median step {m * 1e3:7.2f} ms, {BATCH_SIZE / m:9.0f} samples/s")
-        print(f"[time {rep}] ratio mtl / reference = {med['mtl'] / med['reference']:.3f}", flush=True)
+        for name in med:
+            if name != "reference":
+                print(f"[time {rep}] ratio {name} / reference = {med[name] / med['reference']:.3f}", flush=True)
+
+    if args.profile > 0:
+        profile_steps(batches, args.profile, args.seed)
 
     if args.auc_steps > 0:
         aucs = run_auc(args, batch, labels)
         for name, a in aucs.items():
             print(f"[auc] {name:>9}: " + ", ".join(f"{t}={v:.4f}" for t, v in zip(TASKS, a)))
-        diff = [m - r for m, r in zip(aucs["mtl"], aucs["reference"])]
-        print("[auc] mtl - reference: " + ", ".join(f"{t}={d:+.4f}" for t, d in zip(TASKS, diff)))
+        for name in aucs:
+            if name != "reference":
+                diff = [m - r for m, r in zip(aucs[name], aucs["reference"])]
+                print(f"[auc] {name} - reference: " + ", ".join(f"{t}={d:+.4f}" for t, d in zip(TASKS, diff)))
     return 0
 
 

@@ -134,6 +134,24 @@ class _SparseGroup(NamedTuple):
     bounds: list[int]  # F + 1 row boundaries of the tables in that numbering
 
 
+def _unique_rows(rows: Tensor, num_rows: int) -> tuple[Tensor, Tensor]:
+    """``torch.unique(rows, sorted=True, return_inverse=True)`` for ids in ``[0, num_rows)``.
+
+    When the id range is not much larger than the number of lookups, a presence bitmap and a
+    prefix sum replace the sort (about 2x faster on CPU for bench-v1's 24,576 lookups over
+    183,008 rows).
+    """
+    if num_rows > 16 * rows.numel() + 65536:
+        return torch.unique(rows, sorted=True, return_inverse=True)
+    mark = torch.zeros(num_rows, dtype=torch.int32, device=rows.device)
+    mark[rows] = 1
+    position = torch.cumsum(mark, 0, dtype=torch.int32)  # 1-based rank of each present row
+    inverse = position[rows].long() - 1
+    uniq = torch.empty(int(position[-1]), dtype=rows.dtype, device=rows.device)
+    uniq[inverse] = rows
+    return uniq, inverse
+
+
 class _UniqueRowsLookup(torch.autograd.Function):
     """Embedding lookup of several tables at once that touches each distinct row once.
 
@@ -147,7 +165,7 @@ class _UniqueRowsLookup(torch.autograd.Function):
     @staticmethod
     def forward(ctx, rows: Tensor, bounds: list[int], *weights: Tensor) -> Tensor:  # type: ignore[override]
         b, f = rows.shape
-        uniq, inverse = torch.unique(rows.reshape(-1), sorted=True, return_inverse=True)
+        uniq, inverse = _unique_rows(rows.reshape(-1), bounds[-1])
         cut = torch.searchsorted(uniq, torch.tensor(bounds, device=uniq.device)).tolist()
         dim = weights[0].shape[1]
         gathered = [

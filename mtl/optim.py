@@ -136,15 +136,13 @@ class MixedAdam(torch.optim.Optimizer):
     def _step_row_sparse(self, group: dict[str, Any]) -> None:
         beta1, beta2 = group["betas"]
         lr, eps = group["lr"], group["eps"]
+        # Row-sparse gradients are batched over tables (foreach maths on the gathered rows).
+        tables: list[tuple[Tensor, dict[str, Any], Tensor, Tensor, float]] = []
         for p in group["params"]:
             if p.grad is None:
                 continue
-            state = self.state[p]
-            if len(state) == 0:
-                state["step"] = 0
-                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             grad = p.grad
+            rows: Tensor | None = None
             if grad.is_sparse:
                 if grad.sparse_dim() != 1:
                     raise ValueError(
@@ -161,41 +159,56 @@ class MixedAdam(torch.optim.Optimizer):
                 if values.numel() == 0:
                     continue
             else:
-                rows = None
                 values = grad
+            state = self.state[p]
+            if len(state) == 0:
+                state["step"] = 0
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             state["step"] += 1
             t = state["step"]
             step_size = lr * math.sqrt(1.0 - beta2**t) / (1.0 - beta1**t)
-            _row_adam_update(p, state["exp_avg"], state["exp_avg_sq"], rows, values, beta1, beta2, eps, step_size)
+            if rows is None:
+                _dense_rows_update(p, state["exp_avg"], state["exp_avg_sq"], values, beta1, beta2, eps, step_size)
+            else:
+                tables.append((p, state, rows, values, step_size))
+        if tables:
+            _row_adam_update(tables, beta1, beta2, eps)
+
+
+def _dense_rows_update(
+    param: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, grad: Tensor, beta1: float, beta2: float, eps: float,
+    step_size: float,
+) -> None:
+    """SparseAdam's update with every row present (a dense gradient on a row-sparse group)."""
+    exp_avg.lerp_(grad, 1.0 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
+    param.addcdiv_(exp_avg, exp_avg_sq.sqrt().add_(eps), value=-step_size)
 
 
 def _row_adam_update(
-    param: Tensor,
-    exp_avg: Tensor,
-    exp_avg_sq: Tensor,
-    rows: Tensor | None,
-    grad: Tensor,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    step_size: float,
+    tables: list[tuple[Tensor, dict[str, Any], Tensor, Tensor, float]], beta1: float, beta2: float, eps: float
 ) -> None:
-    """SparseAdam's update of ``rows`` (distinct; ``None`` = all rows) with gradient rows ``grad``."""
-    if rows is None:
-        exp_avg.lerp_(grad, 1.0 - beta1)
-        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
-        param.addcdiv_(exp_avg, exp_avg_sq.sqrt().add_(eps), value=-step_size)
-        return
-    # Gathers by F.embedding: on 2 CPU threads index_select was seen to stall (ms) where
-    # the embedding kernel takes microseconds.
-    m = F.embedding(rows, exp_avg)
-    v = F.embedding(rows, exp_avg_sq)
-    m.lerp_(grad, 1.0 - beta1)
-    v.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
-    exp_avg.index_copy_(0, rows, m)
-    exp_avg_sq.index_copy_(0, rows, v)
-    update = m.div_(v.sqrt_().add_(eps))
-    param.index_add_(0, rows, update, alpha=-step_size)
+    """SparseAdam's update of the given (distinct) rows of several tables at once.
+
+    Each entry: ``(param, state, rows [n], grad rows [n, dim], step_size)``.
+    """
+    # Gathers by F.embedding: on 2 CPU threads index_select was seen to stall (ms) where the
+    # embedding kernel takes microseconds.
+    ms = [F.embedding(rows, state["exp_avg"]) for _, state, rows, _, _ in tables]
+    vs = [F.embedding(rows, state["exp_avg_sq"]) for _, state, rows, _, _ in tables]
+    gs = [values for _, _, _, values, _ in tables]
+    torch._foreach_lerp_(ms, gs, 1.0 - beta1)
+    torch._foreach_mul_(vs, beta2)
+    torch._foreach_addcmul_(vs, gs, gs, value=1.0 - beta2)
+    for (_, state, rows, _, _), m, v in zip(tables, ms, vs):
+        state["exp_avg"].index_copy_(0, rows, m)
+        state["exp_avg_sq"].index_copy_(0, rows, v)
+    torch._foreach_sqrt_(vs)
+    torch._foreach_add_(vs, eps)
+    torch._foreach_div_(ms, vs)
+    for (param, _, rows, _, step_size), update in zip(tables, ms):
+        param.index_add_(0, rows, update, alpha=-step_size)
 
 
 def build_optimizer(

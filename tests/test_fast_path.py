@@ -289,3 +289,32 @@ def test_fast_training_equals_generic_layers_training() -> None:
                 o.step()
     for (name, a), b in zip(fast.named_parameters(), slow.parameters()):
         torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_bfloat16_compute_is_mixed_precision_close_to_float32() -> None:
+    """compute_dtype="bfloat16": parameters, gradients and logits stay float32; values agree with
+    the float32 path to bfloat16 precision."""
+    spec = _spec(2)
+    torch.manual_seed(7)
+    fp32 = build_model("mmoe", spec, num_experts=2, expert_hidden=[32, 16], tower_hidden=[8], sparse_gradients=True)
+    bf16 = build_model(
+        "mmoe", spec, num_experts=2, expert_hidden=[32, 16], tower_hidden=[8], sparse_gradients=True,
+        compute_dtype="bfloat16",
+    )
+    bf16.load_state_dict(fp32.state_dict())
+    gen = torch.Generator().manual_seed(8)
+    batch = {"a": torch.randint(0, 50, (256,), generator=gen), "b": torch.randint(0, 30, (256,), generator=gen),
+             "d": torch.randn(256, generator=gen)}
+    out32, out16 = fp32(batch), bf16(batch)
+    assert out16.dtype == torch.float32
+    torch.testing.assert_close(out16, out32, rtol=0.05, atol=0.02)
+    out32.sum().backward()
+    out16.sum().backward()
+    for (name, p32), p16 in zip(fp32.named_parameters(), bf16.parameters()):
+        assert p16.dtype == torch.float32 and p16.grad is not None and p16.grad.dtype == torch.float32
+        g32 = p32.grad.to_dense() if p32.grad.is_sparse else p32.grad
+        g16 = p16.grad.to_dense() if p16.grad.is_sparse else p16.grad
+        cos = torch.nn.functional.cosine_similarity(g32.flatten(), g16.flatten(), dim=0)
+        assert cos > 0.99, f"{name}: cosine {cos:.4f}"
+    with pytest.raises(ValueError, match="compute_dtype"):
+        build_model("mmoe", spec, compute_dtype="float16")

@@ -20,6 +20,12 @@ class MMoE(MultiTaskModel):
         expert_hidden: expert MLP widths (ReLU after each); the last is the expert output width.
         tower_hidden: tower MLP widths before the final logit.
         sparse_gradients: row-sparse embedding gradients.
+        compute_dtype: dtype of the body's matrix products and activations (``None`` = the
+            parameters' dtype, i.e. float32). ``"bfloat16"`` runs the experts, gates and towers in
+            bfloat16 (about 2x faster GEMMs on CPUs with AVX512-BF16/AMX) while parameters,
+            gradients, the optimizer and the logits stay float32 (mixed precision: a copy of the
+            weights is cast each step and gradients are cast back). Opt-in: it changes the
+            arithmetic, so results differ from float32 at bfloat16 precision (~3 significant digits).
 
     Example:
         >>> from mtl.features import FeatureSpec, SparseFeature
@@ -35,8 +41,14 @@ class MMoE(MultiTaskModel):
         expert_hidden: list[int] | None = None,
         tower_hidden: list[int] | None = None,
         sparse_gradients: bool = False,
+        compute_dtype: str | torch.dtype | None = None,
     ) -> None:
         super().__init__(spec, sparse_gradients=sparse_gradients)
+        if isinstance(compute_dtype, str):
+            if compute_dtype not in ("float32", "bfloat16", "float64"):
+                raise ValueError(f"MMoE: compute_dtype must be float32, bfloat16 or float64, got {compute_dtype!r}")
+            compute_dtype = getattr(torch, compute_dtype)
+        self.compute_dtype: torch.dtype | None = compute_dtype
         expert_hidden = expert_hidden or [128, 64]
         tower_hidden = tower_hidden if tower_hidden is not None else [32]
         d, k = self.inputs.output_dim, self.num_tasks
@@ -62,11 +74,15 @@ class MMoE(MultiTaskModel):
             raise ValueError(f"task_grad_scale must have shape [{self.num_tasks}], got {list(task_grad_scale.shape)}")
         params = [*self.experts.weights, *self.experts.biases, self.gates.weight, self.gates.bias]
         params += [*self.towers.weights, *self.towers.biases]
+        out_dtype = x.dtype
+        if self.compute_dtype is not None and self.compute_dtype != x.dtype:
+            # differentiable casts: gradients come back to the float32 parameters and input
+            x = x.to(self.compute_dtype)
+            params = [p.to(self.compute_dtype) for p in params]
         scale = None if task_grad_scale is None else task_grad_scale.detach().to(x.dtype)
         ws = self._workspace if torch.is_grad_enabled() else None
-        return _MMoEFunction.apply(
-            x, scale, len(self.experts.weights), len(self.towers.weights), ws, *params
-        )
+        logits = _MMoEFunction.apply(x, scale, len(self.experts.weights), len(self.towers.weights), ws, *params)
+        return logits.to(out_dtype)
 
     def forward_modules(self, x: Tensor, task_grad_scale: Tensor | None = None) -> Tensor:
         """The same logits as :meth:`forward_representation`, composed from the generic layers
@@ -136,6 +152,13 @@ def _only_pool_holds(buf: Tensor) -> bool:
     return _storage_refs(buf) <= _LONE_STORAGE_REFS
 
 
+def _softmax_small(logits: Tensor) -> Tensor:
+    """Softmax over a short last dimension (the experts): ``torch.softmax`` is ~3x slower on
+    CPU when that dimension has only a few entries."""
+    g = (logits - logits.amax(dim=-1, keepdim=True)).exp_()
+    return g.div_(g.sum(dim=-1, keepdim=True))
+
+
 def _relu_grad_(grad: Tensor, out: Tensor, result: Tensor | None = None) -> Tensor:
     """``grad * (out > 0)`` written into ``result`` (default: into ``grad``)."""
     dest = grad if result is None else result
@@ -187,7 +210,7 @@ class _MMoEFunction(torch.autograd.Function):
         b_cat = torch.cat([eb[0].reshape(eh), gb])
         z = torch.addmm(b_cat, x, w_cat, out=buf(b, eh + k * e))
         z[:, :eh].relu_()
-        gates = torch.softmax(z[:, eh:].view(b, k, e), dim=-1)  # [B, K, E]
+        gates = _softmax_small(z[:, eh:].view(b, k, e))  # [B, K, E]
         hs = [z[:, :eh].view(b, e, h1).transpose(0, 1)]  # [E, B, H1] (strided view of z)
         for layer in range(1, le):
             out = buf(e, b, ew[layer].shape[2])
@@ -195,18 +218,18 @@ class _MMoEFunction(torch.autograd.Function):
         h = hs[-1].shape[2]
         mixed = torch.bmm(gates, hs[-1].transpose(0, 1), out=buf(b, k, h))  # [B, K, H]
         ts = [mixed.transpose(0, 1)]  # [K, B, H]
-        for layer in range(lt):
-            if layer < lt - 1:
-                t = torch.baddbmm(tb[layer], ts[-1], tw[layer], out=buf(k, b, tw[layer].shape[2])).relu_()
-            else:
-                t = torch.baddbmm(tb[layer], ts[-1], tw[layer])  # returned: not a workspace buffer
-            ts.append(t)
+        for layer in range(lt - 1):
+            ts.append(torch.baddbmm(tb[layer], ts[-1], tw[layer], out=buf(k, b, tw[layer].shape[2])).relu_())
+        # Last tower layer (width 1): a multiply-and-sum is ~3x faster than an N=1 bmm on CPU.
+        last = ts[-1]
+        prod = torch.mul(last, tw[-1].transpose(1, 2), out=buf(*last.shape))
+        logits = prod.sum(-1).add_(tb[-1].view(k, 1))  # [K, B]; returned: not a workspace buffer
         ctx.le, ctx.lt, ctx.has_scale, ctx.ws = le, lt, scale is not None, ws
-        saved = [x, z, gates, w_cat, *hs[1:], *ts[:-1], *ew[1:], *tw]
+        saved = [x, z, gates, w_cat, *hs[1:], *ts, *ew[1:], *tw]
         if scale is not None:
             saved.append(scale)
         ctx.save_for_backward(*saved)
-        return ts[-1].squeeze(-1).t()
+        return logits.t()
 
     @staticmethod
     @once_differentiable
@@ -235,8 +258,14 @@ class _MMoEFunction(torch.autograd.Function):
         # Towers, last layer first.
         d_tw: list[Tensor] = [None] * lt  # type: ignore[list-item]
         d_tb: list[Tensor] = [None] * lt  # type: ignore[list-item]
-        dt = grad.t().unsqueeze(-1)  # [K, B, 1]
-        for layer in reversed(range(lt)):
+        gl = grad.t().unsqueeze(-1)  # [K, B, 1]
+        last = ts[lt - 1]
+        d_tw[lt - 1] = torch.mul(last, gl, out=buf(*last.shape)).sum(1).unsqueeze(-1)  # [K, T, 1]
+        d_tb[lt - 1] = gl.sum(1, keepdim=True)
+        dt = torch.mul(gl, tw[lt - 1].transpose(1, 2), out=buf(*last.shape))  # [K, B, T]
+        if lt > 1:
+            _relu_grad_(dt, last)
+        for layer in reversed(range(lt - 1)):
             d_tw[layer] = torch.bmm(ts[layer].transpose(1, 2), dt)
             d_tb[layer] = dt.sum(1, keepdim=True)
             dt = torch.bmm(dt, tw[layer].transpose(1, 2), out=buf(k, b, tw[layer].shape[1]))
