@@ -340,14 +340,26 @@ def _parse_vectors(arr: pa.Array, f: VectorConfig, path: Path, rows: np.ndarray,
     return mat
 
 
+def _one_blas_thread() -> Any:
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # optional: only a speed matter
+        import contextlib
+
+        return contextlib.nullcontext()
+    return threadpool_limits(1)
+
+
 def fit_pca(x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """PCA by eigen-decomposition of the covariance: (mean [d], components [d, k], explained
     variance ratio [k]). Signs fixed so the largest-magnitude loading is positive."""
     x = x.astype(np.float64)
     mean = x.mean(axis=0)
     xc = x - mean
-    cov = xc.T @ xc / max(len(x) - 1, 1)
-    evals, evecs = np.linalg.eigh(cov)
+    # one BLAS thread: on a shared 2-core machine a 2-thread OpenBLAS eigh was measured 6-20x slower
+    with _one_blas_thread():
+        cov = xc.T @ xc / max(len(x) - 1, 1)
+        evals, evecs = np.linalg.eigh(cov)
     order = np.argsort(evals)[::-1][:k]
     comps = evecs[:, order]
     signs = np.sign(comps[np.abs(comps).argmax(axis=0), np.arange(comps.shape[1])])
@@ -378,13 +390,14 @@ class HistoryGroup:
 
     def row_codes(self, values: list[np.ndarray]) -> np.ndarray:
         """Combined key code per row; -1 when any key value never occurs in labelled rows."""
+        import pandas as pd
+
         code = np.zeros(len(values[0]), dtype=np.int64)
         ok = np.ones(len(values[0]), dtype=bool)
         for uniq, v in zip(self.uniques, values):
-            pos = np.searchsorted(uniq, v)
-            pos_c = np.minimum(pos, len(uniq) - 1)
-            ok &= uniq[pos_c] == v
-            code = code * len(uniq) + pos_c
+            pos = pd.Index(uniq).get_indexer(v)  # hash lookup; -1 when absent
+            ok &= pos >= 0
+            code = code * len(uniq) + np.maximum(pos, 0)
         return np.where(ok, code, -1)
 
     def window_sums(self, codes: np.ndarray, days: np.ndarray, w: int, hi: np.ndarray | None = None) -> np.ndarray:
@@ -909,6 +922,7 @@ def _build(cfg: DatasetConfig, raw: Path, tmp: Path, ray_num_cpus: int | None) -
     import ray
 
     ensure_ray(num_cpus=ray_num_cpus)
+    timings["ray_init"] = time.perf_counter() - t0
     meta = [c for c in ("_row", "_user", "_item", "_day") if c in row_cols]
     feature_cols = [f.name for f in spec_sparse]
     for f in spec_lists:
