@@ -455,6 +455,9 @@ def history_feature_names(group: str, windows: list[int], actions: list[str], st
 def history_features(group: HistoryGroup, codes: np.ndarray, days: np.ndarray, windows: list[int], stats: list[str]) -> np.ndarray:
     """``[n, len(names)]`` float32: per window log1p(impressions), then log1p(action count)
     and/or rate = count / impressions (0 when no impressions), in :func:`history_feature_names` order."""
+    # queries in key order: searchsorted and the prefix gathers are ~4x faster on sorted keys
+    order = np.argsort(np.where(codes >= 0, codes, 0) * group.day_base + np.maximum(days, 0), kind="stable")
+    codes, days = codes[order], days[order]
     cols = []
     hi = group.upper(codes, days)
     for w in windows:
@@ -466,7 +469,9 @@ def history_features(group: HistoryGroup, codes: np.ndarray, days: np.ndarray, w
                 cols.append(np.log1p(s[:, 1:]))
             else:
                 cols.append(np.divide(s[:, 1:], n, out=np.zeros_like(s[:, 1:]), where=n > 0))
-    return np.concatenate(cols, axis=1).astype(np.float32)
+    out = np.empty((len(order), sum(c.shape[1] for c in cols)), dtype=np.float32)
+    out[order] = np.concatenate(cols, axis=1)
+    return out
 
 
 # --------------------------------------------------------------------------------------------
