@@ -511,3 +511,16 @@ def test_read_source_types(tmp_path: Path) -> None:
     (tmp_path / "t.csv").write_text("a,b,c\n1,2,x\n3,,y\n")
     with pytest.raises(DataError, match=r"column 'b', row 2 \(line 3\): empty value"):
         read_source(tmp_path, fc_strict)
+
+
+def test_parquet_source_wrong_type(tmp_path: Path) -> None:
+    from pipeline.datasets import FileConfig
+    from pipeline.preprocess import read_source
+
+    pq.write_table(pa.table({"age": ["39", "x", "50"], "w": [1.5, float("nan"), 2.0]}), tmp_path / "t.parquet")
+    with pytest.raises(DataError, match=r"t\.parquet: column 'age', row 2: not an integer \(value 'x'\)"):
+        read_source(tmp_path, FileConfig(path="t.parquet", columns={"age": "int"}))
+    with pytest.raises(DataError, match=r"t\.parquet: column 'w', row 2: NaN"):
+        read_source(tmp_path, FileConfig(path="t.parquet", columns={"w": "float"}))
+    t = read_source(tmp_path, FileConfig(path="t.parquet", columns={"w": "float"}, nullable=["w"]))
+    assert t["w"].null_count == 1  # NaN in a nullable float column = missing
