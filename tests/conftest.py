@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import warnings
 from pathlib import Path
@@ -31,6 +32,7 @@ def ray_session():
             _node_ip_address="127.0.0.1",
         )
         started = True
+    logging.getLogger("ray.data").setLevel(logging.WARNING)  # keep failure reports readable
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.execution_options.preserve_order = True
