@@ -883,8 +883,15 @@ def _build(cfg: DatasetConfig, raw: Path, tmp: Path, ray_num_cpus: int | None) -
             name = "hist_" + "_".join(keys)
             vals = [joined(k) for k in keys]
             for k, v in zip(keys, vals):
-                if v.dtype == object and any(x is None for x in v[hist_rows]):
-                    raise DataError(f"history key {k!r}: missing values in labelled rows")
+                import pandas as pd
+
+                miss = np.asarray(pd.isna(v)) & hist_rows
+                if miss.any():
+                    i = _first_bad(miss)
+                    raise DataError(
+                        f"{_where(sources[src[i]], k, int(row_no[i]))}: history key {k!r} is missing "
+                        f"(side table on_missing=null); {int(miss.sum())} such labelled row(s)"
+                    )
             g = build_history_group(name, keys, [v[hist_rows] for v in vals], days[hist_rows], labels[hist_rows][:, actions_idx], day_base)
             groups.append(g)
             row_cols[f"_hk_{name}"] = pa.array(g.row_codes(vals))

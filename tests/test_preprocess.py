@@ -524,3 +524,25 @@ def test_parquet_source_wrong_type(tmp_path: Path) -> None:
         read_source(tmp_path, FileConfig(path="t.parquet", columns={"w": "float"}))
     t = read_source(tmp_path, FileConfig(path="t.parquet", columns={"w": "float"}, nullable=["w"]))
     assert t["w"].null_count == 1  # NaN in a nullable float column = missing
+
+
+def test_side_rows_missing_are_a_counted_repair(raw_copy: Path, tmp_path: Path, ray_session) -> None:
+    acts = pd.read_csv(raw_copy / "user_action.csv")
+    test = pd.read_csv(raw_copy / "test_a.csv")
+    cold = test.feedid[~test.feedid.isin(acts.feedid)].iloc[0]  # a feed seen only in test_a
+    feeds = pd.read_csv(raw_copy / "feed_info.csv", dtype=str, keep_default_na=False)
+    feeds[feeds.feedid != str(cold)].to_csv(raw_copy / "feed_info.csv", index=False)
+    expect_error(raw_copy, tmp_path, rf"test_a\.csv: column 'feedid', row \d+ \(line \d+\): value {cold} has no row in")
+    cfg = wechat_cfg()
+    cfg.side_tables[0].on_missing = "null"
+    out = tmp_path / "repaired"
+    report = preprocess(cfg, raw_copy, out)
+    n = int((test.feedid == cold).sum())
+    assert report["repairs"] == {"feed_info.csv: rows without a feedid match (side features missing -> OOV/0/empty)": n}
+    assert report["missing_to_oov"]["authorid"]["test"] >= n
+    spec = load_spec(out)
+    sizes = {f.name: f.vocab_size for f in spec.sparse}
+    t = read_split(out, "test").to_pandas()
+    rows = t[t._item == cold]
+    assert len(rows) == n and (rows.authorid == sizes["authorid"]).all()
+    assert (rows.videoplayseconds_log == 0).all() and all(len(x) == 0 for x in rows.manual_tag_list)
