@@ -103,8 +103,14 @@ def read_split(out_dir: str | Path, split: str, columns: list[str] | None = None
     files = split_files(out_dir, split)
     if not files:
         raise FileNotFoundError(f"{out_dir}/{split}: no Parquet files (empty split)")
-    # one chunk per column: a random-index take on a many-chunk table was measured 10x slower
-    return pa.concat_tables([pq.read_table(p, columns=columns) for p in files]).combine_chunks()
+    # one chunk per column: a random-index take on a many-chunk table was measured 10x slower.
+    # Combined column by column, dropping each source column, so the peak stays ~1x the table.
+    table = pa.concat_tables([pq.read_table(p, columns=columns) for p in files])
+    out: dict[str, pa.Array] = {}
+    for name in table.column_names:
+        out[name] = table.column(name).combine_chunks()
+        table = table.drop_columns([name])
+    return pa.table(out)
 
 
 def _column(table: pa.Table | pa.RecordBatch, name: str) -> pa.Array:
