@@ -175,15 +175,21 @@ def test_model_provided_task_gradients_are_used():
     grads, _ = _per_task_grads(model, batch, labels)
     calls = []
 
-    def fast(losses):
-        calls.append(losses.shape)
-        return task_gradients(losses, model.shared_parameters())
+    def fast(losses, tasks):
+        calls.append(list(tasks))
+        return task_gradients(losses, model.shared_parameters(), tasks)
 
     model.shared_task_gradients = fast
     _, comb = model_backward(build_strategy("cagrad", k), model, batch, labels)
-    assert calls == [(k,)]
+    assert calls == [list(range(k))]
     _check_contract(model, grads, comb)
-    model.shared_task_gradients = lambda losses: torch.zeros(k, 5)
+    model.zero_grad()
+    _, comb = model_backward(build_strategy("cagrad", k, embedding_grad="plain"), model, batch, labels)
+    assert calls[-1] == list(range(k - 1))
+    for p in model.shared_parameters():
+        assert torch.allclose(p.grad, _combined(grads[id(p)], comb.grad_scale), rtol=1e-4, atol=1e-7)
+    model.zero_grad()
+    model.shared_task_gradients = lambda losses, tasks: torch.zeros(len(tasks), 5)
     with pytest.raises(ValueError, match="expected"):
         model_backward(build_strategy("cagrad", k), model, batch, labels)
 

@@ -1,15 +1,18 @@
 """Task-balancing strategies: one file each, one registry (:data:`STRATEGIES`), one contract
 (:class:`mtl.strategies.base.Strategy`, see its module docstring).
 
-| name | what it does | embeddings get | cost per step |
-| --- | --- | --- | --- |
-| ``equal`` / ``static`` | ``sum w_i L_i`` | ``sum w_i grad L_i`` | plain step |
-| ``uncertainty`` | Kendall et al. 2018 | ``exp(-s_i)``-weighted sum | plain step |
-| ``dwa`` | Liu et al. 2019 | weighted sum | plain step |
-| ``famo`` | Liu et al. 2023 | weighted sum | plain step |
-| ``gradnorm`` | Chen et al. 2018 | weighted sum | per-task grads (given layer) + backward |
-| ``dbmtl`` | Lin et al. 2023 | ``sum alpha_i grad log L_i`` | per-task grads + backward |
-| ``pcgrad``, ``gradvac``, ``mgda``, ``mgda_ub``, ``cagrad``, ``imtl_g``, ``nash_mtl``, ``aligned_mtl`` | Gram-matrix coefficients ``c`` | ``sum c_i grad L_i`` | per-task grads over dense shared params + one backward |
+| name | what it does | embeddings get | towers/gates get | cost per step |
+| --- | --- | --- | --- | --- |
+| ``equal`` / ``static`` | ``sum w_i L_i`` | ``sum w_i grad L_i`` | ``w_i grad L_i`` | plain step |
+| ``uncertainty`` | Kendall et al. 2018 | ``exp(-s_i)``-weighted sum | same weight | plain step |
+| ``dwa`` | Liu et al. 2019 | weighted sum | same weight | plain step |
+| ``famo`` | Liu et al. 2023 | weighted sum | same weight | plain step |
+| ``gradnorm`` | Chen et al. 2018 | weighted sum | same weight | per-task grads of the given layer + backward |
+| ``dbmtl`` | Lin et al. 2023 | ``sum alpha_i grad log L_i`` (this batch) | ``grad log L_i`` | per-task grads + backward |
+| ``pcgrad``, ``gradvac``, ``mgda``, ``cagrad``, ``imtl_g``, ``nash_mtl``, ``aligned_mtl`` | Gram-matrix coefficients ``c`` | ``sum c_i grad L_i`` (``embedding_grad="plain"``: plain sum) | own plain gradient | ``K`` per-task grads over the dense shared params + one backward (``plain``: ``K - 1`` + one) |
+| ``mgda_ub`` | MGDA on representation gradients | ``sum c_i grad L_i`` | own plain gradient | ``K`` passes through the task heads + one backward |
+
+``refresh_every=N`` recomputes gradient-based coefficients every ``N`` steps (plain steps in between).
 
 Example:
     >>> s = build_strategy("pcgrad", num_tasks=3, seed=1)

@@ -208,7 +208,7 @@ class Strategy(nn.Module):
         state_losses: Tensor | None = None,
         representation: Tensor | None = None,
         non_shared_parameters: Sequence[nn.Parameter] | None = None,
-        task_gradients_fn: Callable[[Tensor, list[nn.Parameter]], Tensor] | None = None,
+        task_gradients_fn: Callable[[Tensor, list[nn.Parameter], list[int]], Tensor] | None = None,
     ) -> Combination:
         """Combine the task losses and run the one backward pass (gradients accumulate into
         ``.grad`` like ``loss.backward()``).
@@ -229,10 +229,10 @@ class Strategy(nn.Module):
                 ``task_grad_scale`` model) the final backward skips the shared parameters and
                 their gradient ``sum_i c_i g_i`` is formed from the stack (saves the shared
                 weight-gradient products).
-            task_gradients_fn: ``(losses, shared_parameters) -> [K, P]`` replacing
-                :func:`task_gradients` (``K`` calls of ``torch.autograd.grad``), e.g. a model's
-                batched per-task backward (``MultiTaskModel.shared_task_gradients`` if present);
-                it must return the same stack (rows: flattened per-task gradients in parameter
+            task_gradients_fn: ``(losses, shared_parameters, tasks) -> [len(tasks), P]``
+                replacing :func:`task_gradients` (one ``torch.autograd.grad`` call per task),
+                e.g. a model's batched per-task backward (``shared_task_gradients`` if the model
+                has it); it must return the same rows (flattened per-task gradients in parameter
                 order) and keep the graph for the final backward.
 
         Returns:
@@ -258,7 +258,7 @@ class Strategy(nn.Module):
         if refresh and self.embedding_grad == "plain" and not (self.uses_representation and representation is not None):
             if not shared:
                 raise ValueError(f"{type(self).__name__} needs shared_parameters= (the dense shared parameters)")
-            return self._backward_plain_embeddings(losses, stats, shared, task_grad_scale)
+            return self._backward_plain_embeddings(losses, stats, shared, task_grad_scale, task_gradients_fn)
         if self.uses_gradients and refresh:
             if self.uses_representation and representation is not None:
                 if task_grad_scale is None:
@@ -267,7 +267,7 @@ class Strategy(nn.Module):
             else:
                 if not shared:
                     raise ValueError(f"{type(self).__name__} needs shared_parameters= (the dense shared parameters)")
-                grads = (task_gradients_fn or task_gradients)(losses, shared)
+                grads = (task_gradients_fn or task_gradients)(losses, shared, list(range(k)))
                 expected = (k, sum(p.numel() for p in shared))
                 if tuple(grads.shape) != expected:
                     raise ValueError(f"task gradients have shape {tuple(grads.shape)}, expected {expected}")
@@ -332,13 +332,22 @@ class Strategy(nn.Module):
 
 
     def _backward_plain_embeddings(
-        self, losses: Tensor, stats: Tensor, shared: list[nn.Parameter], task_grad_scale: Tensor | None
+        self,
+        losses: Tensor,
+        stats: Tensor,
+        shared: list[nn.Parameter],
+        task_grad_scale: Tensor | None,
+        task_gradients_fn: Callable[[Tensor, list[nn.Parameter], list[int]], Tensor] | None,
     ) -> Combination:
         """``embedding_grad="plain"`` on a refresh step (see the class docstring)."""
         k = self.num_tasks
-        grads = losses.new_zeros(k, sum(p.numel() for p in shared), dtype=shared[0].dtype)
+        p_total = sum(p.numel() for p in shared)
+        grads = losses.new_zeros(k, p_total, dtype=shared[0].dtype)
         if k > 1:
-            grads[: k - 1] = task_gradients(losses[: k - 1], shared)
+            part = (task_gradients_fn or task_gradients)(losses, shared, list(range(k - 1)))
+            if tuple(part.shape) != (k - 1, p_total):
+                raise ValueError(f"task gradients have shape {tuple(part.shape)}, expected {(k - 1, p_total)}")
+            grads[: k - 1] = part
         saved = [p.grad for p in shared]
         for p in shared:
             p.grad = None
@@ -366,18 +375,18 @@ class Strategy(nn.Module):
 # ---------------------------------------------------------------------- helpers
 
 
-def task_gradients(losses: Tensor, params: Sequence[Tensor]) -> Tensor:
-    """``[K, P]``: row ``i`` is the flattened gradient of ``losses[i]`` w.r.t. ``params``
-    (zeros where a parameter is not reached); the graph is retained."""
-    k = losses.shape[0]
+def task_gradients(losses: Tensor, params: Sequence[Tensor], tasks: Sequence[int] | None = None) -> Tensor:
+    """``[T, P]``: row ``r`` is the flattened gradient of ``losses[tasks[r]]`` (default: every
+    task) w.r.t. ``params`` (zeros where a parameter is not reached); the graph is retained."""
+    tasks = list(range(losses.shape[0])) if tasks is None else list(tasks)
     sizes = [p.numel() for p in params]
-    out = losses.new_zeros(k, sum(sizes), dtype=params[0].dtype)
-    for i in range(k):
+    out = losses.new_zeros(len(tasks), sum(sizes), dtype=params[0].dtype)
+    for row, i in enumerate(tasks):
         gs = torch.autograd.grad(losses[i], params, retain_graph=True, allow_unused=True)
         offset = 0
         for g, n in zip(gs, sizes):
             if g is not None:
-                out[i, offset : offset + n] = g.reshape(-1)
+                out[row, offset : offset + n] = g.reshape(-1)
             offset += n
     return out
 

@@ -48,10 +48,10 @@ def model_backward(
             (e.g. ``model.experts``); per-task gradients are taken w.r.t. that output.
         state_losses: all-reduced detached losses for loss-driven state (DDP).
 
-    If the model has a method ``shared_task_gradients(losses) -> [K, P]`` (per-task gradients of
-    ``model.shared_parameters()`` for the last forward, flattened in parameter order, graph
-    kept), it replaces the ``K`` generic ``torch.autograd.grad`` calls when
-    ``shared_parameters`` is not given.
+    If the model has a method ``shared_task_gradients(losses, tasks) -> [len(tasks), P]``
+    (gradients of ``losses[t]`` for ``t`` in ``tasks`` w.r.t. ``model.shared_parameters()`` for the
+    last forward, flattened in parameter order, graph kept), it replaces the generic per-task
+    ``torch.autograd.grad`` calls when ``shared_parameters`` is not given.
 
     Returns:
         ``(losses [K] detached, combination)``.
@@ -88,6 +88,6 @@ def model_backward(
         state_losses=state_losses,
         representation=captured[0] if captured else None,
         non_shared_parameters=non_shared,
-        task_gradients_fn=(lambda ls, _params: fast(ls)) if fast is not None else None,
+        task_gradients_fn=(lambda ls, _params, tasks: fast(ls, tasks)) if fast is not None else None,
     )
     return losses.detach(), comb
