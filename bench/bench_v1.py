@@ -324,22 +324,33 @@ def predict(model: nn.Module, batch: dict[str, Tensor], chunk: int = 16384) -> n
     return torch.cat(out).numpy()
 
 
-def run_auc(args: argparse.Namespace, batch: dict[str, Tensor], labels: Tensor) -> dict[str, list[float]]:
+def run_auc(
+    args: argparse.Namespace, batch: dict[str, Tensor], labels: Tensor
+) -> dict[str, list[list[float]]]:
+    """Train every set-up ``args.auc_steps`` steps on the training split (same batches for all)
+    and return name -> per-seed lists of held-out AUC per task. Seed ``s`` sets the models'
+    initialisation (``args.seed + s``) and the batch order; the split is fixed."""
     n = labels.shape[0]
     gen = torch.Generator().manual_seed(123)
     perm = torch.randperm(n, generator=gen)
     n_val = int(n * args.val_fraction)
     val_b, val_y = slice_batch(batch, labels, perm[:n_val])
     tr_b, tr_y = slice_batch(batch, labels, perm[n_val:])
-    train_batches = make_batches(tr_b, tr_y, args.auc_steps, seed=args.seed + 2)
-    result: dict[str, list[float]] = {}
-    for name, (model, opt, step) in _setups(args.seed, args.bf16).items():
-        t0 = time.perf_counter()
-        for b, y in train_batches:
-            step(model, opt, b, y)
-        scores = predict(model, val_b)
-        result[name] = [roc_auc(scores[:, k], val_y[:, k].numpy()) for k in range(len(TASKS))]
-        print(f"[auc] {name}: trained {args.auc_steps} steps in {time.perf_counter() - t0:.1f}s", flush=True)
+    print(f"[auc] split: {n - n_val} train rows, {n_val} held-out rows; held-out positives per task "
+          + ", ".join(str(int(v)) for v in val_y.sum(0).tolist()))
+    result: dict[str, list[list[float]]] = {}
+    for s in range(args.auc_seeds):
+        seed = args.seed + s
+        train_batches = make_batches(tr_b, tr_y, args.auc_steps, seed=seed + 2)
+        for name, (model, opt, step) in _setups(seed, args.bf16).items():
+            t0 = time.perf_counter()
+            for b, y in train_batches:
+                step(model, opt, b, y)
+            scores = predict(model, val_b)
+            aucs = [roc_auc(scores[:, k], val_y[:, k].numpy()) for k in range(len(TASKS))]
+            result.setdefault(name, []).append(aucs)
+            print(f"[auc] seed {seed} {name:>9}: " + ", ".join(f"{t}={v:.4f}" for t, v in zip(TASKS, aucs))
+                  + f"  ({args.auc_steps} steps in {time.perf_counter() - t0:.1f}s)", flush=True)
     return result
 
 
@@ -383,6 +394,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=1, help="independent timing runs (fresh models)")
     p.add_argument("--auc-steps", type=int, default=0, help="also train both this many steps and report AUC")
+    p.add_argument("--auc-seeds", type=int, default=1, help="repeat the AUC comparison over this many seeds")
     p.add_argument("--val-fraction", type=float, default=0.2)
     p.add_argument("--profile", type=int, default=0, help="profile this many project steps")
     p.add_argument("--bf16", action="store_true", help="also run the opt-in bfloat16-compute MMoE (mtl_bf16)")
@@ -412,12 +424,14 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.auc_steps > 0:
         aucs = run_auc(args, batch, labels)
-        for name, a in aucs.items():
-            print(f"[auc] {name:>9}: " + ", ".join(f"{t}={v:.4f}" for t, v in zip(TASKS, a)))
-        for name in aucs:
+        means = {name: np.mean(np.array(v), axis=0) for name, v in aucs.items()}
+        for name, m in means.items():
+            print(f"[auc] mean over {args.auc_seeds} seed(s) {name:>9}: "
+                  + ", ".join(f"{t}={v:.4f}" for t, v in zip(TASKS, m)))
+        for name in means:
             if name != "reference":
-                diff = [m - r for m, r in zip(aucs[name], aucs["reference"])]
-                print(f"[auc] {name} - reference: " + ", ".join(f"{t}={d:+.4f}" for t, d in zip(TASKS, diff)))
+                diff = means[name] - means["reference"]
+                print(f"[auc] mean {name} - reference: " + ", ".join(f"{t}={d:+.4f}" for t, d in zip(TASKS, diff)))
     return 0
 
 
