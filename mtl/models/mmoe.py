@@ -143,13 +143,16 @@ def _storage_refs(t: Tensor) -> int:
     return torch._C._storage_Use_Count(t.untyped_storage()._cdata)
 
 
-# Use count of a storage held by exactly one tensor, as _storage_refs sees it (the call itself
-# holds a temporary reference).
-_LONE_STORAGE_REFS = _storage_refs(torch.empty(1))
+try:
+    # Use count of a storage held by exactly one tensor, as _storage_refs sees it (the call
+    # itself holds a temporary reference).
+    _LONE_STORAGE_REFS: int | None = _storage_refs(torch.empty(1))
+except (AttributeError, RuntimeError):  # private API gone: never reuse (always correct)
+    _LONE_STORAGE_REFS = None
 
 
 def _only_pool_holds(buf: Tensor) -> bool:
-    return _storage_refs(buf) <= _LONE_STORAGE_REFS
+    return _LONE_STORAGE_REFS is not None and _storage_refs(buf) <= _LONE_STORAGE_REFS
 
 
 def _softmax_small(logits: Tensor) -> Tensor:
