@@ -318,3 +318,26 @@ def test_bfloat16_compute_is_mixed_precision_close_to_float32() -> None:
         assert cos > 0.99, f"{name}: cosine {cos:.4f}"
     with pytest.raises(ValueError, match="compute_dtype"):
         build_model("mmoe", spec, compute_dtype="float16")
+
+
+def test_bench_data_and_interleaved_timer() -> None:
+    from bench_v1 import POSITIVE_RATES, VOCAB_SIZES, bench_feature_spec, make_bench_data, time_interleaved
+
+    batch, labels = make_bench_data(n=20000, seed=0)
+    again, labels_again = make_bench_data(n=20000, seed=0)
+    assert all(torch.equal(batch[k], again[k]) for k in batch) and torch.equal(labels, labels_again)
+    spec = bench_feature_spec()
+    assert spec.input_dim == 97 and spec.num_tasks == 4
+    for f, vocab in zip(spec.sparse, VOCAB_SIZES):
+        ids = batch[f.name]
+        assert ids.dtype == torch.int64 and int(ids.min()) >= 0 and int(ids.max()) < vocab
+    assert batch["d0"].dtype == torch.float32 and bool((batch["d0"] >= 0).all())
+    assert labels.shape == (20000, 4) and set(labels.unique().tolist()) <= {0.0, 1.0}
+    rates = labels.mean(0)
+    for got, want in zip(rates.tolist(), POSITIVE_RATES):
+        assert abs(got - want) < 0.35 * want + 0.002  # intercepts solved on the full bench size
+
+    calls: list[str] = []
+    times = time_interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, warmup=2, steps=3)
+    assert calls == ["a", "b"] * 5
+    assert {k: len(v) for k, v in times.items()} == {"a": 3, "b": 3}
