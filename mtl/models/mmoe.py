@@ -212,9 +212,14 @@ class _MMoEFunction(torch.autograd.Function):
         w_cat = torch.cat([ew[0].permute(1, 0, 2).reshape(d, eh), gw.t()], dim=1)  # [D, E*H1 + K*E]
         b_cat = torch.cat([eb[0].reshape(eh), gb])
         z = torch.addmm(b_cat, x, w_cat, out=buf(b, eh + k * e))
-        z[:, :eh].relu_()
         gates = _softmax_small(z[:, eh:].view(b, k, e))  # [B, K, E]
-        hs = [z[:, :eh].view(b, e, h1).transpose(0, 1)]  # [E, B, H1] (strided view of z)
+        first = z[:, :eh].view(b, e, h1).transpose(0, 1)  # [E, B, H1], strided view of z
+        if x.dtype in (torch.float32, torch.float64):
+            hs = [first.relu_()]  # MKL reads the strided view at full speed
+        else:
+            # oneDNN (bfloat16) would copy a strided operand in two GEMMs: ReLU while copying
+            # to a per-expert-contiguous buffer once instead.
+            hs = [torch.clamp_min(first, 0.0, out=buf(e, b, h1))]
         for layer in range(1, le):
             out = buf(e, b, ew[layer].shape[2])
             hs.append(torch.baddbmm(eb[layer], hs[-1], ew[layer], out=out).relu_())
@@ -228,7 +233,7 @@ class _MMoEFunction(torch.autograd.Function):
         prod = torch.mul(last, tw[-1].transpose(1, 2), out=buf(*last.shape))
         logits = prod.sum(-1).add_(tb[-1].view(k, 1))  # [K, B]; returned: not a workspace buffer
         ctx.le, ctx.lt, ctx.has_scale, ctx.ws = le, lt, scale is not None, ws
-        saved = [x, z, gates, w_cat, *hs[1:], *ts, *ew[1:], *tw]
+        saved = [x, gates, w_cat, *hs, *ts, *ew[1:], *tw]
         if scale is not None:
             saved.append(scale)
         ctx.save_for_backward(*saved)
@@ -239,10 +244,10 @@ class _MMoEFunction(torch.autograd.Function):
     def backward(ctx, grad: Tensor):  # type: ignore[override]
         le, lt, ws = ctx.le, ctx.lt, ctx.ws
         saved = list(ctx.saved_tensors)
-        x, z, gates, w_cat = saved[:4]
-        pos = 4
-        hs_rest = saved[pos : pos + le - 1]
-        pos += le - 1
+        x, gates, w_cat = saved[:3]
+        pos = 3
+        hs = saved[pos : pos + le]
+        pos += le
         ts = saved[pos : pos + lt]
         pos += lt
         ew_rest = saved[pos : pos + le - 1]
@@ -251,12 +256,11 @@ class _MMoEFunction(torch.autograd.Function):
         pos += lt
         scale = saved[pos] if ctx.has_scale else None
         b, k, e = gates.shape
-        eh = z.shape[1] - k * e
-        h1 = eh // e
-        hs = [z[:, :eh].view(b, e, h1).transpose(0, 1), *hs_rest]
+        h1 = hs[0].shape[2]
+        eh = e * h1
 
         def buf(*shape: int) -> Tensor:
-            return ws.take(shape, z) if ws is not None else torch.empty(shape, dtype=z.dtype, device=z.device)
+            return ws.take(shape, x) if ws is not None else torch.empty(shape, dtype=x.dtype, device=x.device)
 
         # Towers, last layer first.
         d_tw: list[Tensor] = [None] * lt  # type: ignore[list-item]
@@ -282,7 +286,7 @@ class _MMoEFunction(torch.autograd.Function):
             dt = torch.mul(dt, scale.view(k, 1, 1), out=buf(k, b, h))
 
         # Experts, last layer first; the first layer is done together with the gates in dz.
-        dz = buf(b, eh + k * e)
+        dz = buf(b, eh + k * e)  # gradient w.r.t. the first GEMM's output
         dz_experts = dz[:, :eh].view(b, e, h1)  # [B, E, H1]
         d_ew: list[Tensor] = [None] * le  # type: ignore[list-item]
         d_eb: list[Tensor] = [None] * le  # type: ignore[list-item]
@@ -301,7 +305,7 @@ class _MMoEFunction(torch.autograd.Function):
                     d_h = torch.bmm(d_h, w_t, out=buf(e, b, w_t.shape[2]))
                 else:
                     torch.bmm(d_h, w_t, out=dz_experts.transpose(0, 1))
-        _relu_grad_(dz_experts, z[:, :eh].view(b, e, h1))
+        _relu_grad_(dz_experts, hs[0].transpose(0, 1))
         dz[:, eh:] = d_gate_logits.view(b, k * e)
         d_wcat = torch.mm(x.t(), dz)  # [D, E*H1 + K*E]
         d_bcat = dz.sum(0)
