@@ -213,13 +213,13 @@ class _MMoEFunction(torch.autograd.Function):
         b_cat = torch.cat([eb[0].reshape(eh), gb])
         z = torch.addmm(b_cat, x, w_cat, out=buf(b, eh + k * e))
         gates = _softmax_small(z[:, eh:].view(b, k, e))  # [B, K, E]
-        first = z[:, :eh].view(b, e, h1).transpose(0, 1)  # [E, B, H1], strided view of z
-        if x.dtype in (torch.float32, torch.float64):
-            hs = [first.relu_()]  # MKL reads the strided view at full speed
-        else:
-            # oneDNN (bfloat16) would copy a strided operand in two GEMMs: ReLU while copying
-            # to a per-expert-contiguous buffer once instead.
-            hs = [torch.clamp_min(first, 0.0, out=buf(e, b, h1))]
+        first = z[:, :eh].relu_().view(b, e, h1).transpose(0, 1)  # [E, B, H1], strided view of z
+        separate_first = x.dtype not in (torch.float32, torch.float64)
+        if separate_first:
+            # oneDNN (bfloat16) would copy this strided operand in two GEMMs: copy it once to a
+            # per-expert-contiguous buffer instead (MKL reads the strided view at full speed).
+            first = buf(e, b, h1).copy_(first)
+        hs = [first]
         for layer in range(1, le):
             out = buf(e, b, ew[layer].shape[2])
             hs.append(torch.baddbmm(eb[layer], hs[-1], ew[layer], out=out).relu_())
@@ -233,9 +233,15 @@ class _MMoEFunction(torch.autograd.Function):
         prod = torch.mul(last, tw[-1].transpose(1, 2), out=buf(*last.shape))
         logits = prod.sum(-1).add_(tb[-1].view(k, 1))  # [K, B]; returned: not a workspace buffer
         ctx.le, ctx.lt, ctx.has_scale, ctx.ws = le, lt, scale is not None, ws
-        saved = [x, gates, w_cat, *hs, *ts, *ew[1:], *tw]
+        ctx.separate_first = separate_first
+        # Saved-tensor order [x, z, gates, w_cat, hidden expert outputs, tower inputs, expert
+        # weights 1.., tower weights, (scale), (contiguous first expert layer)] is read by the
+        # strategies bench's batched per-task backward prototype: keep the prefix stable.
+        saved = [x, z, gates, w_cat, *hs[1:], *ts, *ew[1:], *tw]
         if scale is not None:
             saved.append(scale)
+        if separate_first:
+            saved.append(hs[0])
         ctx.save_for_backward(*saved)
         return logits.t()
 
@@ -244,10 +250,10 @@ class _MMoEFunction(torch.autograd.Function):
     def backward(ctx, grad: Tensor):  # type: ignore[override]
         le, lt, ws = ctx.le, ctx.lt, ctx.ws
         saved = list(ctx.saved_tensors)
-        x, gates, w_cat = saved[:3]
-        pos = 3
-        hs = saved[pos : pos + le]
-        pos += le
+        x, z, gates, w_cat = saved[:4]
+        pos = 4
+        hs_rest = saved[pos : pos + le - 1]
+        pos += le - 1
         ts = saved[pos : pos + lt]
         pos += lt
         ew_rest = saved[pos : pos + le - 1]
@@ -256,8 +262,10 @@ class _MMoEFunction(torch.autograd.Function):
         pos += lt
         scale = saved[pos] if ctx.has_scale else None
         b, k, e = gates.shape
-        h1 = hs[0].shape[2]
-        eh = e * h1
+        eh = z.shape[1] - k * e
+        h1 = eh // e
+        first = saved[-1] if ctx.separate_first else z[:, :eh].view(b, e, h1).transpose(0, 1)
+        hs = [first, *hs_rest]
 
         def buf(*shape: int) -> Tensor:
             return ws.take(shape, x) if ws is not None else torch.empty(shape, dtype=x.dtype, device=x.device)
