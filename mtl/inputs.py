@@ -31,7 +31,13 @@ class InputModule(nn.Module):
     """Embeds sparse ids, pools id lists, and concatenates them with dense and vector inputs.
 
     Output layout (fixed, so diagnostics can slice it): sparse embeddings in spec order, then
-    pooled lists, then dense, then vectors. ``output_dim == spec.input_dim``.
+    pooled lists, then dense, then vectors. ``output_dim == spec.input_dim``. Table rows start
+    as ``N(0, EMBEDDING_INIT_STD^2)``.
+
+    With ``sparse_gradients=True`` the single-id features are looked up through one
+    unique-row lookup per group of equal-width tables (each distinct row gathered once; the
+    backward forms a dense ``[U, dim]`` block and hands each table a row-sparse gradient whose
+    rows are unique and sorted); values and gradients equal the plain ``nn.Embedding`` path.
 
     Args:
         spec: the feature spec.

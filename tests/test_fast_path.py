@@ -316,6 +316,18 @@ def test_bfloat16_compute_is_mixed_precision_close_to_float32() -> None:
         g16 = p16.grad.to_dense() if p16.grad.is_sparse else p16.grad
         cos = torch.nn.functional.cosine_similarity(g32.flatten(), g16.flatten(), dim=0)
         assert cos > 0.99, f"{name}: cosine {cos:.4f}"
+    # task_grad_scale through the bfloat16 body
+    c = torch.tensor([0.3, -2.0])
+    x = torch.randn(256, fp32.inputs.output_dim, generator=gen)
+    x32, x16 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    w = torch.randn(256, 2, generator=gen)
+    body32 = [p for n, p in fp32.named_parameters() if not n.startswith("inputs.")]
+    body16 = [p for n, p in bf16.named_parameters() if not n.startswith("inputs.")]
+    g32 = torch.autograd.grad((fp32.forward_representation(x32, c) * w).sum(), [x32, *body32])
+    g16 = torch.autograd.grad((bf16.forward_representation(x16, c) * w).sum(), [x16, *body16])
+    for a, b in zip(g32, g16):
+        assert b.dtype == torch.float32
+        assert torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0) > 0.99
     with pytest.raises(ValueError, match="compute_dtype"):
         build_model("mmoe", spec, compute_dtype="float16")
 

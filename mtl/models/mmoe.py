@@ -224,8 +224,13 @@ class _MMoEFunction(torch.autograd.Function):
             out = buf(e, b, ew[layer].shape[2])
             hs.append(torch.baddbmm(eb[layer], hs[-1], ew[layer], out=out).relu_())
         h = hs[-1].shape[2]
-        mixed = torch.bmm(gates, hs[-1].transpose(0, 1), out=buf(b, k, h))  # [B, K, H]
+        hs_b = hs[-1].transpose(0, 1)  # [B, E, H]
+        if separate_first:  # oneDNN: plain layouts, one explicit copy instead of several implicit ones
+            hs_b = buf(b, e, h).copy_(hs_b)
+        mixed = torch.bmm(gates, hs_b, out=buf(b, k, h))  # [B, K, H]
         ts = [mixed.transpose(0, 1)]  # [K, B, H]
+        if separate_first:
+            ts[0] = buf(k, b, h).copy_(ts[0])
         for layer in range(lt - 1):
             ts.append(torch.baddbmm(tb[layer], ts[-1], tw[layer], out=buf(k, b, tw[layer].shape[2])).relu_())
         # Last tower layer (width 1): a multiply-and-sum is ~3x faster than an N=1 bmm on CPU.
@@ -241,7 +246,7 @@ class _MMoEFunction(torch.autograd.Function):
         if scale is not None:
             saved.append(scale)
         if separate_first:
-            saved.append(hs[0])
+            saved += [hs[0], hs_b]
         ctx.save_for_backward(*saved)
         return logits.t()
 
@@ -264,8 +269,12 @@ class _MMoEFunction(torch.autograd.Function):
         b, k, e = gates.shape
         eh = z.shape[1] - k * e
         h1 = eh // e
-        first = saved[-1] if ctx.separate_first else z[:, :eh].view(b, e, h1).transpose(0, 1)
-        hs = [first, *hs_rest]
+        if ctx.separate_first:
+            first, hs_b = saved[-2], saved[-1]
+            hs = [first, *hs_rest]
+        else:
+            hs = [z[:, :eh].view(b, e, h1).transpose(0, 1), *hs_rest]
+            hs_b = hs[-1].transpose(0, 1)  # [B, E, H]
 
         def buf(*shape: int) -> Tensor:
             return ws.take(shape, x) if ws is not None else torch.empty(shape, dtype=x.dtype, device=x.device)
@@ -288,10 +297,13 @@ class _MMoEFunction(torch.autograd.Function):
                 _relu_grad_(dt, ts[layer])
         # dt: gradient w.r.t. the mixtures [K, B, H] (each task's own, unscaled).
         h = dt.shape[2]
-        d_gates = torch.bmm(dt.transpose(0, 1), hs[-1].permute(1, 2, 0))  # [B, K, E]
+        dt_b = dt.transpose(0, 1)  # [B, K, H]
+        if ctx.separate_first:
+            dt_b = buf(b, k, h).copy_(dt_b)
+        d_gates = torch.bmm(dt_b, hs_b.transpose(1, 2))  # [B, K, E]
         d_gate_logits = gates * (d_gates - (d_gates * gates).sum(-1, keepdim=True))  # [B, K, E]
         if scale is not None:
-            dt = torch.mul(dt, scale.view(k, 1, 1), out=buf(k, b, h))
+            dt_b = torch.mul(dt_b, scale.view(1, k, 1), out=buf(b, k, h))
 
         # Experts, last layer first; the first layer is done together with the gates in dz.
         dz = buf(b, eh + k * e)  # gradient w.r.t. the first GEMM's output
@@ -299,9 +311,9 @@ class _MMoEFunction(torch.autograd.Function):
         d_ew: list[Tensor] = [None] * le  # type: ignore[list-item]
         d_eb: list[Tensor] = [None] * le  # type: ignore[list-item]
         if le == 1:
-            torch.bmm(gates.transpose(1, 2), dt.transpose(0, 1), out=dz_experts)
+            torch.bmm(gates.transpose(1, 2), dt_b, out=dz_experts)
         else:
-            d_h = torch.bmm(gates.transpose(1, 2), dt.transpose(0, 1), out=buf(b, e, h))  # [B, E, H]
+            d_h = torch.bmm(gates.transpose(1, 2), dt_b, out=buf(b, e, h))  # [B, E, H]
             d_h = _relu_grad_(d_h.transpose(0, 1), hs[-1], buf(e, b, h))  # [E, B, H]
             for layer in reversed(range(1, le)):
                 if layer < le - 1:
