@@ -100,6 +100,12 @@ class MMoE(MultiTaskModel):
         return [(self.gates.weight, gate_owner), (self.gates.bias, gate_owner)] + stacked_owners(self.towers)
 
 
+# Whether the fused body copies its strided intermediates to plain layouts: ``None`` = only for
+# low-precision compute (oneDNN's bfloat16 GEMMs copy strided operands themselves, MKL's float32
+# ones read them at full speed). Tests force both branches.
+PLAIN_LAYOUTS: bool | None = None
+
+
 class Workspace:
     """Reusable scratch buffers for fused kernels, so that a training step does not allocate
     (and page-fault in) tens of MB of fresh memory every time.
@@ -214,7 +220,7 @@ class _MMoEFunction(torch.autograd.Function):
         z = torch.addmm(b_cat, x, w_cat, out=buf(b, eh + k * e))
         gates = _softmax_small(z[:, eh:].view(b, k, e))  # [B, K, E]
         first = z[:, :eh].relu_().view(b, e, h1).transpose(0, 1)  # [E, B, H1], strided view of z
-        separate_first = x.dtype not in (torch.float32, torch.float64)
+        separate_first = PLAIN_LAYOUTS if PLAIN_LAYOUTS is not None else x.dtype not in (torch.float32, torch.float64)
         if separate_first:
             # oneDNN (bfloat16) would copy this strided operand in two GEMMs: copy it once to a
             # per-expert-contiguous buffer instead (MKL reads the strided view at full speed).
