@@ -216,28 +216,9 @@ def build_project(seed: int = 0, compute_dtype: str | None = None) -> tuple[nn.M
         sparse_gradients=True,
         compute_dtype=compute_dtype,
     )
-    try:
-        from mtl.optim import build_optimizer
-    except ImportError:  # early version: the optimizer module is not there yet
-        opt = _FallbackOptimizer(model)
-    else:
-        opt = build_optimizer(model, lr=LR)
-    return model, opt
+    from mtl.optim import build_optimizer
 
-
-class _FallbackOptimizer:
-    def __init__(self, model: nn.Module) -> None:
-        emb = {id(p) for p in model.embedding_parameters()}  # type: ignore[attr-defined]
-        self.sparse = torch.optim.SparseAdam([p for p in model.parameters() if id(p) in emb], lr=LR)
-        self.dense = torch.optim.Adam([p for p in model.parameters() if id(p) not in emb], lr=LR)
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        self.sparse.zero_grad(set_to_none)
-        self.dense.zero_grad(set_to_none)
-
-    def step(self) -> None:
-        self.sparse.step()
-        self.dense.step()
+    return model, build_optimizer(model, lr=LR)
 
 
 def project_step(model: nn.Module, opt, batch: dict[str, Tensor], labels: Tensor) -> float:

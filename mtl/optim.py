@@ -207,8 +207,12 @@ def _row_adam_update(
     torch._foreach_sqrt_(vs)
     torch._foreach_add_(vs, eps)
     torch._foreach_div_(ms, vs)
-    for (param, _, rows, _, step_size), update in zip(tables, ms):
-        param.index_add_(0, rows, update, alpha=-step_size)
+    # Rows are distinct: gather, add, write back (index_add_ was ~4x slower here on CPU).
+    ps = [F.embedding(rows, param) for param, _, rows, _, _ in tables]
+    for p_rows, update, (_, _, _, _, step_size) in zip(ps, ms, tables):
+        p_rows.add_(update, alpha=-step_size)
+    for (param, _, rows, _, _), p_rows in zip(tables, ps):
+        param.index_copy_(0, rows, p_rows)
 
 
 def build_optimizer(
