@@ -183,7 +183,7 @@ def test_works_with_lr_scheduler_and_zero_grad() -> None:
     p = nn.Parameter(torch.ones(3, 2))
     opt = MixedAdam([{"params": [p], "row_sparse": True}], lr=0.1)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
-    p.grad = torch.sparse_coo_tensor(torch.tensor([[1]]), torch.ones(1, 2), (3, 2))
+    p.grad = torch.sparse_coo_tensor(torch.tensor([[1]]), torch.ones(1, 2), (3, 2), check_invariants=True)
     opt.step()
     sched.step()
     assert opt.param_groups[0]["lr"] == pytest.approx(0.05)
@@ -197,6 +197,6 @@ def test_clear_errors() -> None:
         MixedAdam([{"params": [p], "row_sparse": True, "weight_decay": 0.1}])
     q = nn.Parameter(torch.ones(3, 2))
     opt = MixedAdam([q])
-    q.grad = torch.sparse_coo_tensor(torch.tensor([[1]]), torch.ones(1, 2), (3, 2))
+    q.grad = torch.sparse_coo_tensor(torch.tensor([[1]]), torch.ones(1, 2), (3, 2), check_invariants=True)
     with pytest.raises(RuntimeError, match="row_sparse"):
         opt.step()
