@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import weakref
+from collections.abc import Sequence
+from typing import NamedTuple
+
 import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
+from torch.autograd.graph import GradientEdge
 
 from mtl.features import FeatureSpec
 from mtl.models.base import Batch, MultiTaskModel
@@ -58,6 +63,7 @@ class MMoE(MultiTaskModel):
         self.gates = nn.Linear(d, k * num_experts)
         self.towers = BatchedMLP(k, expert_hidden[-1], tower_hidden, out_dim=1, shared_input=False)
         self._workspace = Workspace()
+        self._last_forward = _ForwardRecord()
 
     def routing_weights(self, batch: Batch) -> dict[str, Tensor]:
         return {"gate": self.gate_weights(self.inputs(batch))}
@@ -82,12 +88,89 @@ class MMoE(MultiTaskModel):
         scale = None if task_grad_scale is None else task_grad_scale.detach().to(x.dtype)
         ws = self._workspace if torch.is_grad_enabled() else None
         logits = _MMoEFunction.apply(x, scale, len(self.experts.weights), len(self.towers.weights), ws, *params)
+        self._last_forward.set(logits.grad_fn)
         return logits.to(out_dtype)
+
+    def shared_task_gradients(self, losses: Tensor, tasks: Sequence[int] | None = None) -> Tensor:
+        """Per-task gradients of the experts (:meth:`shared_parameters`) in one batched backward.
+
+        Row ``r`` is the gradient of ``losses[tasks[r]]`` w.r.t. :meth:`shared_parameters`,
+        flattened and concatenated in that order, through this model's last forward pass (with
+        gradients enabled): the same numbers as ``torch.autograd.grad(losses[t],
+        model.shared_parameters(), retain_graph=True)`` for each ``t`` (a ``task_grad_scale``
+        passed to that forward scales task ``i``'s branch as in the ordinary backward), up to
+        floating-point summation order. The graph is kept and no ``.grad`` is touched, so the
+        usual backward can follow; :func:`mtl.strategies.model_backward` uses this method for
+        gradient strategies.
+
+        Cost: instead of ``len(tasks)`` backward passes through the whole body, the losses'
+        gradients w.r.t. the logits (through the loss only), one unit backward through the
+        towers, the gate mixing for every (task, expert) as one ``bmm``, then the experts'
+        backward for all requested tasks at once: per layer one ``bmm`` over the experts with
+        the tasks side by side in the product's columns, reusing the forward's saved
+        activations and ReLU masks. No input, gate or tower gradient is formed. Any loss is
+        handled (``losses[t]`` may read several tasks' logits).
+
+        Args:
+            losses: 1-D tensor of losses computed from the logits of this model's last forward;
+                they must reach the experts only through those logits (a loss that also reads
+                the expert weights directly, or the output of another forward call, is not
+                covered).
+            tasks: indices into ``losses`` (default: all), in the order of the returned rows.
+
+        Returns:
+            ``[len(tasks), P]`` in the parameters' dtype, ``P`` = the experts' parameter count.
+
+        Raises:
+            RuntimeError: no forward with gradients recorded, or its graph was already freed
+                (call this before a ``backward`` without ``retain_graph``).
+            ValueError: bad ``losses`` / ``tasks``.
+        """
+        node = self._last_forward.node()
+        if node is None:
+            raise RuntimeError(
+                "MMoE.shared_task_gradients: no live graph of a forward pass with gradients enabled "
+                "(run the forward first, and call this before a backward that frees the graph)"
+            )
+        if losses.dim() != 1:
+            raise ValueError(f"MMoE.shared_task_gradients: losses must be 1-D, got shape {list(losses.shape)}")
+        tasks = list(range(losses.shape[0])) if tasks is None else [int(t) for t in tasks]
+        bad = [t for t in tasks if not 0 <= t < losses.shape[0]]
+        if bad:
+            raise ValueError(f"MMoE.shared_task_gradients: task indices {bad} out of range for {losses.shape[0]} losses")
+        params = self.shared_parameters()
+        out = torch.empty(len(tasks), sum(p.numel() for p in params), dtype=params[0].dtype, device=params[0].device)
+        if not tasks:
+            return out
+        try:
+            sv = _unpack_saved(node)
+        except RuntimeError as err:
+            raise RuntimeError(
+                "MMoE.shared_task_gradients: the last forward's graph was already freed by a backward pass "
+                "(call this first, or pass retain_graph=True to that backward)"
+            ) from err
+        # d losses[t] / d logits for each requested task, through the loss only: [T, B, K].
+        edge = GradientEdge(node, 0)
+        rows: list[Tensor | None] = []
+        if losses.requires_grad:
+            for t in tasks:
+                rows.append(torch.autograd.grad(losses[t], edge, retain_graph=True, allow_unused=True)[0])
+        if all(g is None for g in rows):
+            raise RuntimeError(
+                "MMoE.shared_task_gradients: the losses do not depend on the logits of this model's last "
+                "forward pass (the fused body); compute them from that forward's output"
+            )
+        rows = [torch.zeros_like(sv.gates[:, :, 0]) if g is None else g for g in rows]
+        jac = torch.stack(rows).to(sv.x.dtype)
+        with torch.no_grad():
+            _expert_task_gradients(sv, jac, self._workspace, out)
+        return out
 
     def forward_modules(self, x: Tensor, task_grad_scale: Tensor | None = None) -> Tensor:
         """The same logits as :meth:`forward_representation`, composed from the generic layers
         (:class:`BatchedMLP`, :func:`mix_experts`) under autograd; slower, kept as the readable
         definition and as a check of the fused path."""
+        self._last_forward.set(None)  # shared_task_gradients reads the fused body's graph only
         experts = self.experts(x)  # [E, B, H]
         mixed = mix_experts(self.gate_weights(x, task_grad_scale), experts, task_grad_scale)  # [K, B, H]
         return self.towers(mixed).squeeze(-1).t()
@@ -98,6 +181,106 @@ class MMoE(MultiTaskModel):
     def task_parameter_owners(self) -> list[tuple[nn.Parameter, Tensor]]:
         gate_owner = torch.arange(self.num_tasks).repeat_interleave(self.num_experts)
         return [(self.gates.weight, gate_owner), (self.gates.bias, gate_owner)] + stacked_owners(self.towers)
+
+
+class _ForwardRecord:
+    """A weak reference to the fused node of the last forward with gradients, for
+    :meth:`MMoE.shared_task_gradients`; never keeps a graph alive, dropped when pickled."""
+
+    def __init__(self) -> None:
+        self._ref: weakref.ReferenceType | None = None
+
+    def set(self, node) -> None:
+        self._ref = None if node is None else weakref.ref(node)
+
+    def node(self):
+        return None if self._ref is None else self._ref()
+
+    def __getstate__(self) -> dict:
+        return {"_ref": None}
+
+    def __deepcopy__(self, memo: dict) -> "_ForwardRecord":
+        return _ForwardRecord()
+
+
+def _expert_task_gradients(sv: "_FusedSaved", jac: Tensor, ws: "Workspace | None", out: Tensor) -> None:
+    """The experts' parameter gradients of ``T`` losses, written as rows into ``out``
+    ``[T, P]`` (parameter order: expert weights by layer, then expert biases by layer).
+
+    ``jac`` ``[T, B, K]``: loss ``t``'s gradient w.r.t. the logits. Loss ``t``'s gradient
+    w.r.t. expert ``e``'s output at row ``b`` is
+    ``sum_s gates[b, s, e] * scale[s] * jac[t, b, s] * v[s, b]``, with ``v[s, b]`` = d logit_s /
+    d mixture_s at row ``b`` (one backward of the towers with unit upstream gradients); from
+    there the experts' backward runs for all ``T`` losses together, the losses side by side.
+    """
+    x, gates, hs, ts, ew_rest, tw, scale = sv.x, sv.gates, sv.hs, sv.ts, sv.ew_rest, sv.tw, sv.scale
+    b, k, e = gates.shape
+    nt = jac.shape[0]
+    le, lt = len(hs), len(tw)
+
+    def buf(*shape: int) -> Tensor:
+        return ws.take(shape, x) if ws is not None else torch.empty(shape, dtype=x.dtype, device=x.device)
+
+    # v [K, B, H]: d logit_s / d mixture_s (the towers' backward for an upstream gradient of 1).
+    v = tw[lt - 1].transpose(1, 2).expand(k, b, tw[lt - 1].shape[1])
+    if lt > 1:
+        v = _relu_grad_(v, ts[lt - 1], buf(*ts[lt - 1].shape))
+    for layer in reversed(range(lt - 1)):
+        v = torch.bmm(v, tw[layer].transpose(1, 2), out=buf(k, b, tw[layer].shape[1]))
+        if layer > 0:
+            _relu_grad_(v, ts[layer])
+    h = v.shape[2]
+    # coef[b, e, t, s] = gates[b, s, e] * scale[s] * jac[t, b, s]: per row, a bmm of coef
+    # [E*T, K] with v [K, H] mixes the towers' gradients into each (expert, loss) pair.
+    gates_bes = gates.transpose(1, 2) if scale is None else gates.transpose(1, 2) * scale.view(1, 1, k)
+    coef = torch.mul(gates_bes.unsqueeze(2), jac.transpose(0, 1).unsqueeze(1), out=buf(b, e, nt, k))
+    d_pre = torch.bmm(coef.view(b, e * nt, k), v.transpose(0, 1), out=buf(b, e * nt, h)).view(b, e, nt, h)
+
+    fan_ins = [x.shape[1]] + [hs[layer].shape[2] for layer in range(le - 1)]
+    widths = [hs[layer].shape[2] for layer in range(le)]
+    # Accumulators: weights [E, in, T*H_l] (the losses side by side), biases [E, T*H_l].
+    acc_w = [buf(e, fan_ins[layer], nt * widths[layer]) for layer in range(le)]
+    acc_b = [buf(e, nt * widths[layer]) for layer in range(le)]
+    # Rows in chunks, so that each chunk's intermediates stay in cache between the products.
+    for r0 in range(0, b, _ROW_CHUNK):
+        r1 = min(b, r0 + _ROW_CHUNK)
+        c = r1 - r0
+        first = r0 == 0
+        # ReLU of the last expert layer, laid out per expert: d [E, c, T, H].
+        d = _relu_grad_(d_pre[r0:r1].permute(1, 0, 2, 3), hs[le - 1][:, r0:r1].unsqueeze(2), buf(e, c, nt, h))
+        for layer in reversed(range(le)):
+            width, fan_in = widths[layer], fan_ins[layer]
+            d_flat = d.view(e, c, nt * width)
+            inp = x[r0:r1].t().expand(e, fan_in, c) if layer == 0 else hs[layer - 1][:, r0:r1].transpose(1, 2)
+            if first:
+                torch.bmm(inp, d_flat, out=acc_w[layer])
+                torch.sum(d_flat, dim=1, out=acc_b[layer])
+            else:
+                acc_w[layer].baddbmm_(inp, d_flat)
+                acc_b[layer].add_(d_flat.sum(1))
+            if layer > 0:
+                w_t = ew_rest[layer - 1].transpose(1, 2)  # [E, H_l, H_{l-1}]
+                below = torch.bmm(d.view(e, c * nt, width), w_t, out=buf(e, c * nt, fan_in))
+                d = _relu_grad_(below.view(e, c, nt, fan_in), hs[layer - 1][:, r0:r1].unsqueeze(2))
+
+    # Rows of ``out``: expert weights by layer, then expert biases by layer, each flattened.
+    offset = 0
+    for layer in range(le):
+        width, fan_in = widths[layer], fan_ins[layer]
+        n = e * fan_in * width
+        out[:, offset : offset + n].view(nt, e, fan_in, width).copy_(
+            acc_w[layer].view(e, fan_in, nt, width).permute(2, 0, 1, 3)
+        )
+        offset += n
+    for layer in range(le):
+        n = e * widths[layer]
+        out[:, offset : offset + n].view(nt, e, widths[layer]).copy_(acc_b[layer].view(e, nt, widths[layer]).transpose(0, 1))
+        offset += n
+
+
+#: rows per chunk of :func:`_expert_task_gradients` (its per-chunk intermediates, about
+#: ``E * rows * T * H`` floats, then stay in the CPU's caches)
+_ROW_CHUNK = 256
 
 
 # Whether the fused body copies its strided intermediates to plain layouts: ``None`` = only for
@@ -166,6 +349,71 @@ def _softmax_small(logits: Tensor) -> Tensor:
     CPU when that dimension has only a few entries."""
     g = (logits - logits.amax(dim=-1, keepdim=True)).exp_()
     return g.div_(g.sum(dim=-1, keepdim=True))
+
+
+class _FusedSaved(NamedTuple):
+    """What :class:`_MMoEFunction` keeps from its forward (compute dtype), by name.
+
+    ``E`` experts, ``K`` tasks, ``B`` rows; ``hs[l]`` is expert layer ``l``'s output after its
+    ReLU, ``[E, B, H_l]`` (``hs[0]`` may be a strided view of ``z``).
+    """
+
+    x: Tensor  #: ``[B, D]`` the body's input
+    z: Tensor  #: ``[B, E*H_0 + K*E]`` first GEMM: experts' first layer (after ReLU), gate logits
+    gates: Tensor  #: ``[B, K, E]`` gate distributions
+    w_cat: Tensor  #: ``[D, E*H_0 + K*E]`` experts' first-layer and gate weights, concatenated
+    hs: list[Tensor]  #: expert layer outputs ``[E, B, H_l]``
+    hs_b: Tensor  #: ``hs[-1]`` as ``[B, E, H]``
+    ts: list[Tensor]  #: tower layer inputs ``[K, B, *]``; ``ts[0]`` = the mixtures
+    ew_rest: list[Tensor]  #: expert weights of layers ``1..`` ``[E, H_{l-1}, H_l]``
+    tw: list[Tensor]  #: tower weights ``[K, in, out]``
+    scale: Tensor | None  #: ``[K]`` ``task_grad_scale`` or ``None``
+
+
+def _unpack_saved(ctx) -> _FusedSaved:
+    """The saved tensors of an :class:`_MMoEFunction` node (its ``ctx``) by name; the one
+    reader of the layout written in :meth:`_MMoEFunction.forward`."""
+    le, lt = ctx.le, ctx.lt
+    saved = list(ctx.saved_tensors)
+    x, z, gates, w_cat = saved[:4]
+    pos = 4
+    hs_rest = saved[pos : pos + le - 1]
+    pos += le - 1
+    ts = saved[pos : pos + lt]
+    pos += lt
+    ew_rest = saved[pos : pos + le - 1]
+    pos += le - 1
+    tw = saved[pos : pos + lt]
+    pos += lt
+    scale = saved[pos] if ctx.has_scale else None
+    b, k, e = gates.shape
+    if ctx.separate_first:
+        hs = [saved[-2], *hs_rest]
+        hs_b = saved[-1]
+    else:
+        eh = z.shape[1] - k * e
+        hs = [z[:, :eh].view(b, e, eh // e).transpose(0, 1), *hs_rest]
+        hs_b = hs[-1].transpose(0, 1)
+    return _FusedSaved(x, z, gates, w_cat, hs, hs_b, ts, ew_rest, tw, scale)
+
+
+def _param_grad_needed(ctx, index: int) -> bool:
+    """Whether the backward pass now running uses the gradient of parameter input ``index``
+    (position in ``*params``): it is required (``needs_input_grad``) and the engine will run
+    the node it flows to (not the case for parameters left out of ``backward(inputs=...)``)."""
+    if not ctx.needs_input_grad[5 + index]:
+        return False
+    # next_functions has one edge per *tensor* input: x, scale (if given), then the parameters.
+    node = ctx.next_functions[1 + int(ctx.has_scale) + index][0]
+    if node is None or _will_engine_execute_node is None:
+        return True
+    try:
+        return bool(_will_engine_execute_node(node))
+    except RuntimeError:  # not inside an engine-run backward (e.g. a direct call): be safe
+        return True
+
+
+_will_engine_execute_node = getattr(torch._C, "_will_engine_execute_node", None)
 
 
 def _relu_grad_(grad: Tensor, out: Tensor, result: Tensor | None = None) -> Tensor:
@@ -245,9 +493,7 @@ class _MMoEFunction(torch.autograd.Function):
         logits = prod.sum(-1).add_(tb[-1].view(k, 1))  # [K, B]; returned: not a workspace buffer
         ctx.le, ctx.lt, ctx.has_scale, ctx.ws = le, lt, scale is not None, ws
         ctx.separate_first = separate_first
-        # Saved-tensor order [x, z, gates, w_cat, hidden expert outputs, tower inputs, expert
-        # weights 1.., tower weights, (scale), (contiguous first expert layer)] is read by the
-        # strategies bench's batched per-task backward prototype: keep the prefix stable.
+        # The layout of the saved tensors is defined here and read back only by _unpack_saved.
         saved = [x, z, gates, w_cat, *hs[1:], *ts, *ew[1:], *tw]
         if scale is not None:
             saved.append(scale)
@@ -260,27 +506,16 @@ class _MMoEFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad: Tensor):  # type: ignore[override]
         le, lt, ws = ctx.le, ctx.lt, ctx.ws
-        saved = list(ctx.saved_tensors)
-        x, z, gates, w_cat = saved[:4]
-        pos = 4
-        hs_rest = saved[pos : pos + le - 1]
-        pos += le - 1
-        ts = saved[pos : pos + lt]
-        pos += lt
-        ew_rest = saved[pos : pos + le - 1]
-        pos += le - 1
-        tw = saved[pos : pos + lt]
-        pos += lt
-        scale = saved[pos] if ctx.has_scale else None
+        sv = _unpack_saved(ctx)
+        x, z, gates, w_cat, hs, hs_b = sv.x, sv.z, sv.gates, sv.w_cat, sv.hs, sv.hs_b
+        ts, ew_rest, tw, scale = sv.ts, sv.ew_rest, sv.tw, sv.scale
         b, k, e = gates.shape
         eh = z.shape[1] - k * e
         h1 = eh // e
-        if ctx.separate_first:
-            first, hs_b = saved[-2], saved[-1]
-            hs = [first, *hs_rest]
-        else:
-            hs = [z[:, :eh].view(b, e, h1).transpose(0, 1), *hs_rest]
-            hs_b = hs[-1].transpose(0, 1)  # [B, E, H]
+        # Expert parameters whose gradient the engine will use: a backward restricted to other
+        # parameters (``inputs=``, e.g. the strategies' direct path after
+        # MMoE.shared_task_gradients) skips the experts' weight-gradient products.
+        need_ew = [_param_grad_needed(ctx, i) for i in range(2 * le)]
 
         def buf(*shape: int) -> Tensor:
             return ws.take(shape, x) if ws is not None else torch.empty(shape, dtype=x.dtype, device=x.device)
@@ -324,8 +559,10 @@ class _MMoEFunction(torch.autograd.Function):
             for layer in reversed(range(1, le)):
                 if layer < le - 1:
                     _relu_grad_(d_h, hs[layer])
-                d_ew[layer] = torch.bmm(hs[layer - 1].transpose(1, 2), d_h)
-                d_eb[layer] = d_h.sum(1, keepdim=True)
+                if need_ew[layer]:
+                    d_ew[layer] = torch.bmm(hs[layer - 1].transpose(1, 2), d_h)
+                if need_ew[le + layer]:
+                    d_eb[layer] = d_h.sum(1, keepdim=True)
                 w_t = ew_rest[layer - 1].transpose(1, 2)
                 if layer > 1:
                     d_h = torch.bmm(d_h, w_t, out=buf(e, b, w_t.shape[2]))
@@ -333,15 +570,21 @@ class _MMoEFunction(torch.autograd.Function):
                     torch.bmm(d_h, w_t, out=dz_experts.transpose(0, 1))
         _relu_grad_(dz_experts, hs[0].transpose(0, 1))
         dz[:, eh:] = d_gate_logits.view(b, k * e)
-        d_wcat = torch.mm(x.t(), dz)  # [D, E*H1 + K*E]
-        d_bcat = dz.sum(0)
+        if need_ew[0]:
+            d_wcat = torch.mm(x.t(), dz)  # [D, E*H1 + K*E]
+            d_ew[0] = d_wcat[:, :eh].reshape(-1, e, h1).transpose(0, 1).contiguous()
+            d_gw = d_wcat[:, eh:].t().contiguous()
+        else:
+            d_gw = torch.mm(dz[:, eh:].t(), x)  # [K*E, D]
+        if need_ew[le]:
+            d_bcat = dz.sum(0)
+            d_eb[0] = d_bcat[:eh].reshape(e, 1, h1)
+            d_gb = d_bcat[eh:]
+        else:
+            d_gb = dz[:, eh:].sum(0)
         d_x = None
         if ctx.needs_input_grad[0]:
             if scale is not None:
                 dz[:, eh:] = (d_gate_logits * scale.view(1, k, 1)).view(b, k * e)
             d_x = torch.mm(dz, w_cat.t())
-        d_ew[0] = d_wcat[:, :eh].reshape(-1, e, h1).transpose(0, 1).contiguous()
-        d_eb[0] = d_bcat[:eh].reshape(e, 1, h1)
-        d_gw = d_wcat[:, eh:].t().contiguous()
-        d_gb = d_bcat[eh:]
         return (d_x, None, None, None, None, *d_ew, *d_eb, d_gw, d_gb, *d_tw, *d_tb)

@@ -23,9 +23,10 @@ def model_backward(
     labels: Tensor,
     loss_fn: Callable[[Tensor, Tensor], Tensor] = per_task_bce,
     shared_parameters: Sequence[nn.Parameter] | None = None,
-    direct: bool = False,
+    direct: bool | None = None,
     representation_module: nn.Module | None = None,
     state_losses: Tensor | None = None,
+    model_task_gradients: bool = True,
 ) -> tuple[Tensor, Combination]:
     """Forward with ``task_grad_scale``, per-task losses, the strategy's combination, ONE backward.
 
@@ -42,10 +43,15 @@ def model_backward(
         shared_parameters: parameters to take per-task gradients over; default
             ``model.shared_parameters()`` (GradNorm: pass the last shared layer).
         direct: form the shared gradient from the per-task stack instead of backpropagating it
-            again (the final backward then skips the shared weight gradients).
+            again (the final backward is restricted to the other parameters, so a model whose
+            backward skips unused weight gradients, like the fused MMoE, saves the shared
+            weight-gradient products). ``None`` (default): on when the model's
+            ``shared_task_gradients`` is used, off otherwise.
         representation_module: for MGDA-UB: a module whose output is the shared representation
             (e.g. ``model.experts``); per-task gradients are taken w.r.t. that output.
         state_losses: all-reduced detached losses for loss-driven state (DDP).
+        model_task_gradients: use the model's ``shared_task_gradients`` when it has one
+            (``False``: always the generic per-task ``torch.autograd.grad`` calls).
 
     If the model has a method ``shared_task_gradients(losses, tasks) -> [len(tasks), P]``
     (gradients of ``losses[t]`` for ``t`` in ``tasks`` w.r.t. ``model.shared_parameters()`` for the
@@ -75,7 +81,9 @@ def model_backward(
         )
     losses = loss_fn(logits, labels)
     shared = list(shared_parameters) if shared_parameters is not None else model.shared_parameters()
-    fast = getattr(model, "shared_task_gradients", None) if shared_parameters is None else None
+    fast = getattr(model, "shared_task_gradients", None) if shared_parameters is None and model_task_gradients else None
+    if direct is None:
+        direct = fast is not None
     non_shared = None
     if direct:
         ids = {id(p) for p in shared}
