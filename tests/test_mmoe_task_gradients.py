@@ -203,3 +203,53 @@ def test_driver_same_gradients_with_and_without_model_method(embedding_grad, ref
         torch.testing.assert_close(ca, cb, rtol=1e-4, atol=1e-6)
         for a, b in zip(ga, gb):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("k,expert_hidden,tower_hidden", SHAPES)
+def test_parameter_subset(k, expert_hidden, tower_hidden, monkeypatch):
+    """``parameters=``: the columns of those parameters, in the order given (only the layers
+    from the lowest named one upwards are backpropagated)."""
+    monkeypatch.setattr(mmoe, "_ROW_CHUNK", 16)
+    model, batch, labels = _setup(k, expert_hidden, tower_hidden, seed=8)
+    losses = per_task_bce(model(batch), labels)
+    w, b = model.experts.weights, model.experts.biases
+    for subset in ([w[-1], b[-1]], [b[-1], w[-1]], [b[0]], [w[0], b[-1]]):
+        fast = model.shared_task_gradients(losses, [k - 1, 0], parameters=subset)
+        ref = task_gradients(losses, subset, [k - 1, 0])
+        torch.testing.assert_close(fast, ref, rtol=1e-10, atol=1e-13)
+    with pytest.raises(ValueError, match="subset"):
+        model.shared_task_gradients(losses, parameters=[model.gates.weight])
+
+
+def test_gradnorm_last_layer_through_model_method():
+    """GradNorm on the last shared layer: the driver uses the model's method with
+    ``parameters=`` and gets the same weights and gradients as the generic path."""
+    k = 3
+    runs = []
+    for use_model in (True, False):
+        model, batch, labels = _setup(k, [8, 6], [4], rows=64, seed=9, dtype=torch.float32)
+        strategy = build_strategy("gradnorm", k)
+        last = [model.experts.weights[-1], model.experts.biases[-1]]
+        calls = []
+        if use_model:
+            inner = model.shared_task_gradients
+
+            def spy(ls, tasks, parameters=None):
+                calls.append([tuple(p.shape) for p in parameters])
+                return inner(ls, tasks, parameters=parameters)
+
+            model.shared_task_gradients = spy
+        out = []
+        for _ in range(3):
+            model.zero_grad(set_to_none=True)
+            _, comb = model_backward(strategy, model, batch, labels, shared_parameters=last, model_task_gradients=use_model)
+            out.append(([p.grad.clone() for p in model.parameters()], comb.loss_weights.clone()))
+            with torch.no_grad():
+                for p in model.parameters():
+                    p -= 0.05 * p.grad
+        assert calls == ([[tuple(p.shape) for p in last]] * 3 if use_model else [])
+        runs.append(out)
+    for (ga, wa), (gb, wb) in zip(*runs):
+        torch.testing.assert_close(wa, wb, rtol=1e-5, atol=1e-6)
+        for a, b in zip(ga, gb):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)

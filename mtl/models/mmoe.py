@@ -91,7 +91,9 @@ class MMoE(MultiTaskModel):
         self._last_forward.set(logits.grad_fn)
         return logits.to(out_dtype)
 
-    def shared_task_gradients(self, losses: Tensor, tasks: Sequence[int] | None = None) -> Tensor:
+    def shared_task_gradients(
+        self, losses: Tensor, tasks: Sequence[int] | None = None, parameters: Sequence[Tensor] | None = None
+    ) -> Tensor:
         """Per-task gradients of the experts (:meth:`shared_parameters`) in one batched backward.
 
         Row ``r`` is the gradient of ``losses[tasks[r]]`` w.r.t. :meth:`shared_parameters`,
@@ -104,12 +106,14 @@ class MMoE(MultiTaskModel):
         gradient strategies.
 
         Cost: instead of ``len(tasks)`` backward passes through the whole body, the losses'
-        gradients w.r.t. the logits (through the loss only), one unit backward through the
-        towers, the gate mixing for every (task, expert) as one ``bmm``, then the experts'
-        backward for all requested tasks at once: per layer one ``bmm`` over the experts with
-        the tasks side by side in the product's columns, reusing the forward's saved
-        activations and ReLU masks. No input, gate or tower gradient is formed. Any loss is
-        handled (``losses[t]`` may read several tasks' logits).
+        gradients w.r.t. the logits (through the loss only), one backward through the towers
+        with unit upstream gradients (shared by all tasks), the gate mixing for every (expert,
+        task) pair, then the experts' backward for all requested tasks at once: per layer one
+        ``bmm`` over the experts with the tasks side by side in the product's columns, reusing
+        the forward's saved activations and ReLU masks, over row chunks that stay in cache.
+        No input, gate or tower gradient is formed (measured step costs:
+        ``bench/bench_strategies.py``). Any loss is handled (``losses[t]`` may read several
+        tasks' logits).
 
         Args:
             losses: 1-D tensor of losses computed from the logits of this model's last forward;
@@ -117,9 +121,12 @@ class MMoE(MultiTaskModel):
                 the expert weights directly, or the output of another forward call, is not
                 covered).
             tasks: indices into ``losses`` (default: all), in the order of the returned rows.
+            parameters: a subset of :meth:`shared_parameters` (default: all of them), in the
+                order of the returned columns; only the expert layers from the lowest one
+                named upwards are backpropagated (e.g. GradNorm's last shared layer is cheap).
 
         Returns:
-            ``[len(tasks), P]`` in the parameters' dtype, ``P`` = the experts' parameter count.
+            ``[len(tasks), P]`` in the parameters' dtype, ``P`` = the parameters' total size.
 
         Raises:
             RuntimeError: no forward with gradients recorded, or its graph was already freed
@@ -138,7 +145,11 @@ class MMoE(MultiTaskModel):
         bad = [t for t in tasks if not 0 <= t < losses.shape[0]]
         if bad:
             raise ValueError(f"MMoE.shared_task_gradients: task indices {bad} out of range for {losses.shape[0]} losses")
-        params = self.shared_parameters()
+        where = {id(p): ("w", layer) for layer, p in enumerate(self.experts.weights)}
+        where.update({id(p): ("b", layer) for layer, p in enumerate(self.experts.biases)})
+        params = self.shared_parameters() if parameters is None else list(parameters)
+        if not params or any(id(p) not in where for p in params):
+            raise ValueError("MMoE.shared_task_gradients: parameters must be a non-empty subset of shared_parameters()")
         out = torch.empty(len(tasks), sum(p.numel() for p in params), dtype=params[0].dtype, device=params[0].device)
         if not tasks:
             return out
@@ -163,7 +174,15 @@ class MMoE(MultiTaskModel):
         rows = [torch.zeros_like(sv.gates[:, :, 0]) if g is None else g for g in rows]
         jac = torch.stack(rows).to(sv.x.dtype)
         with torch.no_grad():
-            _expert_task_gradients(sv, jac, self._workspace, out)
+            lowest = min(where[id(p)][1] for p in params)
+            weights, biases = _expert_task_gradients(sv, jac, self._workspace, lowest)
+            offset = 0
+            for p in params:
+                kind, layer = where[id(p)]
+                grad = weights[layer] if kind == "w" else biases[layer]
+                n = p.numel()
+                out[:, offset : offset + n].view(len(tasks), *p.shape).copy_(grad.view(len(tasks), *p.shape))
+                offset += n
         return out
 
     def forward_modules(self, x: Tensor, task_grad_scale: Tensor | None = None) -> Tensor:
@@ -203,15 +222,19 @@ class _ForwardRecord:
         return _ForwardRecord()
 
 
-def _expert_task_gradients(sv: "_FusedSaved", jac: Tensor, ws: "Workspace | None", out: Tensor) -> None:
-    """The experts' parameter gradients of ``T`` losses, written as rows into ``out``
-    ``[T, P]`` (parameter order: expert weights by layer, then expert biases by layer).
+def _expert_task_gradients(
+    sv: "_FusedSaved", jac: Tensor, ws: "Workspace | None", lowest: int = 0
+) -> tuple[list[Tensor | None], list[Tensor | None]]:
+    """The experts' parameter gradients of ``T`` losses for the layers ``lowest..``:
+    ``(weights, biases)``, per layer ``[T, E, in, out]`` and ``[T, E, out]`` (strided views of
+    scratch buffers: copy them out before the next call), ``None`` below ``lowest``.
 
     ``jac`` ``[T, B, K]``: loss ``t``'s gradient w.r.t. the logits. Loss ``t``'s gradient
     w.r.t. expert ``e``'s output at row ``b`` is
     ``sum_s gates[b, s, e] * scale[s] * jac[t, b, s] * v[s, b]``, with ``v[s, b]`` = d logit_s /
     d mixture_s at row ``b`` (one backward of the towers with unit upstream gradients); from
-    there the experts' backward runs for all ``T`` losses together, the losses side by side.
+    there the experts' backward runs for all ``T`` losses together, the losses side by side,
+    over chunks of :data:`_ROW_CHUNK` rows whose weight-gradient products are accumulated.
     """
     x, gates, hs, ts, ew_rest, tw, scale = sv.x, sv.gates, sv.hs, sv.ts, sv.ew_rest, sv.tw, sv.scale
     b, k, e = gates.shape
@@ -230,52 +253,62 @@ def _expert_task_gradients(sv: "_FusedSaved", jac: Tensor, ws: "Workspace | None
         if layer > 0:
             _relu_grad_(v, ts[layer])
     h = v.shape[2]
-    # coef[b, e, t, s] = gates[b, s, e] * scale[s] * jac[t, b, s]: per row, a bmm of coef
-    # [E*T, K] with v [K, H] mixes the towers' gradients into each (expert, loss) pair.
-    gates_bes = gates.transpose(1, 2) if scale is None else gates.transpose(1, 2) * scale.view(1, 1, k)
-    coef = torch.mul(gates_bes.unsqueeze(2), jac.transpose(0, 1).unsqueeze(1), out=buf(b, e, nt, k))
-    d_pre = torch.bmm(coef.view(b, e * nt, k), v.transpose(0, 1), out=buf(b, e * nt, h)).view(b, e, nt, h)
+    v_b = v.transpose(0, 1)  # [B, K, H]
+    # coef[e, b, t, s] = gates[b, s, e] * scale[s] * jac[t, b, s]: loss t's gradient w.r.t.
+    # expert e's output at row b is relu'(expert e at b) * sum_s coef[e, b, t, s] * v[s, b].
+    gates_ebs = gates.permute(2, 0, 1) if scale is None else gates.permute(2, 0, 1) * scale.view(1, 1, k)
+    jac_bts = jac.transpose(0, 1)  # [B, T, K]
 
     fan_ins = [x.shape[1]] + [hs[layer].shape[2] for layer in range(le - 1)]
     widths = [hs[layer].shape[2] for layer in range(le)]
-    # Accumulators: weights [E, in, T*H_l] (the losses side by side), biases [E, T*H_l].
-    acc_w = [buf(e, fan_ins[layer], nt * widths[layer]) for layer in range(le)]
-    acc_b = [buf(e, nt * widths[layer]) for layer in range(le)]
+    layers = range(lowest, le)
+    # The first layer's input with a column of ones: its product also gives the bias gradient.
+    if lowest == 0:
+        x1 = buf(b, fan_ins[0] + 1)
+        x1[:, : fan_ins[0]] = x
+        x1[:, fan_ins[0]] = 1.0
+    # Accumulators: weights [E, in, T*H_l] (the losses side by side; the first layer's has the
+    # bias gradient as an extra last input row), biases of the other layers [E, T*H_l].
+    acc_w: list[Tensor | None] = [None] * le
+    acc_b: list[Tensor | None] = [None] * le
+    for layer in layers:
+        acc_w[layer] = buf(e, fan_ins[layer] + (layer == 0), nt * widths[layer])
+        acc_b[layer] = acc_w[0][:, fan_ins[0]] if layer == 0 else buf(e, nt * widths[layer])
     # Rows in chunks, so that each chunk's intermediates stay in cache between the products.
     for r0 in range(0, b, _ROW_CHUNK):
         r1 = min(b, r0 + _ROW_CHUNK)
         c = r1 - r0
         first = r0 == 0
-        # ReLU of the last expert layer, laid out per expert: d [E, c, T, H].
-        d = _relu_grad_(d_pre[r0:r1].permute(1, 0, 2, 3), hs[le - 1][:, r0:r1].unsqueeze(2), buf(e, c, nt, h))
-        for layer in reversed(range(le)):
+        # The last expert layer's ReLU applied to v per expert, then per (expert, row) one small
+        # product [T, K] x [K, H]: d [E, c, T, H], the gradient at the last layer's input.
+        v_masked = _relu_grad_(v_b[r0:r1].unsqueeze(0).expand(e, c, k, h), hs[le - 1][:, r0:r1].unsqueeze(2), buf(e, c, k, h))
+        coef = torch.mul(gates_ebs[:, r0:r1].unsqueeze(2), jac_bts[r0:r1].unsqueeze(0), out=buf(e, c, nt, k))
+        d = torch.bmm(coef.view(e * c, nt, k), v_masked.view(e * c, k, h), out=buf(e * c, nt, h)).view(e, c, nt, h)
+        for layer in reversed(layers):
             width, fan_in = widths[layer], fan_ins[layer]
             d_flat = d.view(e, c, nt * width)
-            inp = x[r0:r1].t().expand(e, fan_in, c) if layer == 0 else hs[layer - 1][:, r0:r1].transpose(1, 2)
+            inp = x1[r0:r1].t().expand(e, fan_in + 1, c) if layer == 0 else hs[layer - 1][:, r0:r1].transpose(1, 2)
             if first:
                 torch.bmm(inp, d_flat, out=acc_w[layer])
-                torch.sum(d_flat, dim=1, out=acc_b[layer])
             else:
                 acc_w[layer].baddbmm_(inp, d_flat)
-                acc_b[layer].add_(d_flat.sum(1))
             if layer > 0:
+                if first:
+                    torch.sum(d_flat, dim=1, out=acc_b[layer])
+                else:
+                    acc_b[layer].add_(d_flat.sum(1))
+            if layer > lowest:
                 w_t = ew_rest[layer - 1].transpose(1, 2)  # [E, H_l, H_{l-1}]
                 below = torch.bmm(d.view(e, c * nt, width), w_t, out=buf(e, c * nt, fan_in))
                 d = _relu_grad_(below.view(e, c, nt, fan_in), hs[layer - 1][:, r0:r1].unsqueeze(2))
 
-    # Rows of ``out``: expert weights by layer, then expert biases by layer, each flattened.
-    offset = 0
-    for layer in range(le):
+    weights: list[Tensor | None] = [None] * le
+    biases: list[Tensor | None] = [None] * le
+    for layer in layers:
         width, fan_in = widths[layer], fan_ins[layer]
-        n = e * fan_in * width
-        out[:, offset : offset + n].view(nt, e, fan_in, width).copy_(
-            acc_w[layer].view(e, fan_in, nt, width).permute(2, 0, 1, 3)
-        )
-        offset += n
-    for layer in range(le):
-        n = e * widths[layer]
-        out[:, offset : offset + n].view(nt, e, widths[layer]).copy_(acc_b[layer].view(e, nt, widths[layer]).transpose(0, 1))
-        offset += n
+        weights[layer] = acc_w[layer][:, :fan_in].view(e, fan_in, nt, width).permute(2, 0, 1, 3)
+        biases[layer] = acc_b[layer].view(e, nt, width).transpose(0, 1)
+    return weights, biases
 
 
 #: rows per chunk of :func:`_expert_task_gradients` (its per-chunk intermediates, about

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
 
 from torch import Tensor, nn
@@ -56,7 +57,9 @@ def model_backward(
     If the model has a method ``shared_task_gradients(losses, tasks) -> [len(tasks), P]``
     (gradients of ``losses[t]`` for ``t`` in ``tasks`` w.r.t. ``model.shared_parameters()`` for the
     last forward, flattened in parameter order, graph kept), it replaces the generic per-task
-    ``torch.autograd.grad`` calls when ``shared_parameters`` is not given.
+    ``torch.autograd.grad`` calls when ``shared_parameters`` is not given; if it also takes
+    ``parameters=`` (a subset of ``model.shared_parameters()``, e.g. GradNorm's last shared
+    layer), it is used for such a ``shared_parameters`` as well.
 
     Returns:
         ``(losses [K] detached, combination)``.
@@ -81,9 +84,15 @@ def model_backward(
         )
     losses = loss_fn(logits, labels)
     shared = list(shared_parameters) if shared_parameters is not None else model.shared_parameters()
-    fast = getattr(model, "shared_task_gradients", None) if shared_parameters is None and model_task_gradients else None
+    fast = getattr(model, "shared_task_gradients", None) if model_task_gradients else None
+    task_fn = None
+    if fast is not None:
+        if shared_parameters is None:
+            task_fn = lambda ls, _params, tasks: fast(ls, tasks)  # noqa: E731
+        elif _takes_parameters(fast) and {id(p) for p in shared} <= {id(p) for p in model.shared_parameters()}:
+            task_fn = lambda ls, params, tasks: fast(ls, tasks, parameters=params)  # noqa: E731
     if direct is None:
-        direct = fast is not None
+        direct = task_fn is not None and shared_parameters is None
     non_shared = None
     if direct:
         ids = {id(p) for p in shared}
@@ -95,6 +104,13 @@ def model_backward(
         state_losses=state_losses,
         representation=captured[0] if captured else None,
         non_shared_parameters=non_shared,
-        task_gradients_fn=(lambda ls, _params, tasks: fast(ls, tasks)) if fast is not None else None,
+        task_gradients_fn=task_fn,
     )
     return losses.detach(), comb
+
+
+def _takes_parameters(fn: Callable) -> bool:
+    try:
+        return "parameters" in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
