@@ -280,7 +280,7 @@ def _expert_task_gradients(
         c = r1 - r0
         first = r0 == 0
         # The last expert layer's ReLU applied to v per expert, then per (expert, row) one small
-        # product [T, K] x [K, H]: d [E, c, T, H], the gradient at the last layer's input.
+        # product [T, K] x [K, H]: d [E, c, T, H], the gradient w.r.t. the last layer's pre-activation.
         v_masked = _relu_grad_(v_b[r0:r1].unsqueeze(0).expand(e, c, k, h), hs[le - 1][:, r0:r1].unsqueeze(2), buf(e, c, k, h))
         coef = torch.mul(gates_ebs[:, r0:r1].unsqueeze(2), jac_bts[r0:r1].unsqueeze(0), out=buf(e, c, nt, k))
         d = torch.bmm(coef.view(e * c, nt, k), v_masked.view(e * c, k, h), out=buf(e * c, nt, h)).view(e, c, nt, h)
