@@ -576,8 +576,9 @@ class _MMoEFunction(torch.autograd.Function):
             dt_b = buf(b, k, h).copy_(dt_b)
         d_gates = torch.bmm(dt_b, hs_b.transpose(1, 2))  # [B, K, E]
         d_gate_logits = gates * (d_gates - (d_gates * gates).sum(-1, keepdim=True))  # [B, K, E]
-        if scale is not None:
-            dt_b = torch.mul(dt_b, scale.view(1, k, 1), out=buf(b, k, h))
+        # task_grad_scale: task k's gradient into the experts is scaled by scale[k]; folded into
+        # the (small) gate weights of the mixing's backward instead of the [B, K, H] gradient.
+        gates_mix = gates if scale is None else gates * scale.view(1, k, 1)
 
         # Experts, last layer first; the first layer is done together with the gates in dz.
         dz = buf(b, eh + k * e)  # gradient w.r.t. the first GEMM's output
@@ -585,9 +586,9 @@ class _MMoEFunction(torch.autograd.Function):
         d_ew: list[Tensor] = [None] * le  # type: ignore[list-item]
         d_eb: list[Tensor] = [None] * le  # type: ignore[list-item]
         if le == 1:
-            torch.bmm(gates.transpose(1, 2), dt_b, out=dz_experts)
+            torch.bmm(gates_mix.transpose(1, 2), dt_b, out=dz_experts)
         else:
-            d_h = torch.bmm(gates.transpose(1, 2), dt_b, out=buf(b, e, h))  # [B, E, H]
+            d_h = torch.bmm(gates_mix.transpose(1, 2), dt_b, out=buf(b, e, h))  # [B, E, H]
             d_h = _relu_grad_(d_h.transpose(0, 1), hs[-1], buf(e, b, h))  # [E, B, H]
             for layer in reversed(range(1, le)):
                 if layer < le - 1:
