@@ -29,7 +29,6 @@ Data (``n`` rows, ``numpy.random.default_rng(seed)``), drawn in this order:
 from __future__ import annotations
 
 import argparse
-import math
 import statistics
 import sys
 import time

@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
@@ -52,7 +53,7 @@ import pyarrow.parquet as pq
 
 from mtl.features import WEIGHT_SUFFIX, DenseFeature, FeatureSpec, ListFeature, SparseFeature, VectorFeature
 from pipeline.config import dump_config, load_config
-from pipeline.datasets import DatasetConfig, FileConfig, ListConfig, SideTableConfig, VectorConfig
+from pipeline.datasets import DatasetConfig, FileConfig, ListConfig, VectorConfig
 
 SPLITS = ("train", "valid", "test")
 SUCCESS = "_SUCCESS"
@@ -187,7 +188,7 @@ def read_source(raw: Path, fc: FileConfig) -> pa.Table:
 
         try:
             table = pacsv.read_csv(path, convert_options=convert({c: _ARROW_TYPES[k] for c, k in fc.columns.items()}), **opts)
-        except pa.ArrowInvalid as typed_exc:
+        except pa.ArrowInvalid:
             try:
                 table = pacsv.read_csv(path, convert_options=convert({c: pa.string() for c in wanted}), **opts)
             except pa.ArrowInvalid as exc:
@@ -390,8 +391,6 @@ class HistoryGroup:
 
     def row_codes(self, values: list[np.ndarray]) -> np.ndarray:
         """Combined key code per row; -1 when any key value never occurs in labelled rows."""
-        import pandas as pd
-
         code = np.zeros(len(values[0]), dtype=np.int64)
         ok = np.ones(len(values[0]), dtype=bool)
         for uniq, v in zip(self.uniques, values):
@@ -419,8 +418,6 @@ class HistoryGroup:
 
 
 def build_history_group(name: str, keys: list[str], values: list[np.ndarray], days: np.ndarray, actions: np.ndarray, day_base: int) -> HistoryGroup:
-    import pandas as pd
-
     uniques, code = [], np.zeros(len(days), dtype=np.int64)
     total = 1
     for v in values:
@@ -613,7 +610,6 @@ def _build(cfg: DatasetConfig, raw: Path, tmp: Path, ray_num_cpus: int | None) -
     # ---- 1. main rows: read, labels, dedup -----------------------------------------------
     main_t = read_source(raw, cfg.main)
     main_path = raw / cfg.main.path
-    csv_main = main_path.suffix != ".parquet"
     report["inputs"] = {cfg.main.path: main_t.num_rows}
     main_rows = _np(main_t["_row"])
     labels = np.zeros((main_t.num_rows, len(cfg.labels)), dtype=np.float32)
@@ -629,8 +625,6 @@ def _build(cfg: DatasetConfig, raw: Path, tmp: Path, ray_num_cpus: int | None) -
             labels[:, j] = v
     dup_info: dict[str, Any] = {"duplicates": 0}
     if cfg.dedup is not None:
-        import pandas as pd
-
         keys_df = pd.DataFrame({k: _np(main_t[k]) for k in cfg.dedup.keys})
         dup = keys_df.duplicated(keep="first" if cfg.dedup.keep == "first" else "last").to_numpy()
         keep_idx = np.flatnonzero(~dup)
@@ -883,8 +877,6 @@ def _build(cfg: DatasetConfig, raw: Path, tmp: Path, ray_num_cpus: int | None) -
             name = "hist_" + "_".join(keys)
             vals = [joined(k) for k in keys]
             for k, v in zip(keys, vals):
-                import pandas as pd
-
                 miss = np.asarray(pd.isna(v)) & hist_rows
                 if miss.any():
                     i = _first_bad(miss)

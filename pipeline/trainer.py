@@ -28,7 +28,7 @@ from mtl.metrics import WECHAT_ACTION_WEIGHTS, auc, user_auc, weighted_score
 from mtl.models import MODELS, MultiTaskModel, build_model
 from mtl.optim import build_optimizer
 from mtl.strategies import STRATEGIES, build_strategy, model_backward
-from pipeline.data import Batch, iter_local_batches, load_spec, read_split
+from pipeline.data import iter_local_batches, load_spec, read_split
 
 
 class _Strict(BaseModel):

@@ -32,7 +32,6 @@ from torch import Tensor, nn
 
 from mtl.features import FeatureSpec
 from mtl.inputs import InputModule
-from mtl.models.grad_scale import scale_grad  # noqa: F401  (re-exported for architectures)
 
 Batch = Mapping[str, Tensor]
 

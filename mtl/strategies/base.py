@@ -375,6 +375,22 @@ class Strategy(nn.Module):
 # ---------------------------------------------------------------------- helpers
 
 
+class SeededStrategy(Strategy):
+    """A strategy that draws task orders from its own seeded ``torch.Generator``; the generator's
+    state is part of the strategy's state, so every data-parallel rank draws the same orders."""
+
+    def __init__(self, num_tasks: int, seed: int = 0, **kw: Any) -> None:
+        super().__init__(num_tasks, **kw)
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return {**super().get_extra_state(), "rng": self.generator.get_state()}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        super().set_extra_state(state)
+        self.generator.set_state(state["rng"])
+
+
 def task_gradients(losses: Tensor, params: Sequence[Tensor], tasks: Sequence[int] | None = None) -> Tensor:
     """``[T, P]``: row ``r`` is the flattened gradient of ``losses[tasks[r]]`` (default: every
     task) w.r.t. ``params`` (zeros where a parameter is not reached); the graph is retained."""

@@ -16,12 +16,11 @@ use ordering 2 (``grad_reducer``) with GradVac under data parallelism.
 
 from __future__ import annotations
 
-from typing import Any
 
 import torch
 from torch import Tensor
 
-from mtl.strategies.base import Combination, Strategy, psqrt
+from mtl.strategies.base import Combination, SeededStrategy, psqrt
 from mtl.strategies.pcgrad import random_orders
 
 
@@ -58,7 +57,7 @@ def gradvac_rows(gram: Tensor, targets: Tensor, orders: Tensor, beta: float) -> 
     return a, tgt
 
 
-class GradVac(Strategy):
+class GradVac(SeededStrategy):
     """Gradient Vaccine.
 
     Args:
@@ -71,19 +70,11 @@ class GradVac(Strategy):
     gram_only = True
 
     def __init__(self, num_tasks: int, beta: float = 0.01, seed: int = 0, **kw) -> None:
-        super().__init__(num_tasks, **kw)
+        super().__init__(num_tasks, seed=seed, **kw)
         if not 0.0 <= beta <= 1.0:
             raise ValueError(f"GradVac: beta must be in [0, 1], got {beta}")
         self.beta = float(beta)
-        self.generator = torch.Generator().manual_seed(seed)
         self.register_buffer("targets", torch.zeros(num_tasks, num_tasks, dtype=torch.float64))
-
-    def get_extra_state(self) -> dict[str, Any]:
-        return {**super().get_extra_state(), "rng": self.generator.get_state()}
-
-    def set_extra_state(self, state: dict[str, Any]) -> None:
-        super().set_extra_state(state)
-        self.generator.set_state(state["rng"])
 
     def combine(self, losses: Tensor, stats: Tensor, grads: Tensor | None, gram: Tensor | None) -> Combination:
         assert gram is not None

@@ -14,12 +14,11 @@ Cost: ``K`` per-task gradient calls over the dense shared parameters + one backw
 
 from __future__ import annotations
 
-from typing import Any
 
 import torch
 from torch import Tensor
 
-from mtl.strategies.base import Combination, Strategy
+from mtl.strategies.base import Combination, SeededStrategy
 
 
 def random_orders(k: int, generator: torch.Generator) -> Tensor:
@@ -50,7 +49,7 @@ def pcgrad_rows(gram: Tensor, orders: Tensor) -> Tensor:
     return a
 
 
-class PCGrad(Strategy):
+class PCGrad(SeededStrategy):
     """PCGrad.
 
     Args:
@@ -60,17 +59,6 @@ class PCGrad(Strategy):
 
     uses_gradients = True
     gram_only = True
-
-    def __init__(self, num_tasks: int, seed: int = 0, **kw) -> None:
-        super().__init__(num_tasks, **kw)
-        self.generator = torch.Generator().manual_seed(seed)
-
-    def get_extra_state(self) -> dict[str, Any]:
-        return {**super().get_extra_state(), "rng": self.generator.get_state()}
-
-    def set_extra_state(self, state: dict[str, Any]) -> None:
-        super().set_extra_state(state)
-        self.generator.set_state(state["rng"])
 
     def combine(self, losses: Tensor, stats: Tensor, grads: Tensor | None, gram: Tensor | None) -> Combination:
         assert gram is not None
