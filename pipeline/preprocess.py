@@ -195,7 +195,6 @@ def read_source(raw: Path, fc: FileConfig) -> pa.Table:
                 raise _locate_parse_error(path, header, exc) from exc
             cols = {c: _convert_strings(table[c], k, path, c) for c, k in fc.columns.items()}
             table = pa.table(cols)
-            del typed_exc
     table = table.select(wanted)
     if table.num_rows == 0:
         raise DataError(f"{path}: no data rows")
