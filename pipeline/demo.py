@@ -14,7 +14,7 @@ import argparse
 import json
 import time
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -101,6 +101,7 @@ def run_demo(cfg: DemoConfig, out: str | Path) -> dict[str, float]:
         metrics.update(timings)
         mlflow.log_metrics(metrics)
         _log_loss_curves(result.history, result.spec.tasks)
+        _log_routing_heatmaps(result.model, processed, result.spec)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
     return metrics
 
@@ -126,6 +127,51 @@ def _log_loss_curves(history: list[dict[str, float]], tasks: list[str]) -> None:
     fig.tight_layout()
     mlflow.log_figure(fig, "loss_curves.png")
     plt.close(fig)
+
+
+def mean_routing(model: Any, data_dir: Path, spec: Any, max_rows: int = 32768) -> dict[str, np.ndarray]:
+    """Per-task mean gate/routing weights ``[K, E]`` over (up to ``max_rows``) validation rows:
+    how much each task uses each expert."""
+    import torch
+
+    from pipeline.data import iter_local_batches
+
+    model.eval()
+    sums: dict[str, np.ndarray] = {}
+    rows = 0
+    with torch.no_grad():
+        for batch in iter_local_batches(data_dir, "valid", 8192, spec=spec):
+            for name, weights in model.routing_weights(batch.features).items():
+                if weights.dim() == 3:  # [B, K, E]
+                    sums[name] = sums.get(name, 0) + weights.sum(0).double().numpy()
+            rows += len(batch)
+            if rows >= max_rows:
+                break
+    return {name: total / rows for name, total in sums.items()}
+
+
+def _log_routing_heatmaps(model: Any, data_dir: Path, spec: Any) -> None:
+    """One heatmap per routing tensor (tasks x experts) as an MLflow artifact."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import mlflow
+
+    for name, mean in mean_routing(model, data_dir, spec).items():
+        fig, ax = plt.subplots(figsize=(1.2 + 0.6 * mean.shape[1], 1.0 + 0.4 * mean.shape[0]))
+        im = ax.imshow(mean, cmap="viridis", vmin=0.0, aspect="auto")
+        ax.set_yticks(range(len(spec.tasks)), spec.tasks, fontsize=8)
+        ax.set_xticks(range(mean.shape[1]))
+        ax.set_xlabel("expert")
+        ax.set_title(f"mean {name} weight per task (validation)", fontsize=9)
+        for (i, j), v in np.ndenumerate(mean):
+            ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7, color="w")
+        fig.colorbar(im, ax=ax)
+        fig.tight_layout()
+        mlflow.log_figure(fig, f"routing_{name}.png")
+        plt.close(fig)
+        mlflow.log_dict({"tasks": spec.tasks, "mean": mean.tolist()}, f"routing_{name}.json")
 
 
 def _resolve(path: str) -> Path:

@@ -28,9 +28,20 @@ def test_demo_end_to_end_logs_run_and_beats_chance(tmp_path, ray_session):
     assert run.data.params["model"] == "mmoe"
     assert run.data.metrics["valid/score"] == pytest.approx(metrics["valid/score"])
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id)}
-    assert {"config.yaml", "loss_curves.png", "preprocess_report.json"} <= artifacts
+    assert {"config.yaml", "loss_curves.png", "preprocess_report.json", "routing_gate.png"} <= artifacts
+    gate = mlflow.artifacts.load_dict(f"runs:/{run.info.run_id}/routing_gate.json")
+    assert gate["tasks"] == cfg_tasks(tmp_path)
+    for row in gate["mean"]:  # each task's mean gate is a distribution over the experts
+        assert len(row) == cfg.train.model.params["num_experts"]
+        assert sum(row) == pytest.approx(1.0, abs=1e-6) and min(row) >= 0.0
     logged = mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/config.yaml")
     assert DemoConfig.model_validate(yaml.safe_load(logged)) == cfg
+
+
+def cfg_tasks(tmp_path):
+    from pipeline.data import load_spec
+
+    return load_spec(tmp_path / "demo" / "processed").tasks
 
 
 def test_demo_config_rejects_unknown_model():
