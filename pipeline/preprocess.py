@@ -574,6 +574,31 @@ def ensure_ray(num_cpus: int | None = None) -> None:
     ctx.print_on_execution_start = False
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_tmp(out: Path) -> list[str]:
+    """Delete ``.<out>.tmp-<pid>-*`` build folders left by killed runs (their pid is gone);
+    returns their names (reported on stderr and in ``report.json``)."""
+    removed: list[str] = []
+    for d in sorted(out.parent.glob(f".{out.name}.tmp-*")):
+        pid_part = d.name.rsplit(".tmp-", 1)[1].split("-", 1)[0]
+        if not pid_part.isdigit() or int(pid_part) == os.getpid() or _pid_alive(int(pid_part)):
+            continue
+        shutil.rmtree(d, ignore_errors=True)
+        removed.append(d.name)
+    if removed:
+        print(f"preprocess: removed {len(removed)} unfinished build folder(s) of killed runs: {removed}", file=sys.stderr)
+    return removed
+
+
 def preprocess(cfg: DatasetConfig, raw: str | Path, out: str | Path, ray_num_cpus: int | None = None) -> dict[str, Any]:
     """Run the whole stage; returns the report (also written to ``out/report.json``)."""
     raw, out = Path(raw), Path(out).resolve()
@@ -582,10 +607,15 @@ def preprocess(cfg: DatasetConfig, raw: str | Path, out: str | Path, ray_num_cpu
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.exists() and any(out.iterdir()) and not (out / "feature_spec.json").exists() and not (out / SUCCESS).exists():
         raise DataError(f"{out}: exists and is not a preprocess output; refusing to replace it")
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    stale = remove_stale_tmp(out)
+    # the pid in the name lets a later run tell a dead run's leftovers from a live run's work
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
         report = _build(cfg, raw, tmp, ray_num_cpus)
+        if stale:
+            report["stale_tmp_removed"] = stale
+            (tmp / "report.json").write_text(json.dumps(report, indent=2, default=str))
         (tmp / SUCCESS).write_text("")
         if out.exists():
             old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"

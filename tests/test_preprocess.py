@@ -4,6 +4,7 @@ splits/sampling, bad input (file, column and row named), atomic output, the Adul
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -546,3 +547,18 @@ def test_side_rows_missing_are_a_counted_repair(raw_copy: Path, tmp_path: Path, 
     rows = t[t._item == cold]
     assert len(rows) == n and (rows.authorid == sizes["authorid"]).all()
     assert (rows.videoplayseconds_log == 0).all() and all(len(x) == 0 for x in rows.manual_tag_list)
+
+
+def test_killed_runs_build_folders_are_removed_and_reported(tiny_raw: Path, tmp_path: Path, ray_session, capsys) -> None:
+    out = tmp_path / "processed"
+    dead = tmp_path / ".processed.tmp-999999999-deadbeef"  # no such pid
+    live = tmp_path / f".processed.tmp-{os.getppid()}-cafef00d"  # a live process's work
+    other = tmp_path / ".processed.tmp-notapid"
+    for d in (dead, live, other):
+        d.mkdir()
+        (d / "part-00000.parquet").write_text("partial")
+    report = preprocess(load_config(DatasetConfig, DEFAULT_CONFIG), tiny_raw, out)
+    assert not dead.exists() and live.exists() and other.exists()
+    assert report["stale_tmp_removed"] == [dead.name]
+    assert json.loads((out / "report.json").read_text())["stale_tmp_removed"] == [dead.name]
+    assert "removed 1 unfinished build folder" in capsys.readouterr().err
