@@ -115,7 +115,8 @@ def mix_experts(gates: Tensor, experts: Tensor, task_scale: Tensor | None = None
         gates: ``[B, K, E]`` per-task distributions over experts.
         experts: ``[E, B, H]`` expert outputs.
         task_scale: ``[K]``: task ``k``'s gradient into ``experts`` is multiplied by
-            ``task_scale[k]`` (gates get plain gradients).
+            ``task_scale[k]``; or ``[K, E]``: per (task, expert) pair, as where a task mixes
+            shared experts with its own (gates get plain gradients).
 
     Returns ``[K, B, H]``.
     """
@@ -135,7 +136,7 @@ class _ScaledMix(torch.autograd.Function):
         gates, experts, scale = ctx.saved_tensors
         grad_bkh = grad.transpose(0, 1)  # [B, K, H]
         grad_gates = torch.bmm(grad_bkh, experts.permute(1, 2, 0))  # [B, K, E]
-        scaled_gates = gates * scale.view(1, -1, 1)
+        scaled_gates = gates * scale.view(1, gates.shape[1], -1)  # [K] or [K, E] scale
         grad_experts = torch.bmm(scaled_gates.transpose(1, 2), grad_bkh).transpose(0, 1)  # [E, B, H]
         return grad_gates, grad_experts, None
 

@@ -11,7 +11,6 @@ from mtl.features import FeatureSpec
 from mtl.models.base import Batch, MultiTaskModel
 from mtl.models.grad_scale import scale_grad
 from mtl.models.layers import BatchedMLP, mix_experts, shared_input_linear, stacked_owners
-from mtl.models.routing import mix_experts_pair_scaled
 
 
 class _ExtractionLevel(nn.Module):
@@ -251,7 +250,7 @@ class PLE(MultiTaskModel):
                     expert_scale = c
             gates = level.task_gates(task_in, gate_scale)  # [B, K, E]
             experts = level.experts(task_in, shared_in, expert_scale)  # [E, B, H]
-            task_out = mix_experts_pair_scaled(gates, experts, mix_scale)  # [K, B, H]
+            task_out = mix_experts(gates, experts, mix_scale)  # [K, B, H]; mix_scale is [K, E]
             if record is not None:
                 record[f"gate_l{lvl}"] = gates
             if level.shared_gate is not None:

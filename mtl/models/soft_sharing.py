@@ -6,8 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from mtl.features import FeatureSpec
-from mtl.models.base import MultiTaskModel
-from mtl.models.layers import BatchedMLP, stacked_owners
+from mtl.models.single_task import SingleTask
 
 
 def pairwise_l2_penalty(stacked: Tensor) -> Tensor:
@@ -25,7 +24,7 @@ def pairwise_l2_penalty(stacked: Tensor) -> Tensor:
     return diff.pow(2).sum()
 
 
-class SoftSharing(MultiTaskModel):
+class SoftSharing(SingleTask):
     """K task networks of identical shape (no shared dense parameters) whose corresponding
     weights are pulled together by an L2 penalty.
 
@@ -65,22 +64,11 @@ class SoftSharing(MultiTaskModel):
         penalize_bias: bool = False,
         sparse_gradients: bool = False,
     ) -> None:
-        super().__init__(spec, sparse_gradients=sparse_gradients)
         if strength < 0:
             raise ValueError(f"soft_sharing: strength must be >= 0, got {strength}")
-        hidden = list(hidden) if hidden is not None else [128, 64]
+        super().__init__(spec, hidden=hidden, sparse_gradients=sparse_gradients)
         self.strength = float(strength)
         self.penalize_bias = penalize_bias
-        self.towers = BatchedMLP(self.num_tasks, self.inputs.output_dim, hidden, out_dim=1, shared_input=True)
-
-    def forward_representation(self, x: Tensor, task_grad_scale: Tensor | None = None) -> Tensor:
-        return self.towers(x, task_grad_scale).squeeze(-1).t()
-
-    def shared_parameters(self) -> list[nn.Parameter]:
-        return []
-
-    def task_parameter_owners(self) -> list[tuple[nn.Parameter, Tensor]]:
-        return stacked_owners(self.towers)
 
     def tied_parameters(self) -> list[nn.Parameter]:
         """The stacked ``[K, ...]`` parameters the penalty ties (weights, and biases if asked)."""
