@@ -49,6 +49,8 @@ An all-zero task gradient is handled per strategy, as documented in each class.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, ClassVar
@@ -83,7 +85,7 @@ class Combination:
         )
 
 
-class Strategy(nn.Module):
+class Strategy(nn.Module, ABC):
     """Base class of every task-balancing strategy.
 
     Subclasses implement :meth:`combine`. Gradient strategies set :attr:`uses_gradients`; their
@@ -147,6 +149,7 @@ class Strategy(nn.Module):
         self.stat_reducer: Callable[[Tensor], Tensor] | None = None
 
     # ------------------------------------------------------------------ subclass API
+    @abstractmethod
     def combine(self, losses: Tensor, stats: Tensor, grads: Tensor | None, gram: Tensor | None) -> Combination:
         """The combination for this step.
 
@@ -157,7 +160,6 @@ class Strategy(nn.Module):
                 on refresh steps), else ``None``.
             gram: ``grads @ grads.T`` ``[K, K]`` or ``None``.
         """
-        raise NotImplementedError  # pragma: no cover - abstract
 
     def reuse(self, cached: Combination, losses: Tensor, stats: Tensor) -> Combination:
         """The combination on a step between refreshes (default: the cached coefficients)."""
