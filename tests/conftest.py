@@ -59,3 +59,15 @@ def tiny_processed(tiny_raw: Path, ray_session, tmp_path_factory: pytest.TempPat
     out = tmp_path_factory.mktemp("processed") / "tiny"
     preprocess(load_config(DatasetConfig, DEFAULT_CONFIG), tiny_raw, out)
     return out
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny tensors: one intra-op thread (2-thread parallel regions on a loaded 2-core
+    machine cost milliseconds per op)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -22,14 +22,7 @@ from mtl.strategies import (
 
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread (2-thread parallel regions on a loaded 2-core
-    machine cost milliseconds per op)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _setup(k: int, seed: int = 0):

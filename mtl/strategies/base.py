@@ -149,6 +149,15 @@ class Strategy(nn.Module, ABC):
         self.stat_reducer: Callable[[Tensor], Tensor] | None = None
 
     # ------------------------------------------------------------------ subclass API
+    def _combine_stack(self, losses: Tensor, stats: Tensor, grads: Tensor) -> tuple[Tensor, Combination]:
+        """Reduce the ``[K, P]`` stack (ordering 2) and/or its Gram matrix, then combine."""
+        if self.grad_reducer is not None:
+            grads = self.grad_reducer(grads)
+        gram = grads @ grads.t()
+        if self.gram_reducer is not None:
+            gram = self.gram_reducer(gram)
+        return grads, self.combine(losses, stats, grads, gram)
+
     @abstractmethod
     def combine(self, losses: Tensor, stats: Tensor, grads: Tensor | None, gram: Tensor | None) -> Combination:
         """The combination for this step.
@@ -273,12 +282,7 @@ class Strategy(nn.Module, ABC):
                 expected = (k, sum(p.numel() for p in shared))
                 if tuple(grads.shape) != expected:
                     raise ValueError(f"task gradients have shape {tuple(grads.shape)}, expected {expected}")
-            if self.grad_reducer is not None:
-                grads = self.grad_reducer(grads)
-            gram = grads @ grads.t()
-            if self.gram_reducer is not None:
-                gram = self.gram_reducer(gram)
-            comb = self.combine(losses, stats, grads, gram)
+            grads, comb = self._combine_stack(losses, stats, grads)
             self._cached = comb.detached()
             if representation is not None and self.uses_representation:
                 grads = None  # representation grads cannot be written to parameters
@@ -361,12 +365,7 @@ class Strategy(nn.Module, ABC):
         for p, g in zip(shared, saved):
             p.grad = g
         grads[k - 1] = total - grads[: k - 1].sum(0)
-        if self.grad_reducer is not None:
-            grads = self.grad_reducer(grads)
-        gram = grads @ grads.t()
-        if self.gram_reducer is not None:
-            gram = self.gram_reducer(gram)
-        comb = self.combine(losses, stats, grads, gram)
+        grads, comb = self._combine_stack(losses, stats, grads)
         assert comb.grad_scale is not None and comb.shared_grad is None
         self._cached = comb.detached()
         write_flat_grad(shared, (comb.grad_scale * comb.loss_weights).to(grads.dtype) @ grads)
