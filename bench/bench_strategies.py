@@ -49,6 +49,7 @@ from bench_v1 import (  # noqa: E402
     time_interleaved,
 )
 
+from mtl.precision import DEFAULT_PRECISION, PRECISIONS, resolve_compute_dtype  # noqa: E402
 from mtl.strategies import GRADIENT_STRATEGIES, build_strategy, model_backward, task_gradients  # noqa: E402
 
 LOSS_ONLY = ("uncertainty", "dwa", "famo")
@@ -64,11 +65,12 @@ def strategy_setup(
     batches: list,
     embedding_grad: str = "combined",
     model_task_gradients: bool = True,
+    precision: str | None = None,
 ) -> Callable[[], None]:
     """A no-argument step callable: project MMoE + default optimizer + the strategy
     (``direct=None``: the driver's default; ``model_task_gradients=False``: per-task
     ``torch.autograd.grad`` calls instead of the model's batched method)."""
-    model, opt = build_project(seed)
+    model, opt = build_project(seed, precision)
     kw: dict = {"refresh_every": refresh_every}
     if embedding_grad != "combined":
         kw["embedding_grad"] = embedding_grad
@@ -110,7 +112,7 @@ def check_task_gradients(batch_and_labels) -> float:
     from mtl.strategies import per_task_bce
 
     b, y = batch_and_labels
-    model, _ = build_project(0)
+    model, _ = build_project(0, precision="float32")  # exact arithmetic for an equality check
     losses = per_task_bce(model(b), y)
     tasks = list(range(model.num_tasks))
     fast = model.shared_task_gradients(losses, tasks)
@@ -130,6 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--strategies", nargs="*", default=list(DEFAULT))
+    p.add_argument("--precision", choices=PRECISIONS, default=None,
+                   help=f"body precision of every project set-up (default: the project's, {DEFAULT_PRECISION!r})")
     p.add_argument("--refresh", type=int, default=4, help="refresh period of the cheap variant (0: skip)")
     p.add_argument("--direct", action="store_true",
                    help="also time pcgrad with direct=False (final backward through all parameters)")
@@ -152,7 +156,9 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(args.seed)
     ref = ReferenceMMoE()
     ref_opt = torch.optim.Adam(ref.parameters(), lr=LR)
-    proj, proj_opt = build_project(args.seed)
+    proj, proj_opt = build_project(args.seed, args.precision)
+    print(f"body precision: {args.precision or DEFAULT_PRECISION!r} -> "
+          f"{resolve_compute_dtype(args.precision or DEFAULT_PRECISION, torch.device('cpu'), torch.float32)}")
     fns: dict[str, Callable[[], object]] = {}
 
     def cycle(step, model, opt):
@@ -173,14 +179,14 @@ def main(argv: list[str] | None = None) -> int:
     check_task_gradients(batches[0])
     for name in args.strategies:
         emb = "plain" if args.plain and build_strategy(name, 2).gram_only else "combined"
-        fns[name] = strategy_setup(name, 1, args.seed, None, batches, emb, use_model)
+        fns[name] = strategy_setup(name, 1, args.seed, None, batches, emb, use_model, args.precision)
         if args.refresh > 1 and (name in GRADIENT_STRATEGIES or name in GRADIENT_LOSS):
-            fns[f"{name} refresh={args.refresh}"] = strategy_setup(name, args.refresh, args.seed, None, batches, emb, use_model)
+            fns[f"{name} refresh={args.refresh}"] = strategy_setup(name, args.refresh, args.seed, None, batches, emb, use_model, args.precision)
     if args.direct:
-        fns["pcgrad direct=False"] = strategy_setup("pcgrad", 1, args.seed, False, batches, "combined", use_model)
+        fns["pcgrad direct=False"] = strategy_setup("pcgrad", 1, args.seed, False, batches, "combined", use_model, args.precision)
     if args.compare:
         emb = "plain" if args.plain else "combined"
-        fns["pcgrad autograd"] = strategy_setup("pcgrad", 1, args.seed, None, batches, emb, False)
+        fns["pcgrad autograd"] = strategy_setup("pcgrad", 1, args.seed, None, batches, emb, False, args.precision)
 
 
     t0 = time.perf_counter()

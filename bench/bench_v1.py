@@ -43,6 +43,7 @@ from torch.nn import functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mtl.features import DenseFeature, FeatureSpec, SparseFeature  # noqa: E402
+from mtl.precision import DEFAULT_PRECISION, resolve_compute_dtype  # noqa: E402
 
 VOCAB_SIZES = [20000, 100000, 20000, 25000, 18000, 2]
 SPARSE_NAMES = [f"f{i}" for i in range(len(VOCAB_SIZES))]
@@ -200,9 +201,11 @@ def reference_step(model: nn.Module, opt: torch.optim.Optimizer, batch: dict[str
 # ----------------------------------------------------------------------------- project
 
 
-def build_project(seed: int = 0, compute_dtype: str | None = None) -> tuple[nn.Module, object]:
-    """The project's MMoE for bench-v1 with its default optimizer set-up
-    (``compute_dtype="bfloat16"``: the opt-in mixed-precision body)."""
+def build_project(seed: int = 0, precision: str | None = None) -> tuple[nn.Module, object]:
+    """The project's MMoE for bench-v1 with its default set-up: row-sparse embeddings, the
+    default optimizer of :mod:`mtl.optim` and the training entry point's default body precision
+    (:data:`mtl.precision.DEFAULT_PRECISION`, ``"auto"``) unless ``precision`` is given
+    (``"float32"``: exact float32)."""
     from mtl.models import build_model
 
     torch.manual_seed(seed)
@@ -213,7 +216,7 @@ def build_project(seed: int = 0, compute_dtype: str | None = None) -> tuple[nn.M
         expert_hidden=list(EXPERT_HIDDEN),
         tower_hidden=list(TOWER_HIDDEN),
         sparse_gradients=True,
-        compute_dtype=compute_dtype,
+        compute_dtype=DEFAULT_PRECISION if precision is None else precision,
     )
     from mtl.optim import build_optimizer
 
@@ -322,7 +325,7 @@ def run_auc(
     for s in range(args.auc_seeds):
         seed = args.seed + s
         train_batches = make_batches(tr_b, tr_y, args.auc_steps, seed=seed + 2)
-        for name, (model, opt, step) in _setups(seed, args.bf16).items():
+        for name, (model, opt, step) in _setups(seed, not args.no_fp32).items():
             t0 = time.perf_counter()
             for b, y in train_batches:
                 step(model, opt, b, y)
@@ -334,16 +337,23 @@ def run_auc(
     return result
 
 
-def _setups(seed: int, bf16: bool = False) -> dict[str, tuple[nn.Module, object, Callable]]:
+def _setups(seed: int, fp32: bool = True) -> dict[str, tuple[nn.Module, object, Callable]]:
+    """``reference``, ``mtl`` (the project's default set-up) and, unless the default already is
+    float32 here, ``mtl_fp32`` (the same with exact float32 arithmetic)."""
     torch.manual_seed(seed)
     ref = ReferenceMMoE()
     ref_opt = torch.optim.Adam(ref.parameters(), lr=LR)
     model, opt = build_project(seed)
     setups = {"reference": (ref, ref_opt, reference_step), "mtl": (model, opt, project_step)}
-    if bf16:
-        model16, opt16 = build_project(seed, compute_dtype="bfloat16")
-        setups["mtl_bf16"] = (model16, opt16, project_step)
+    if fp32 and default_body_dtype() != torch.float32:
+        model32, opt32 = build_project(seed, precision="float32")
+        setups["mtl_fp32"] = (model32, opt32, project_step)
     return setups
+
+
+def default_body_dtype() -> torch.dtype:
+    """What the default precision resolves to on this machine's CPU for float32 inputs."""
+    return resolve_compute_dtype(DEFAULT_PRECISION, torch.device("cpu"), torch.float32)
 
 
 def profile_steps(batches: list[tuple[dict[str, Tensor], Tensor]], steps: int, seed: int) -> None:
@@ -360,7 +370,7 @@ def profile_steps(batches: list[tuple[dict[str, Tensor], Tensor]], steps: int, s
     events = sorted(prof.key_averages(group_by_input_shape=True), key=lambda e: -e.self_cpu_time_total)
     total = sum(e.self_cpu_time_total for e in events) / steps / 1e3
     print(f"[profile] mtl step, {steps} steps, self CPU time {total:.2f} ms/step (profiler overhead included)")
-    for e in events[:25]:
+    for e in events[:60]:
         shapes = str(e.input_shapes)[:90]
         print(f"[profile] {e.self_cpu_time_total / steps / 1e3:7.3f} ms/step  {e.key[:36]:36s} {shapes}")
 
@@ -377,19 +387,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--auc-seeds", type=int, default=1, help="repeat the AUC comparison over this many seeds")
     p.add_argument("--val-fraction", type=float, default=0.2)
     p.add_argument("--profile", type=int, default=0, help="profile this many project steps")
-    p.add_argument("--bf16", action="store_true", help="also run the opt-in bfloat16-compute MMoE (mtl_bf16)")
+    p.add_argument("--no-fp32", action="store_true",
+                   help="skip the exact-float32 variant (mtl_fp32) when the default precision is bfloat16 here")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
 
     t0 = time.perf_counter()
     batch, labels = make_bench_data(args.rows, args.seed)
     rates = labels.mean(0).tolist()
+    print(f"project default precision {DEFAULT_PRECISION!r} -> body computes in {default_body_dtype()} on this CPU")
     print(f"data: {args.rows} rows in {time.perf_counter() - t0:.1f}s; positive rates "
           + ", ".join(f"{r:.4f}" for r in rates) + f" (target {POSITIVE_RATES})")
 
     batches = make_batches(batch, labels, args.warmup + args.steps, seed=args.seed + 1)
     for rep in range(args.repeats):
-        setups = _setups(args.seed, args.bf16)
+        setups = _setups(args.seed, not args.no_fp32)
         fns = {name: cycling_step(step, m, o, batches) for name, (m, o, step) in setups.items()}
         times = time_interleaved(fns, warmup=args.warmup, steps=args.steps)
         med = {name: statistics.median(ts) for name, ts in times.items()}

@@ -18,8 +18,10 @@ from typing import Any, Literal
 
 import numpy as np
 import pyarrow.parquet as pq
+import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from mtl.precision import resolve_compute_dtype
 from pipeline.config import dump_config, load_config
 from pipeline.trainer import TrainConfig, score_predictions, predict, train_local
 
@@ -72,7 +74,9 @@ def run_demo(cfg: DemoConfig, out: str | Path) -> dict[str, float]:
         mlflow.log_params({
             "scale": cfg.scale, "seed": cfg.seed, "model": cfg.train.model.name,
             "strategy": cfg.train.strategy.name, "batch_size": cfg.train.batch_size,
-            "epochs": cfg.train.epochs, "lr": cfg.train.optimizer.lr,
+            "epochs": cfg.train.epochs, "lr": cfg.train.optimizer.lr, "precision": cfg.train.precision,
+            # what "auto" meant on this machine (the trainer runs on the CPU)
+            "compute_dtype": str(resolve_compute_dtype(cfg.train.precision, torch.device("cpu"), torch.float32)),
             **{f"model.{k}": v for k, v in cfg.train.model.params.items()},
         })
         t = time.perf_counter()

@@ -27,6 +27,7 @@ from mtl.features import FeatureSpec
 from mtl.metrics import WECHAT_ACTION_WEIGHTS, auc, user_auc, weighted_score
 from mtl.models import MODELS, MultiTaskModel, build_model
 from mtl.optim import build_optimizer
+from mtl.precision import DEFAULT_PRECISION, check_precision
 from mtl.strategies import STRATEGIES, build_strategy, model_backward
 from pipeline.data import iter_local_batches, load_spec, read_split
 
@@ -62,6 +63,10 @@ class TrainConfig(_Strict):
     model: ModelConfig = Field(default_factory=ModelConfig)
     strategy: StrategyConfig = Field(default_factory=StrategyConfig)
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    #: body precision (mtl.precision): "auto" = bfloat16 mixed precision where the device has
+    #: native bfloat16 matrix units (AVX512-BF16/AMX CPUs, CUDA sm80+), float32 elsewhere;
+    #: "float32" for exact float32 arithmetic. Parameters, optimizer state and logits stay float32.
+    precision: str = DEFAULT_PRECISION
     batch_size: int = 4096
     epochs: int = 1
     max_steps: int | None = None
@@ -72,6 +77,9 @@ class TrainConfig(_Strict):
     def model_post_init(self, __context: Any) -> None:
         if self.model.name not in MODELS:
             raise ValueError(f"model.name {self.model.name!r} unknown; registered: {sorted(MODELS)}")
+        check_precision(self.precision)
+        if "compute_dtype" in self.model.params:
+            raise ValueError("set the body's precision with train.precision, not model.params.compute_dtype")
         if self.strategy.name not in STRATEGIES:
             raise ValueError(f"strategy.name {self.strategy.name!r} unknown; registered: {sorted(STRATEGIES)}")
 
@@ -102,7 +110,7 @@ def build(cfg: TrainConfig, spec: FeatureSpec) -> tuple[MultiTaskModel, Any, lis
     """Seeded model, strategy and optimizers for ``spec`` (the model's default set-up, plus
     Adam for a strategy's own parameters such as Uncertainty weighting's log-variances)."""
     seed_everything(cfg.seed)
-    model = build_model(cfg.model.name, spec, sparse_gradients=True, **cfg.model.params)
+    model = build_model(cfg.model.name, spec, sparse_gradients=True, compute_dtype=cfg.precision, **cfg.model.params)
     strategy_params = dict(cfg.strategy.params)
     if "seed" in _init_args(STRATEGIES[cfg.strategy.name]):
         strategy_params.setdefault("seed", cfg.seed)

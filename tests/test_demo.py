@@ -4,8 +4,10 @@ import json
 
 import mlflow
 import pytest
+import torch
 import yaml
 
+from mtl.precision import resolve_compute_dtype
 from pipeline.config import load_config
 from pipeline.demo import DEFAULT_CONFIG, DemoConfig, run_demo
 
@@ -26,6 +28,10 @@ def test_demo_end_to_end_logs_run_and_beats_chance(tmp_path, ray_session):
     assert len(runs) == 1
     run = runs[0]
     assert run.data.params["model"] == "mmoe"
+    assert run.data.params["precision"] == cfg.train.precision == "auto"
+    # what "auto" resolved to on this machine is logged next to it
+    resolved = resolve_compute_dtype("auto", torch.device("cpu"), torch.float32)
+    assert run.data.params["compute_dtype"] == str(resolved)
     assert run.data.metrics["valid/score"] == pytest.approx(metrics["valid/score"])
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id)}
     assert {"config.yaml", "loss_curves.png", "preprocess_report.json", "routing_gate.png"} <= artifacts

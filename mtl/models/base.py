@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from mtl.features import FeatureSpec
 from mtl.inputs import InputModule
+from mtl.precision import Precision, check_precision, resolve_compute_dtype
 
 Batch = Mapping[str, Tensor]
 
@@ -42,9 +43,17 @@ class MultiTaskModel(nn.Module, ABC):
     Args:
         spec: the feature spec; ``spec.tasks`` gives the task order of the logits.
         sparse_gradients: embedding tables produce row-sparse gradients.
+        compute_dtype: precision of the body's products and activations (:mod:`mtl.precision`:
+            ``None``/``"float32"`` exact, ``"bfloat16"`` mixed precision, ``"auto"`` bfloat16
+            where the device has native bfloat16 matrix units). Parameters, gradients and the
+            returned logits keep the input's dtype. The generic architectures run their body
+            under ``torch.autocast`` in :meth:`forward`; MMoE's fused body casts itself.
     """
 
-    def __init__(self, spec: FeatureSpec, sparse_gradients: bool = False) -> None:
+    #: the architecture applies :attr:`compute_dtype` inside ``forward_representation`` itself
+    casts_itself: bool = False
+
+    def __init__(self, spec: FeatureSpec, sparse_gradients: bool = False, compute_dtype: Precision = None) -> None:
         super().__init__()
         if spec.num_tasks < 1:
             raise ValueError("feature spec has no tasks")
@@ -52,10 +61,26 @@ class MultiTaskModel(nn.Module, ABC):
         self.task_names = list(spec.tasks)
         self.num_tasks = spec.num_tasks
         self.inputs = InputModule(spec, sparse_gradients=sparse_gradients)
+        self.compute_dtype: Precision = check_precision(compute_dtype)
+
+    def body_dtype(self, x: Tensor) -> torch.dtype:
+        """The dtype the body computes in for input ``x`` (``compute_dtype`` resolved on its device)."""
+        return resolve_compute_dtype(self.compute_dtype, x.device, x.dtype)
 
     def forward(self, batch: Batch, task_grad_scale: Tensor | None = None) -> Tensor:
         """Per-task logits ``[B, K]``; see the module docstring for ``task_grad_scale``."""
-        return self.forward_representation(self.inputs(batch), task_grad_scale)
+        x = self.inputs(batch)
+        dtype = self.body_dtype(x)
+        if self.casts_itself or dtype == x.dtype:
+            return self.forward_representation(x, task_grad_scale)
+        if dtype not in (torch.bfloat16, torch.float16):
+            raise ValueError(
+                f"{type(self).__name__}: compute_dtype {dtype} for {x.dtype} inputs is not supported "
+                "(use bfloat16 for mixed precision, or convert the model and inputs)"
+            )
+        with torch.autocast(device_type=x.device.type, dtype=dtype):
+            logits = self.forward_representation(x, task_grad_scale)
+        return logits.to(x.dtype)
 
     @abstractmethod
     def forward_representation(self, x: Tensor, task_grad_scale: Tensor | None = None) -> Tensor:

@@ -26,11 +26,14 @@ class _SharedInputLinear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
-        x, weight, scale = ctx.saved_tensors
+        # Under autocast the forward's product ran in a lower precision than the saved inputs:
+        # the backward's products run in the gradient's dtype, as autocast's own backward would.
+        x, weight = (t.to(grad.dtype) for t in ctx.saved_tensors[:2])
+        scale = ctx.saved_tensors[2]
         n = scale.numel()
         grad_w = grad.t().mm(x)
         grad_b = grad.sum(0)
-        scaled = (grad.view(grad.shape[0], n, -1) * scale.view(1, n, 1)).view_as(grad)
+        scaled = (grad.view(grad.shape[0], n, -1) * scale.view(1, n, 1).to(grad.dtype)).view_as(grad)
         return scaled.mm(weight), grad_w, grad_b, None
 
 
@@ -134,9 +137,10 @@ class _ScaledMix(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
         gates, experts, scale = ctx.saved_tensors
+        gates, experts = gates.to(grad.dtype), experts.to(grad.dtype)  # autocast: see _SharedInputLinear
         grad_bkh = grad.transpose(0, 1)  # [B, K, H]
         grad_gates = torch.bmm(grad_bkh, experts.permute(1, 2, 0))  # [B, K, E]
-        scaled_gates = gates * scale.view(1, gates.shape[1], -1)  # [K] or [K, E] scale
+        scaled_gates = gates * scale.view(1, gates.shape[1], -1).to(grad.dtype)  # [K] or [K, E] scale
         grad_experts = torch.bmm(scaled_gates.transpose(1, 2), grad_bkh).transpose(0, 1)  # [E, B, H]
         return grad_gates, grad_experts, None
 

@@ -14,6 +14,7 @@ from torch.autograd.graph import GradientEdge
 from mtl.features import FeatureSpec
 from mtl.models.base import Batch, MultiTaskModel
 from mtl.models.layers import BatchedMLP, mix_experts, shared_input_linear, stacked_owners
+from mtl.precision import Precision
 
 
 class MMoE(MultiTaskModel):
@@ -25,12 +26,12 @@ class MMoE(MultiTaskModel):
         expert_hidden: expert MLP widths (ReLU after each); the last is the expert output width.
         tower_hidden: tower MLP widths before the final logit.
         sparse_gradients: row-sparse embedding gradients.
-        compute_dtype: dtype of the body's matrix products and activations (``None`` = the
-            parameters' dtype, i.e. float32). ``"bfloat16"`` runs the experts, gates and towers in
-            bfloat16 (about 2x faster GEMMs on CPUs with AVX512-BF16/AMX) while parameters,
-            gradients, the optimizer and the logits stay float32 (mixed precision: a copy of the
-            weights is cast each step and gradients are cast back). Opt-in: it changes the
-            arithmetic, so results differ from float32 at bfloat16 precision (~3 significant digits).
+        compute_dtype: precision of the body (:mod:`mtl.precision`; ``None`` = the parameters'
+            dtype). ``"bfloat16"`` runs the experts, gates and towers in bfloat16 (about 2x faster
+            GEMMs on CPUs with AVX512-BF16/AMX) while parameters, gradients, the optimizer and
+            the logits stay float32 (mixed precision: a copy of the weights is cast each step and
+            gradients are cast back); results differ from float32 at bfloat16 precision (~3
+            significant digits). ``"auto"``: bfloat16 where the device has it natively.
 
     Example:
         >>> from mtl.features import FeatureSpec, SparseFeature
@@ -39,6 +40,8 @@ class MMoE(MultiTaskModel):
         torch.Size([2, 2])
     """
 
+    casts_itself = True  # the fused body casts to the compute dtype (forward_modules: autocast)
+
     def __init__(
         self,
         spec: FeatureSpec,
@@ -46,14 +49,9 @@ class MMoE(MultiTaskModel):
         expert_hidden: list[int] | None = None,
         tower_hidden: list[int] | None = None,
         sparse_gradients: bool = False,
-        compute_dtype: str | torch.dtype | None = None,
+        compute_dtype: Precision = None,
     ) -> None:
-        super().__init__(spec, sparse_gradients=sparse_gradients)
-        if isinstance(compute_dtype, str):
-            if compute_dtype not in ("float32", "bfloat16", "float64"):
-                raise ValueError(f"MMoE: compute_dtype must be float32, bfloat16 or float64, got {compute_dtype!r}")
-            compute_dtype = getattr(torch, compute_dtype)
-        self.compute_dtype: torch.dtype | None = compute_dtype
+        super().__init__(spec, sparse_gradients=sparse_gradients, compute_dtype=compute_dtype)
         expert_hidden = expert_hidden or [128, 64]
         tower_hidden = tower_hidden if tower_hidden is not None else [32]
         d, k = self.inputs.output_dim, self.num_tasks
@@ -81,10 +79,11 @@ class MMoE(MultiTaskModel):
         params = [*self.experts.weights, *self.experts.biases, self.gates.weight, self.gates.bias]
         params += [*self.towers.weights, *self.towers.biases]
         out_dtype = x.dtype
-        if self.compute_dtype is not None and self.compute_dtype != x.dtype:
+        dtype = self.body_dtype(x)
+        if dtype != x.dtype:
             # differentiable casts: gradients come back to the float32 parameters and input
-            x = x.to(self.compute_dtype)
-            params = [p.to(self.compute_dtype) for p in params]
+            x = x.to(dtype)
+            params = [p.to(dtype) for p in params]
         scale = None if task_grad_scale is None else task_grad_scale.detach().to(x.dtype)
         ws = self._workspace if torch.is_grad_enabled() else None
         logits = _MMoEFunction.apply(x, scale, len(self.experts.weights), len(self.towers.weights), ws, *params)
@@ -190,6 +189,13 @@ class MMoE(MultiTaskModel):
         (:class:`BatchedMLP`, :func:`mix_experts`) under autograd; slower, kept as the readable
         definition and as a check of the fused path."""
         self._last_forward.set(None)  # shared_task_gradients reads the fused body's graph only
+        dtype = self.body_dtype(x)
+        if dtype != x.dtype:
+            with torch.autocast(device_type=x.device.type, dtype=dtype):
+                return self._modules_body(x, task_grad_scale).to(x.dtype)
+        return self._modules_body(x, task_grad_scale)
+
+    def _modules_body(self, x: Tensor, task_grad_scale: Tensor | None) -> Tensor:
         experts = self.experts(x)  # [E, B, H]
         mixed = mix_experts(self.gate_weights(x, task_grad_scale), experts, task_grad_scale)  # [K, B, H]
         return self.towers(mixed).squeeze(-1).t()
@@ -523,7 +529,9 @@ class _MMoEFunction(torch.autograd.Function):
         # Last tower layer (width 1): a multiply-and-sum is ~3x faster than an N=1 bmm on CPU.
         last = ts[-1]
         prod = torch.mul(last, tw[-1].transpose(1, 2), out=buf(*last.shape))
-        logits = prod.sum(-1).add_(tb[-1].view(k, 1))  # [K, B]; returned: not a workspace buffer
+        # Summed in float32 whatever the compute dtype: bfloat16-rounded logits would tie many
+        # scores (a step of 1/64 around |logit| ~ 3), which costs ranking metrics.
+        logits = prod.sum(-1, dtype=torch.promote_types(x.dtype, torch.float32)).add_(tb[-1].view(k, 1))  # [K, B]; not a workspace buffer
         ctx.le, ctx.lt, ctx.has_scale, ctx.ws = le, lt, scale is not None, ws
         ctx.separate_first = separate_first
         # The layout of the saved tensors is defined here and read back only by _unpack_saved.
@@ -541,6 +549,7 @@ class _MMoEFunction(torch.autograd.Function):
         le, lt, ws = ctx.le, ctx.lt, ctx.ws
         sv = _unpack_saved(ctx)
         x, z, gates, w_cat, hs, hs_b = sv.x, sv.z, sv.gates, sv.w_cat, sv.hs, sv.hs_b
+        grad = grad.to(x.dtype)  # the logits are at least float32 (see forward)
         ts, ew_rest, tw, scale = sv.ts, sv.ew_rest, sv.tw, sv.scale
         b, k, e = gates.shape
         eh = z.shape[1] - k * e

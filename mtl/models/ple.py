@@ -11,6 +11,7 @@ from mtl.features import FeatureSpec
 from mtl.models.base import Batch, MultiTaskModel
 from mtl.models.grad_scale import scale_grad
 from mtl.models.layers import BatchedMLP, mix_experts, shared_input_linear, stacked_owners
+from mtl.precision import Precision
 
 
 class _ExtractionLevel(nn.Module):
@@ -165,6 +166,7 @@ class PLE(MultiTaskModel):
             Same for every level.
         tower_hidden: tower widths before the final logit.
         sparse_gradients: row-sparse embedding gradients.
+        compute_dtype: body precision (:mod:`mtl.precision`), applied by ``forward``.
 
     Example:
         >>> from mtl.features import FeatureSpec, SparseFeature
@@ -184,8 +186,9 @@ class PLE(MultiTaskModel):
         expert_hidden: list[int] | None = None,
         tower_hidden: list[int] | None = None,
         sparse_gradients: bool = False,
+        compute_dtype: Precision = None,
     ) -> None:
-        super().__init__(spec, sparse_gradients=sparse_gradients)
+        super().__init__(spec, sparse_gradients=sparse_gradients, compute_dtype=compute_dtype)
         k = self.num_tasks
         counts = [task_experts] * k if isinstance(task_experts, int) else list(task_experts)
         if len(counts) != k:

@@ -7,6 +7,7 @@ from torch import Tensor, nn
 from mtl.features import FeatureSpec
 from mtl.models.base import MultiTaskModel
 from mtl.models.layers import BatchedMLP, stacked_owners
+from mtl.precision import Precision
 
 
 class SharedBottom(MultiTaskModel):
@@ -25,6 +26,7 @@ class SharedBottom(MultiTaskModel):
             width the towers read.
         tower_hidden: tower widths before the final logit (``[]`` = a linear tower).
         sparse_gradients: row-sparse embedding gradients.
+        compute_dtype: body precision (:mod:`mtl.precision`), applied by ``forward``.
 
     Example:
         >>> import torch
@@ -40,8 +42,9 @@ class SharedBottom(MultiTaskModel):
         bottom_hidden: list[int] | None = None,
         tower_hidden: list[int] | None = None,
         sparse_gradients: bool = False,
+        compute_dtype: Precision = None,
     ) -> None:
-        super().__init__(spec, sparse_gradients=sparse_gradients)
+        super().__init__(spec, sparse_gradients=sparse_gradients, compute_dtype=compute_dtype)
         bottom_hidden = list(bottom_hidden) if bottom_hidden else [128, 64]
         tower_hidden = list(tower_hidden) if tower_hidden is not None else [32]
         self.bottom = BatchedMLP(1, self.inputs.output_dim, bottom_hidden, shared_input=True)

@@ -7,6 +7,7 @@ from torch import Tensor, nn
 from mtl.features import FeatureSpec
 from mtl.models.base import MultiTaskModel
 from mtl.models.layers import BatchedMLP, stacked_owners
+from mtl.precision import Precision
 
 
 class SingleTask(MultiTaskModel):
@@ -24,6 +25,7 @@ class SingleTask(MultiTaskModel):
         spec: feature spec (``spec.tasks`` = K tasks).
         hidden: MLP widths (ReLU after each) before each task's final logit.
         sparse_gradients: row-sparse embedding gradients.
+        compute_dtype: body precision (:mod:`mtl.precision`), applied by ``forward``.
 
     Example:
         >>> import torch
@@ -38,8 +40,9 @@ class SingleTask(MultiTaskModel):
         spec: FeatureSpec,
         hidden: list[int] | None = None,
         sparse_gradients: bool = False,
+        compute_dtype: Precision = None,
     ) -> None:
-        super().__init__(spec, sparse_gradients=sparse_gradients)
+        super().__init__(spec, sparse_gradients=sparse_gradients, compute_dtype=compute_dtype)
         hidden = list(hidden) if hidden is not None else [128, 64]
         self.towers = BatchedMLP(self.num_tasks, self.inputs.output_dim, hidden, out_dim=1, shared_input=True)
 

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from mtl.features import FeatureSpec
 from mtl.models.base import Batch, MultiTaskModel
 from mtl.models.layers import BatchedMLP, mix_experts, shared_input_linear, stacked_owners
+from mtl.precision import Precision
 
 
 def hard_concrete_sample(log_alpha: Tensor, beta: float, gamma: float, zeta: float, eps: float = 1e-6) -> Tensor:
@@ -77,6 +78,7 @@ class SNR(MultiTaskModel):
             default 1.0 opens ~93% of sampled connections and all eval connections).
         beta, gamma, zeta: hard-concrete temperature and stretch interval.
         sparse_gradients: row-sparse embedding gradients.
+        compute_dtype: body precision (:mod:`mtl.precision`), applied by ``forward``.
 
     Example:
         >>> from mtl.features import FeatureSpec, SparseFeature
@@ -100,8 +102,9 @@ class SNR(MultiTaskModel):
         gamma: float = -0.1,
         zeta: float = 1.1,
         sparse_gradients: bool = False,
+        compute_dtype: Precision = None,
     ) -> None:
-        super().__init__(spec, sparse_gradients=sparse_gradients)
+        super().__init__(spec, sparse_gradients=sparse_gradients, compute_dtype=compute_dtype)
         if variant not in ("trans", "aver"):
             raise ValueError(f"snr: variant must be 'trans' or 'aver', got {variant!r}")
         if num_lower < 1:

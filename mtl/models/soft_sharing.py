@@ -7,6 +7,7 @@ from torch import Tensor, nn
 
 from mtl.features import FeatureSpec
 from mtl.models.single_task import SingleTask
+from mtl.precision import Precision
 
 
 def pairwise_l2_penalty(stacked: Tensor) -> Tensor:
@@ -46,6 +47,7 @@ class SoftSharing(SingleTask):
         strength: penalty coefficient (``0`` = independent single-task networks).
         penalize_bias: also tie the biases.
         sparse_gradients: row-sparse embedding gradients.
+        compute_dtype: body precision (:mod:`mtl.precision`), applied by ``forward``.
 
     Example:
         >>> import torch
@@ -63,10 +65,11 @@ class SoftSharing(SingleTask):
         strength: float = 1e-3,
         penalize_bias: bool = False,
         sparse_gradients: bool = False,
+        compute_dtype: Precision = None,
     ) -> None:
         if strength < 0:
             raise ValueError(f"soft_sharing: strength must be >= 0, got {strength}")
-        super().__init__(spec, hidden=hidden, sparse_gradients=sparse_gradients)
+        super().__init__(spec, hidden=hidden, sparse_gradients=sparse_gradients, compute_dtype=compute_dtype)
         self.strength = float(strength)
         self.penalize_bias = penalize_bias
 
