@@ -43,7 +43,7 @@ from torch.nn import functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mtl.features import DenseFeature, FeatureSpec, SparseFeature  # noqa: E402
-from mtl.precision import DEFAULT_PRECISION, resolve_compute_dtype  # noqa: E402
+from mtl.precision import DEFAULT_PRECISION, PRECISIONS, resolve_compute_dtype  # noqa: E402
 
 VOCAB_SIZES = [20000, 100000, 20000, 25000, 18000, 2]
 SPARSE_NAMES = [f"f{i}" for i in range(len(VOCAB_SIZES))]
@@ -356,11 +356,13 @@ def default_body_dtype() -> torch.dtype:
     return resolve_compute_dtype(DEFAULT_PRECISION, torch.device("cpu"), torch.float32)
 
 
-def profile_steps(batches: list[tuple[dict[str, Tensor], Tensor]], steps: int, seed: int) -> None:
+def profile_steps(
+    batches: list[tuple[dict[str, Tensor], Tensor]], steps: int, seed: int, precision: str | None = None
+) -> None:
     """Print where the project's step spends its time (torch.profiler, ops by self CPU time)."""
     from torch.profiler import ProfilerActivity, profile
 
-    model, opt = build_project(seed)
+    model, opt = build_project(seed, precision)
     fn = cycling_step(project_step, model, opt, batches)
     for _ in range(3):
         fn()
@@ -387,6 +389,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--auc-seeds", type=int, default=1, help="repeat the AUC comparison over this many seeds")
     p.add_argument("--val-fraction", type=float, default=0.2)
     p.add_argument("--profile", type=int, default=0, help="profile this many project steps")
+    p.add_argument("--precision", choices=PRECISIONS, default=None, help="body precision of --profile (default: the project's)")
     p.add_argument("--no-fp32", action="store_true",
                    help="skip the exact-float32 variant (mtl_fp32) when the default precision is bfloat16 here")
     args = p.parse_args(argv)
@@ -412,7 +415,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"[time {rep}] ratio {name} / reference = {med[name] / med['reference']:.3f}", flush=True)
 
     if args.profile > 0:
-        profile_steps(batches, args.profile, args.seed)
+        profile_steps(batches, args.profile, args.seed, args.precision)
 
     if args.auc_steps > 0:
         aucs = run_auc(args, batch, labels)
