@@ -162,6 +162,7 @@ def train_local(cfg: TrainConfig, data_dir: str | Path, on_log: Any = None) -> T
             running.append(losses.detach())
             step += 1
             if step % cfg.log_every == 0:
+                strategy.raise_if_nonfinite()  # the deferred NaN check (accelerators); we read the device here anyway
                 mean = torch.stack(running).mean(0)
                 record = {"step": float(step), "epoch": float(epoch)}
                 record.update({f"train/loss_{t}": float(v) for t, v in zip(spec.tasks, mean)})
@@ -174,6 +175,7 @@ def train_local(cfg: TrainConfig, data_dir: str | Path, on_log: Any = None) -> T
         strategy.end_epoch()
         if cfg.max_steps is not None and step >= cfg.max_steps:
             break
+    strategy.raise_if_nonfinite()
     if step == 0:
         raise ValueError(f"{data_dir}/train: no training rows")
     result = TrainResult(model=model, spec=spec, history=history)

@@ -460,6 +460,35 @@ def test_nan_loss_raises_naming_task():
         s.backward(losses, shared_parameters=[x])
 
 
+def test_deferred_nan_check_raises_later_naming_the_first_bad_step():
+    s = build_strategy("pcgrad", 3, check_finite="deferred")
+    x = torch.zeros(2, dtype=D, requires_grad=True)
+    s.raise_if_nonfinite()  # nothing recorded yet
+    for step, bad in enumerate([None, 2, 0, None]):
+        shift = [0.0, 0.0, 0.0]
+        if bad is not None:
+            shift[bad] = float("nan")
+        losses = torch.stack([x.sum() + 1 + shift[0], x.sum() + 2 + shift[1], x.sum() + 3 + shift[2]])
+        s.backward(losses, shared_parameters=[x])  # no raise inside the step
+        if step == 0:
+            s.raise_if_nonfinite()  # a clean step records nothing
+    with pytest.raises(ValueError, match=r"non-finite loss for task\(s\) \[2\] at step 1"):
+        s.raise_if_nonfinite()
+
+
+def test_finite_check_modes_resolve_by_device():
+    assert build_strategy("equal", 2).finite_check_mode(torch.device("cpu")) == "step"
+    assert build_strategy("equal", 2).finite_check_mode(torch.device("cuda")) == "deferred"
+    assert build_strategy("equal", 2, check_finite=True).finite_check_mode(torch.device("cuda")) == "step"
+    assert build_strategy("equal", 2, check_finite=False).finite_check_mode(torch.device("cpu")) == "off"
+    with pytest.raises(ValueError, match="check_finite"):
+        build_strategy("equal", 2, check_finite="sometimes")
+    s = build_strategy("equal", 2, check_finite=False)
+    x = torch.zeros(1, dtype=D, requires_grad=True)
+    s.backward(torch.stack([x.sum() + float("nan"), x.sum()]))  # "off": no error, now or later
+    s.raise_if_nonfinite()
+
+
 def test_gradient_strategy_without_shared_parameters_raises():
     s = build_strategy("mgda", 2)
     x = torch.ones(2, requires_grad=True)

@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from mtl.features import DenseFeature, FeatureSpec, SparseFeature
 from mtl.models import build_model
@@ -314,3 +315,56 @@ def test_plain_sum_reaches_only_one_point_of_front():
     x2 = _run_toy(build_strategy("equal", 2), _STARTS[2])
     assert torch.allclose(x, x2, atol=1e-2)
     assert _pareto_distance(x) < 5e-3
+
+
+# Operators that read device memory on the host (or, for the linalg ones, check an error flag
+# on the host when run on CUDA): none may run inside a strategy's step.
+HOST_READS = {
+    "aten::_local_scalar_dense",  # .item(), bool(), float(), int(), .tolist()
+    "aten::nonzero", "aten::masked_select", "aten::_unique2", "aten::unique_dim", "aten::unique_consecutive",
+    "aten::_linalg_eigh", "aten::_linalg_svd", "aten::linalg_cholesky_ex", "aten::linalg_inv_ex",
+}
+ALLOWED_HOST_READS = {"aligned_mtl": {"aten::_linalg_eigh"}}  # documented in mtl/strategies/aligned.py
+
+
+class _HostReadRecorder(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func._schema.name in HOST_READS:
+            self.ops.append(func._schema.name)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("name", list(STRATEGIES))
+def test_strategy_steps_make_no_host_reads(name):
+    """Three steps (refresh and reuse) of every strategy with the deferred finite check, as on an
+    accelerator: no operator of the step reads the device from the host. The same steps with the
+    per-step check do read (the recorder sees what it must)."""
+    model, batch, labels = _setup(3)
+    kw = {"refresh_every": 2, "period_steps": 1} if name == "dwa" else {"refresh_every": 2}
+    for mode, expect_reads in (("deferred", False), ("step", True)):
+        strategy = build_strategy(name, 3, check_finite=mode, **kw)
+        shared = model.shared_parameters()
+        ids = {id(p) for p in shared}
+        others = [p for p in model.parameters() if id(p) not in ids]
+        seen: list[str] = []
+        for _ in range(3):
+            scale = strategy.task_grad_scale(torch.device("cpu"))
+            losses = per_task_bce(model(batch, task_grad_scale=scale), labels)
+            model.zero_grad(set_to_none=True)
+            with _HostReadRecorder() as rec:
+                strategy.backward(
+                    losses, shared_parameters=shared, task_grad_scale=scale, non_shared_parameters=others,
+                    task_gradients_fn=lambda ls, _p, tasks: model.shared_task_gradients(ls, tasks),
+                )
+            seen += rec.ops
+        allowed = ALLOWED_HOST_READS.get(name, set())
+        unexpected = [op for op in seen if op not in allowed]
+        if expect_reads:
+            assert "aten::_local_scalar_dense" in seen
+        else:
+            assert unexpected == [], f"{name}: host reads in the step: {sorted(set(unexpected))}"
+    strategy.raise_if_nonfinite()

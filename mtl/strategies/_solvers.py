@@ -156,7 +156,9 @@ def _project_simplex(v: Tensor) -> Tensor:
 def _projected_gradient(grad_fn, m: Tensor, iters: int) -> Tensor:
     k = m.shape[0]
     w = torch.full((k,), 1.0 / k, dtype=m.dtype, device=m.device)
-    step = 1.0 / (2.0 * torch.linalg.matrix_norm(m, ord=2).clamp_min(1e-12))
+    # 1 / (2 ||m||_F) <= 1 / (2 ||m||_2): a safe step without an SVD (whose error check
+    # synchronises with the device on accelerators)
+    step = 1.0 / (2.0 * torch.linalg.matrix_norm(m).clamp_min(1e-12))
     for _ in range(iters):
         w = _project_simplex(w - step * grad_fn(w))
     return w

@@ -25,8 +25,10 @@ Cost: per-task gradients are taken only over the declared dense shared parameter
 of ``torch.autograd.grad``, never over the embedding tables), then ONE backward. With
 ``refresh_every=N`` the coefficients are recomputed every ``N``-th step and reused (through
 ``task_grad_scale``) in between, so those steps cost a plain step. No ``.item()`` or other
-device-to-host read is made in the step path except the optional finite-loss check
-(``check_finite``, on by default; turn it off on accelerators to avoid its synchronisation).
+device-to-host read is made in the step path (``tests/test_strategies.py`` records every
+operator of a step and fails on a host read), except the finite-loss check on CPU tensors (where
+a read costs nothing) and Aligned-MTL's ``torch.linalg.eigh``, whose error check reads one flag
+on CUDA. On accelerators the finite-loss check is deferred (``check_finite="auto"``).
 
 Data parallelism (``shared/docs/surgery_under_ddp.md``):
 
@@ -43,7 +45,9 @@ Data parallelism (``shared/docs/surgery_under_ddp.md``):
   order) comes from a seeded ``torch.Generator`` held in the strategy's state, so identical on
   every rank.
 
-NaN handling: a non-finite loss raises :class:`ValueError` naming the tasks (``check_finite``).
+NaN handling: a non-finite loss raises :class:`ValueError` naming the tasks (``check_finite``):
+at once for CPU losses; on accelerators at the caller's next :meth:`Strategy.raise_if_nonfinite`
+(trainers call it when they log, which reads from the device anyway), naming the first bad step.
 An all-zero task gradient is handled per strategy, as documented in each class.
 """
 
@@ -95,8 +99,12 @@ class Strategy(nn.Module, ABC):
         num_tasks: ``K``.
         refresh_every: recompute gradient-based coefficients every this many steps, reusing
             them in between (needs a model with ``task_grad_scale`` for the reuse steps).
-        check_finite: raise :class:`ValueError` on a non-finite loss (reads one bool from the
-            device each step).
+        check_finite: what a non-finite loss does: ``"step"`` (or ``True``): raise
+            :class:`ValueError` in :meth:`backward` (reads one bool from the device each step);
+            ``"deferred"``: record it on the device, without a host read, and raise at the next
+            :meth:`raise_if_nonfinite` (naming the first bad step and its losses); ``"off"`` (or
+            ``False``): no check; ``"auto"`` (default): ``"step"`` for CPU losses, ``"deferred"``
+            on accelerators.
         embedding_grad: ``"combined"`` (default): embeddings get ``sum_i c_i grad L_i`` through
             ``task_grad_scale``, at the cost of ``K`` per-task gradient calls + one backward.
             ``"plain"`` (Gram strategies): on refresh steps only ``K - 1`` per-task calls; the one
@@ -122,7 +130,11 @@ class Strategy(nn.Module, ABC):
     uses_representation: ClassVar[bool] = False
 
     def __init__(
-        self, num_tasks: int, refresh_every: int = 1, check_finite: bool = True, embedding_grad: str = "combined"
+        self,
+        num_tasks: int,
+        refresh_every: int = 1,
+        check_finite: bool | str = "auto",
+        embedding_grad: str = "combined",
     ) -> None:
         super().__init__()
         if embedding_grad not in ("combined", "plain"):
@@ -136,7 +148,14 @@ class Strategy(nn.Module, ABC):
             raise ValueError(f"refresh_every must be a positive int, got {refresh_every!r}")
         self.num_tasks = num_tasks
         self.refresh_every = refresh_every
-        self.check_finite = check_finite
+        modes = {True: "step", False: "off", "step": "step", "off": "off", "deferred": "deferred", "auto": "auto"}
+        if not isinstance(check_finite, (bool, str)) or check_finite not in modes:
+            raise ValueError(f"check_finite must be one of {sorted(map(str, modes))}, got {check_finite!r}")
+        self.check_finite: str = modes[check_finite]
+        # deferred finite-loss check: device tensors, written without host reads
+        self._nonfinite_flag: Tensor | None = None
+        self._nonfinite_losses: Tensor | None = None
+        self._nonfinite_step: Tensor | None = None
         self.step_count = 0
         self._cached: Combination | None = None
         self._pending_scale: Tensor | None = None
@@ -173,6 +192,37 @@ class Strategy(nn.Module, ABC):
     def reuse(self, cached: Combination, losses: Tensor, stats: Tensor) -> Combination:
         """The combination on a step between refreshes (default: the cached coefficients)."""
         return cached
+
+    def finite_check_mode(self, device: torch.device) -> str:
+        """``check_finite`` resolved for losses on ``device``: ``"step"``, ``"deferred"`` or ``"off"``."""
+        if self.check_finite == "auto":
+            return "step" if device.type == "cpu" else "deferred"
+        return self.check_finite
+
+    def raise_if_nonfinite(self) -> None:
+        """Raise the :class:`ValueError` of a non-finite loss recorded by the deferred check
+        (one host read); no-op if none was recorded or the check is not deferred."""
+        if self._nonfinite_flag is None or not bool(self._nonfinite_flag):
+            return
+        assert self._nonfinite_losses is not None and self._nonfinite_step is not None
+        self._raise_nonfinite(self._nonfinite_losses, int(self._nonfinite_step))
+
+    def _raise_nonfinite(self, losses: Tensor, step: int) -> None:
+        bad = torch.nonzero(~torch.isfinite(losses)).flatten().tolist()
+        raise ValueError(
+            f"{type(self).__name__}: non-finite loss for task(s) {bad} at step {step}: {losses.tolist()}"
+        )
+
+    def _record_nonfinite(self, losses: Tensor) -> None:
+        bad = ~torch.isfinite(losses).all()
+        if self._nonfinite_flag is None:
+            self._nonfinite_flag = torch.zeros((), dtype=torch.bool, device=losses.device)
+            self._nonfinite_losses = torch.zeros_like(losses)
+            self._nonfinite_step = torch.zeros((), dtype=torch.long, device=losses.device)
+        first = bad & ~self._nonfinite_flag  # keep the first bad step's losses
+        self._nonfinite_losses = torch.where(first, losses, self._nonfinite_losses)
+        self._nonfinite_step = torch.where(first, self.step_count, self._nonfinite_step)
+        self._nonfinite_flag = self._nonfinite_flag | bad
 
     def end_epoch(self) -> None:
         """Called by trainers at the end of each epoch (DWA uses it); no-op by default."""
@@ -252,9 +302,11 @@ class Strategy(nn.Module, ABC):
         k = self.num_tasks
         if losses.dim() != 1 or losses.shape[0] != k:
             raise ValueError(f"{type(self).__name__}: expected losses of shape [{k}], got {tuple(losses.shape)}")
-        if self.check_finite and not bool(torch.isfinite(losses.detach()).all()):
-            bad = torch.nonzero(~torch.isfinite(losses.detach())).flatten().tolist()
-            raise ValueError(f"{type(self).__name__}: non-finite loss for task(s) {bad}: {losses.detach().tolist()}")
+        mode = self.finite_check_mode(losses.device)
+        if mode == "step" and not bool(torch.isfinite(losses.detach()).all()):
+            self._raise_nonfinite(losses.detach(), self.step_count)
+        elif mode == "deferred":
+            self._record_nonfinite(losses.detach())
         stats = state_losses.detach() if state_losses is not None else losses.detach()
         if state_losses is None and self.stat_reducer is not None:
             stats = self.stat_reducer(stats)
