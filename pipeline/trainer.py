@@ -153,6 +153,7 @@ def train_local(cfg: TrainConfig, data_dir: str | Path, on_log: Any = None) -> T
             losses, _ = model_backward(
                 strategy, model, batch.features, batch.labels,
                 loss_fn=lambda logits, labels, m=mask: masked_bce(logits, labels, m),
+                separable_losses=True,  # masked_bce's loss k reads only logit column k
             )
             reg = model.regularization()
             if reg.requires_grad:

@@ -91,6 +91,49 @@ def test_task_grad_scale_and_losses_mixing_tasks(k, expert_hidden, tower_hidden,
     torch.testing.assert_close(model.shared_task_gradients(plain), unscaled * scale.to(D).view(-1, 1))
 
 
+@pytest.mark.parametrize("k,expert_hidden,tower_hidden", SHAPES)
+@pytest.mark.parametrize("tasks", [None, "subset"])
+def test_separable_losses_path_equals_autograd(k, expert_hidden, tower_hidden, tasks, monkeypatch):
+    """separable=True (loss t reads only logit t: per-task BCE, masked or not) gives the same
+    rows as per-task autograd.grad, with a task_grad_scale, a task subset in any order and a
+    parameter subset; and it is really the separable path (wrong on a loss that mixes tasks)."""
+    monkeypatch.setattr(mmoe, "_ROW_CHUNK", 16)
+    model, batch, labels = _setup(k, expert_hidden, tower_hidden, seed=7)
+    scale = torch.linspace(1.5, 0.4, k)
+    logits = model(batch, task_grad_scale=scale)
+    mask = (torch.rand(labels.shape, generator=torch.Generator().manual_seed(8)) < 0.7).to(D)
+    losses = (torch.nn.functional.binary_cross_entropy_with_logits(logits, labels, reduction="none") * mask).sum(0)
+    order = None if tasks is None else [k - 1, 0]
+    ref = task_gradients(losses, model.shared_parameters(), order)
+    torch.testing.assert_close(model.shared_task_gradients(losses, order, separable=True), ref, rtol=1e-10, atol=1e-13)
+    last = [model.experts.weights[-1], model.experts.biases[-1]]
+    torch.testing.assert_close(
+        model.shared_task_gradients(losses, order, parameters=last, separable=True),
+        task_gradients(losses, last, order), rtol=1e-10, atol=1e-13,
+    )
+    mixed = losses + 0.5 * losses.roll(1)
+    general = model.shared_task_gradients(mixed, order)
+    torch.testing.assert_close(general, task_gradients(mixed, model.shared_parameters(), order), rtol=1e-10, atol=1e-13)
+    assert not torch.allclose(model.shared_task_gradients(mixed, order, separable=True), general)
+
+
+def test_driver_takes_the_separable_path_for_per_task_bce_only(monkeypatch):
+    calls: list[bool] = []
+    model, batch, labels = _setup(3, [6], [3])
+    original = model.shared_task_gradients
+
+    def spy(losses, tasks=None, parameters=None, separable=False):
+        calls.append(separable)
+        return original(losses, tasks, parameters=parameters, separable=separable)
+
+    monkeypatch.setattr(model, "shared_task_gradients", spy)
+    model_backward(build_strategy("pcgrad", 3), model, batch, labels)
+    model_backward(build_strategy("pcgrad", 3), model, batch, labels, loss_fn=lambda lg, y: per_task_bce(lg, y) * 2)
+    model_backward(build_strategy("pcgrad", 3), model, batch, labels,
+                   loss_fn=lambda lg, y: per_task_bce(lg, y) * 2, separable_losses=True)
+    assert calls == [True, False, True]
+
+
 def test_plain_layout_branch_and_single_chunk(monkeypatch):
     monkeypatch.setattr(mmoe, "PLAIN_LAYOUTS", True)  # the separate contiguous first-layer copy
     model, batch, labels = _setup(4, [8, 6], [4], rows=40, seed=5)

@@ -28,6 +28,7 @@ def model_backward(
     representation_module: nn.Module | None = None,
     state_losses: Tensor | None = None,
     model_task_gradients: bool = True,
+    separable_losses: bool | None = None,
 ) -> tuple[Tensor, Combination]:
     """Forward with ``task_grad_scale``, per-task losses, the strategy's combination, ONE backward.
 
@@ -53,6 +54,9 @@ def model_backward(
         state_losses: all-reduced detached losses for loss-driven state (DDP).
         model_task_gradients: use the model's ``shared_task_gradients`` when it has one
             (``False``: always the generic per-task ``torch.autograd.grad`` calls).
+        separable_losses: ``loss_fn``'s loss ``i`` reads only the logits of task ``i`` (per-task
+            BCE, masked or not), which lets a model's ``shared_task_gradients`` take a cheaper
+            path (``separable=``). ``None`` (default): true for :func:`per_task_bce` only.
 
     If the model has a method ``shared_task_gradients(losses, tasks) -> [len(tasks), P]``
     (gradients of ``losses[t]`` for ``t`` in ``tasks`` w.r.t. ``model.shared_parameters()`` for the
@@ -87,10 +91,13 @@ def model_backward(
     fast = getattr(model, "shared_task_gradients", None) if model_task_gradients else None
     task_fn = None
     if fast is not None:
+        if separable_losses is None:
+            separable_losses = loss_fn is per_task_bce
+        extra = {"separable": True} if separable_losses and _takes(fast, "separable") else {}
         if shared_parameters is None:
-            task_fn = lambda ls, _params, tasks: fast(ls, tasks)  # noqa: E731
-        elif _takes_parameters(fast) and {id(p) for p in shared} <= {id(p) for p in model.shared_parameters()}:
-            task_fn = lambda ls, params, tasks: fast(ls, tasks, parameters=params)  # noqa: E731
+            task_fn = lambda ls, _params, tasks: fast(ls, tasks, **extra)  # noqa: E731
+        elif _takes(fast, "parameters") and {id(p) for p in shared} <= {id(p) for p in model.shared_parameters()}:
+            task_fn = lambda ls, params, tasks: fast(ls, tasks, parameters=params, **extra)  # noqa: E731
     if direct is None:
         direct = task_fn is not None and shared_parameters is None
     non_shared = None
@@ -109,8 +116,8 @@ def model_backward(
     return losses.detach(), comb
 
 
-def _takes_parameters(fn: Callable) -> bool:
+def _takes(fn: Callable, argument: str) -> bool:
     try:
-        return "parameters" in inspect.signature(fn).parameters
+        return argument in inspect.signature(fn).parameters
     except (TypeError, ValueError):
         return False
