@@ -341,12 +341,8 @@ def _parse_vectors(arr: pa.Array, f: VectorConfig, path: Path, rows: np.ndarray,
 
 
 def _one_blas_thread() -> Any:
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:  # optional: only a speed matter
-        import contextlib
+    from threadpoolctl import threadpool_limits
 
-        return contextlib.nullcontext()
     return threadpool_limits(1)
 
 
