@@ -96,12 +96,21 @@ class InputModule(nn.Module):
                 parts.append(self._embed_sparse(f, _get(batch, f.name)))
         for f in self.spec.lists:
             parts.append(self._pool_list(f, batch))
+        dtype = self.dtype
         for f in self.spec.dense:
-            x = _get(batch, f.name).float()
+            x = _get(batch, f.name).to(dtype)
             parts.append(x.unsqueeze(-1) if x.dim() == 1 else x)
         for f in self.spec.vectors:
-            parts.append(_get(batch, f.name).float())
+            parts.append(_get(batch, f.name).to(dtype))
         return torch.cat(parts, dim=1)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The representation's dtype: the embedding tables' (float32 unless converted, e.g. by
+        ``model.double()``); numeric columns are cast to it."""
+        for table in self.tables.values():
+            return table.weight.dtype
+        return torch.get_default_dtype()
 
     def _embed_sparse(self, f: SparseFeature, ids: Tensor) -> Tensor:
         return self.tables[f.name](to_table_ids(ids.long(), f.vocab_size))
@@ -128,11 +137,11 @@ class InputModule(nn.Module):
 
     def _pool_list(self, f: ListFeature, batch: Mapping[str, Tensor]) -> Tensor:
         ids = _get(batch, f.name).long()
-        mask = (ids != PAD_ID).float()
+        emb = self.tables[f.name](to_table_ids(ids, f.vocab_size))  # [B, L, E]
+        mask = (ids != PAD_ID).to(emb.dtype)
         weights = mask
         if f.weighted:
-            weights = _get(batch, f.name + WEIGHT_SUFFIX).float() * mask
-        emb = self.tables[f.name](to_table_ids(ids, f.vocab_size))  # [B, L, E]
+            weights = _get(batch, f.name + WEIGHT_SUFFIX).to(emb.dtype) * mask
         pooled = torch.bmm(weights.unsqueeze(1), emb).squeeze(1)
         if f.pooling == "mean":
             pooled = pooled / weights.sum(dim=1, keepdim=True).clamp_min(1e-12)

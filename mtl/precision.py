@@ -1,22 +1,22 @@
 """Compute precision of the dense body (experts, bottoms, gates, towers).
 
-Parameters, gradients, optimizer state, embeddings, losses and returned logits are always
-float32 (or float64 when the inputs are); the precision chosen here only sets the dtype of the
-body's matrix products and activations (mixed precision).
+Parameters, gradients, optimizer state, embeddings, losses and returned logits keep their dtype
+(float32, or float64 for a model converted with ``.double()``); the precision chosen here only
+sets the dtype of the body's matrix products and activations (mixed precision), and only ever
+lowers float32: a float64 model always computes in float64.
 
-- ``"float32"`` (or ``None``): the parameters' dtype; exact float32 arithmetic.
+- ``"float32"`` (or ``None``): no cast; exact arithmetic in the parameters' dtype.
 - ``"bfloat16"``: bfloat16 products and activations with float32 accumulation inside the
-  GEMMs; ~3 significant digits per activation.
-- ``"float64"``: for checks.
+  GEMMs (~3 significant digits per activation), for float32 models.
 - ``"auto"``: ``"bfloat16"`` where the device multiplies bfloat16 natively (CUDA devices with
-  bfloat16 support, CPUs with AVX512-BF16 or AMX-BF16), ``"float32"`` elsewhere; float64
-  inputs are never down-cast. The training entry point's default (``pipeline.trainer``).
+  bfloat16 support, CPUs with AVX512-BF16 or AMX-BF16), ``"float32"`` elsewhere. The training
+  entry point's default (``pipeline.trainer``, :data:`DEFAULT_PRECISION`).
 
 Example:
     >>> import torch
-    >>> resolve_compute_dtype("float32", torch.device("cpu"), torch.float32)
-    torch.float32
-    >>> resolve_compute_dtype("auto", torch.device("cpu"), torch.float64)
+    >>> resolve_compute_dtype("bfloat16", torch.device("cpu"), torch.float32)
+    torch.bfloat16
+    >>> resolve_compute_dtype("bfloat16", torch.device("cpu"), torch.float64)
     torch.float64
 """
 
@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 #: accepted values of ``compute_dtype`` / ``precision``
-PRECISIONS = ("auto", "float32", "bfloat16", "float64")
+PRECISIONS = ("auto", "float32", "bfloat16")
 
 #: the training entry point's default (``pipeline.trainer.TrainConfig.precision``); the library's
 #: model constructors default to ``None`` (the parameters' dtype, exact)
@@ -38,9 +38,9 @@ Precision = str | torch.dtype | None
 
 
 def check_precision(precision: Precision) -> Precision:
-    """``precision`` if valid (a name of :data:`PRECISIONS`, one of their torch dtypes or
-    ``None``), else ``ValueError``."""
-    if precision is None or precision in (torch.float32, torch.bfloat16, torch.float64):
+    """``precision`` if valid (a name of :data:`PRECISIONS`, ``torch.float32``,
+    ``torch.bfloat16`` or ``None``), else ``ValueError``."""
+    if precision is None or precision in (torch.float32, torch.bfloat16):
         return precision
     if isinstance(precision, str) and precision in PRECISIONS:
         return precision
@@ -88,10 +88,8 @@ def resolve_compute_dtype(precision: Precision, device: torch.device, input_dtyp
         input_dtype: dtype of the body's input (and parameters).
     """
     precision = check_precision(precision)
-    if precision is None:
-        return input_dtype
+    if input_dtype != torch.float32 or precision in (None, "float32", torch.float32):
+        return input_dtype  # never down-cast anything but float32
     if precision == "auto":
-        if input_dtype == torch.float32 and native_bfloat16(device.type, device.index):
-            return torch.bfloat16
-        return input_dtype
-    return getattr(torch, precision) if isinstance(precision, str) else precision
+        return torch.bfloat16 if native_bfloat16(device.type, device.index) else input_dtype
+    return torch.bfloat16

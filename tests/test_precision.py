@@ -32,11 +32,13 @@ def test_explicit_precisions_resolve_to_themselves() -> None:
     assert resolve_compute_dtype(None, CPU, torch.float32) is torch.float32
     assert resolve_compute_dtype(None, CPU, torch.float64) is torch.float64
     assert resolve_compute_dtype("float32", CPU, torch.float32) is torch.float32
+    assert resolve_compute_dtype("float32", CPU, torch.float64) is torch.float64  # "no cast"
     assert resolve_compute_dtype("bfloat16", CPU, torch.float32) is torch.bfloat16
     assert resolve_compute_dtype(torch.bfloat16, CPU, torch.float32) is torch.bfloat16
-    assert resolve_compute_dtype("float64", CPU, torch.float32) is torch.float64
-    with pytest.raises(ValueError, match="float16x"):
-        resolve_compute_dtype("float16x", CPU, torch.float32)
+    assert resolve_compute_dtype("bfloat16", CPU, torch.float64) is torch.float64  # never down-cast float64
+    for bad in ("float16x", "float64", torch.float16):
+        with pytest.raises(ValueError, match="compute_dtype"):
+            resolve_compute_dtype(bad, CPU, torch.float32)
     with pytest.raises(ValueError, match="compute_dtype"):
         build_model("mmoe", make_spec(2), compute_dtype="half")
 
@@ -49,7 +51,6 @@ def test_auto_is_bfloat16_only_on_native_hardware_and_only_for_float32(bf16_nati
     assert resolve_compute_dtype("auto", CPU, torch.float32) is torch.float32
 
 
-@pytest.mark.skipif(not Path("/proc/cpuinfo").exists(), reason="needs /proc/cpuinfo")
 def test_cpu_detection_agrees_with_cpuinfo_flags() -> None:
     flags = Path("/proc/cpuinfo").read_text().split()
     assert native_bfloat16("cpu") == ("avx512_bf16" in flags or "amx_bf16" in flags)
@@ -100,20 +101,32 @@ def test_auto_without_native_bfloat16_is_exact_float32(variant: str, bf16_native
     assert not torch.equal(auto(batch), exact(batch))
 
 
-def test_generic_architectures_reject_a_non_autocast_precision() -> None:
-    name, kwargs = VARIANTS["shared_bottom"]
-    model = build_model(name, make_spec(2), compute_dtype="float64", **kwargs(2))
-    with pytest.raises(ValueError, match="compute_dtype"):
-        model(make_batch(4))
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_float64_models_are_never_down_cast(variant: str, bf16_native) -> None:
+    bf16_native(True)
+    name, kwargs = VARIANTS[variant]
+    torch.manual_seed(0)
+    exact = build_model(name, make_spec(2), **kwargs(2)).double().eval()
+    batch = make_batch(16, seed=5)
+    want = exact(batch)
+    assert want.dtype == torch.float64
+    for setting in ("auto", "bfloat16", "float32"):
+        model = build_model(name, make_spec(2), compute_dtype=setting, **kwargs(2)).double().eval()
+        model.load_state_dict(exact.state_dict())
+        assert torch.equal(model(batch), want), setting
 
 
-def test_mmoe_bfloat16_logits_are_not_rounded_to_bfloat16() -> None:
-    """The fused body sums its last layer in float32: the logits of many rows stay distinct
-    (bfloat16-rounded logits would tie scores a ranking metric must tell apart)."""
-    name, kwargs = VARIANTS["mmoe"]
-    model = build_model(name, make_spec(2), compute_dtype="bfloat16", **kwargs(2))
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_bfloat16_logits_are_not_rounded_to_bfloat16(variant: str) -> None:
+    """Every architecture computes its last (logit) layer in float32 under mixed precision: the
+    logits of many rows stay distinct (bfloat16-rounded logits would tie scores a ranking metric
+    must tell apart)."""
+    name, kwargs = VARIANTS[variant]
+    torch.manual_seed(1)
+    model = build_model(name, make_spec(2), compute_dtype="bfloat16", **kwargs(2)).eval()
     logits = model(make_batch(512, seed=6))
     rounded = logits.to(torch.bfloat16).float()
+    assert logits.dtype == torch.float32
     assert not torch.equal(logits, rounded)
     assert logits[:, 0].unique().numel() > rounded[:, 0].unique().numel()
 
@@ -123,7 +136,8 @@ def test_training_default_precision_is_auto_and_reaches_the_model() -> None:
     cfg = TrainConfig(model=ModelConfig(name="shared_bottom"), precision="float32")
     model, _, _ = build(cfg, make_spec(2))
     assert model.compute_dtype == "float32"
-    with pytest.raises(ValueError, match="precision"):
-        TrainConfig(precision="fp8")
+    for bad in ("fp8", "float64"):
+        with pytest.raises(ValueError, match="precision"):
+            TrainConfig(precision=bad)
     with pytest.raises(ValueError, match="train.precision"):
         TrainConfig(model=ModelConfig(name="mmoe", params={"compute_dtype": "bfloat16"}))

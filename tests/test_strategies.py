@@ -231,6 +231,28 @@ def test_cagrad_simplex_solver_direct_k12_fallback_agrees():
     assert f(w) <= f(w_pg) + 1e-6
 
 
+@pytest.mark.parametrize("seed", [0, 1])
+def test_projected_gradient_fallback_beyond_face_enumeration_reaches_the_optimum(seed, monkeypatch):
+    """K = 13 > MAX_ENUM_TASKS: MGDA's and CAGrad's projected-gradient solvers (SVD-free step)
+    reach the objective of the exact face enumeration (forced for the check)."""
+    import mtl.strategies._solvers as solvers
+
+    g = torch.randn(13, 40, dtype=D, generator=torch.Generator().manual_seed(seed))
+    g[:, :5] += 1.0
+    m = g @ g.t()
+    m = m / m.diagonal().max()
+    c = torch.tensor(0.4, dtype=D)
+    b = torch.full((13,), 1 / 13, dtype=D)
+    cagrad_obj = lambda x: float(x @ m @ b + c * torch.sqrt(x @ m @ x))  # noqa: E731
+    assert solvers.MAX_ENUM_TASKS < 13
+    w_pg, w_cpg = solvers.min_norm_simplex(m), solvers.cagrad_simplex(m, c)
+    monkeypatch.setattr(solvers, "MAX_ENUM_TASKS", 13)
+    w_ex, w_cex = solvers.min_norm_simplex(m), solvers.cagrad_simplex(m, c)
+    assert float(w_pg @ m @ w_pg) == pytest.approx(float(w_ex @ m @ w_ex), rel=1e-9)
+    assert cagrad_obj(w_cpg) == pytest.approx(cagrad_obj(w_cex), rel=1e-9)
+    assert float(w_pg.sum()) == pytest.approx(1.0) and bool((w_pg >= 0).all())
+
+
 # ------------------------------------------------------------------ IMTL-G
 
 

@@ -45,9 +45,11 @@ class MultiTaskModel(nn.Module, ABC):
         sparse_gradients: embedding tables produce row-sparse gradients.
         compute_dtype: precision of the body's products and activations (:mod:`mtl.precision`:
             ``None``/``"float32"`` exact, ``"bfloat16"`` mixed precision, ``"auto"`` bfloat16
-            where the device has native bfloat16 matrix units). Parameters, gradients and the
-            returned logits keep the input's dtype. The generic architectures run their body
-            under ``torch.autocast`` in :meth:`forward`; MMoE's fused body casts itself.
+            where the device has native bfloat16 matrix units; float64 models are never
+            down-cast). Parameters, gradients and the returned logits keep the input's dtype, and
+            the logits are computed in it (the last, width-1 layer runs outside the low precision).
+            The generic architectures run their body under ``torch.autocast`` in :meth:`forward`;
+            MMoE's fused body casts itself.
     """
 
     #: the architecture applies :attr:`compute_dtype` inside ``forward_representation`` itself
@@ -73,11 +75,6 @@ class MultiTaskModel(nn.Module, ABC):
         dtype = self.body_dtype(x)
         if self.casts_itself or dtype == x.dtype:
             return self.forward_representation(x, task_grad_scale)
-        if dtype not in (torch.bfloat16, torch.float16):
-            raise ValueError(
-                f"{type(self).__name__}: compute_dtype {dtype} for {x.dtype} inputs is not supported "
-                "(use bfloat16 for mixed precision, or convert the model and inputs)"
-            )
         with torch.autocast(device_type=x.device.type, dtype=dtype):
             logits = self.forward_representation(x, task_grad_scale)
         return logits.to(x.dtype)

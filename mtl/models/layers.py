@@ -95,20 +95,29 @@ class BatchedMLP(nn.Module):
         member_scale: ``[num_members]`` gradient scale where member ``m`` reads a shared input
             (``task_grad_scale`` of :class:`mtl.models.base.MultiTaskModel`); ``None`` = 1.
         """
-        n = self.num_members
-        for layer, (w, b) in enumerate(zip(self.weights, self.biases)):
-            if layer == 0 and self.shared_input:
-                fan_in, fan_out = w.shape[1], w.shape[2]
-                flat_w = w.permute(0, 2, 1).reshape(n * fan_out, fan_in)
-                h = shared_input_linear(x, flat_w, b.reshape(n * fan_out), member_scale)
-                x = h.view(-1, n, fan_out).transpose(0, 1)
-            else:
-                if layer == 0 and member_scale is not None:
-                    x = scale_grad(x, member_scale.view(n, 1, 1))
-                x = torch.baddbmm(b, x, w)
-            if layer < self.num_hidden:
-                x = torch.relu(x)
+        last = len(self.weights) - 1
+        for layer, w in enumerate(self.weights):
+            if layer == last and layer >= self.num_hidden and torch.is_autocast_enabled(x.device.type):
+                # The output layer (e.g. the logits) in the parameters' dtype: outputs rounded to
+                # bfloat16 would tie many scores (a step of 1/64 around |logit| ~ 3).
+                with torch.autocast(device_type=x.device.type, enabled=False):
+                    return self._layer(layer, x.to(w.dtype), member_scale)
+            x = self._layer(layer, x, member_scale)
         return x
+
+    def _layer(self, layer: int, x: Tensor, member_scale: Tensor | None) -> Tensor:
+        n = self.num_members
+        w, b = self.weights[layer], self.biases[layer]
+        if layer == 0 and self.shared_input:
+            fan_in, fan_out = w.shape[1], w.shape[2]
+            flat_w = w.permute(0, 2, 1).reshape(n * fan_out, fan_in)
+            h = shared_input_linear(x, flat_w, b.reshape(n * fan_out), member_scale)
+            x = h.view(-1, n, fan_out).transpose(0, 1)
+        else:
+            if layer == 0 and member_scale is not None:
+                x = scale_grad(x, member_scale.view(n, 1, 1))
+            x = torch.baddbmm(b, x, w)
+        return torch.relu(x) if layer < self.num_hidden else x
 
 
 def mix_experts(gates: Tensor, experts: Tensor, task_scale: Tensor | None = None) -> Tensor:

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 from torch.autograd.graph import GradientEdge
 
+from mtl.device import host_to_device
 from mtl.features import FeatureSpec
 from mtl.models.base import Batch, MultiTaskModel
 from mtl.models.layers import BatchedMLP, mix_experts, shared_input_linear, stacked_owners
@@ -183,15 +184,20 @@ class MMoE(MultiTaskModel):
                 "MMoE.shared_task_gradients: the losses do not depend on the logits of this model's last "
                 "forward pass (the fused body); compute them from that forward's output"
             )
+        task_index = None  # separable: the requested tasks' columns (None = all, in order)
         if separable:
-            jac = rows[0][:, tasks].to(sv.x.dtype)  # [B, T]
+            jac = rows[0]  # [B, K]
+            if tasks != list(range(jac.shape[1])):
+                task_index = host_to_device(torch.tensor(tasks), jac.device)
+                jac = jac.index_select(1, task_index)
+            jac = jac.to(sv.x.dtype)  # [B, T]
         else:
             rows = [torch.zeros_like(sv.gates[:, :, 0]) if g is None else g for g in rows]
             jac = torch.stack(rows).to(sv.x.dtype)
         with torch.no_grad():
             lowest = min(where[id(p)][1] for p in params)
             weights, biases = _expert_task_gradients(
-                sv, jac, self._workspace, lowest, diagonal_tasks=tasks if separable else None
+                sv, jac, self._workspace, lowest, separable=separable, task_index=task_index
             )
             offset = 0
             for p in params:
@@ -251,7 +257,8 @@ def _expert_task_gradients(
     jac: Tensor,
     ws: "Workspace | None",
     lowest: int = 0,
-    diagonal_tasks: Sequence[int] | None = None,
+    separable: bool = False,
+    task_index: Tensor | None = None,
 ) -> tuple[list[Tensor | None], list[Tensor | None]]:
     """The experts' parameter gradients of ``T`` losses for the layers ``lowest..``:
     ``(weights, biases)``, per layer ``[T, E, in, out]`` and ``[T, E, out]`` (strided views of
@@ -264,13 +271,13 @@ def _expert_task_gradients(
     there the experts' backward runs for all ``T`` losses together, the losses side by side,
     over chunks of :data:`_ROW_CHUNK` rows whose weight-gradient products are accumulated.
 
-    ``diagonal_tasks`` (separable losses, loss ``t`` reads only logit ``diagonal_tasks[t]``):
-    ``jac`` is ``[B, T]``, ``jac[b, t]`` = d loss ``t`` / d logit ``diagonal_tasks[t]`` at row ``b``,
-    and the sum over ``s`` above has the one term ``s = diagonal_tasks[t]``.
+    ``separable`` (loss ``t`` reads only the logit of task ``task_index[t]``; ``task_index`` on
+    the device, ``None`` = all tasks in order): ``jac`` is ``[B, T]``, ``jac[b, t]`` = d loss ``t``
+    / d that logit at row ``b``, and the sum over ``s`` above has the one term ``s = task_index[t]``.
     """
     x, gates, hs, ts, ew_rest, tw, scale = sv.x, sv.gates, sv.hs, sv.ts, sv.ew_rest, sv.tw, sv.scale
     b, k, e = gates.shape
-    nt = jac.shape[0] if diagonal_tasks is None else jac.shape[1]
+    nt = jac.shape[1] if separable else jac.shape[0]
     le, lt = len(hs), len(tw)
 
     def buf(*shape: int) -> Tensor:
@@ -289,12 +296,13 @@ def _expert_task_gradients(
     # coef[e, b, t, s] = gates[b, s, e] * scale[s] * jac[t, b, s]: loss t's gradient w.r.t.
     # expert e's output at row b is relu'(expert e at b) * sum_s coef[e, b, t, s] * v[s, b].
     gates_ebs = gates.permute(2, 0, 1) if scale is None else gates.permute(2, 0, 1) * scale.view(1, 1, k)
-    if diagonal_tasks is None:
+    if not separable:
         jac_bts = jac.transpose(0, 1)  # [B, T, K]
+    elif task_index is None:
+        coef_diag = gates_ebs * jac.unsqueeze(0)  # [E, B, K]
     else:
-        idx = torch.tensor(list(diagonal_tasks), device=x.device)
-        coef_diag = gates_ebs.index_select(2, idx) * jac.unsqueeze(0)  # [E, B, T]
-        v_b = v_b.index_select(1, idx)  # [B, T, H]: each requested task's own tower gradient
+        coef_diag = gates_ebs.index_select(2, task_index) * jac.unsqueeze(0)  # [E, B, T]
+        v_b = v_b.index_select(1, task_index)  # [B, T, H]: each requested task's own tower gradient
 
     fan_ins = [x.shape[1]] + [hs[layer].shape[2] for layer in range(le - 1)]
     widths = [hs[layer].shape[2] for layer in range(le)]
@@ -320,7 +328,7 @@ def _expert_task_gradients(
         # product [T, K] x [K, H]: d [E, c, T, H], the gradient w.r.t. the last layer's pre-activation.
         kv = v_b.shape[1]  # K (general) or T (separable)
         v_masked = _relu_grad_(v_b[r0:r1].unsqueeze(0).expand(e, c, kv, h), hs[le - 1][:, r0:r1].unsqueeze(2), buf(e, c, kv, h))
-        if diagonal_tasks is not None:
+        if separable:
             d = v_masked.mul_(coef_diag[:, r0:r1].unsqueeze(3))  # [E, c, T, H]
         else:
             coef = torch.mul(gates_ebs[:, r0:r1].unsqueeze(2), jac_bts[r0:r1].unsqueeze(0), out=buf(e, c, nt, k))

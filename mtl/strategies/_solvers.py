@@ -23,6 +23,7 @@ from functools import lru_cache
 import torch
 from torch import Tensor
 
+from mtl.device import host_to_device
 from mtl.strategies.base import psqrt
 
 MAX_ENUM_TASKS = 12
@@ -54,7 +55,7 @@ def _face_masks_cpu(k: int) -> Tensor:
 
 def face_masks(k: int, device: torch.device) -> Tensor:
     """``[2^K - 1, K]`` float64 0/1 masks of the non-empty faces of the simplex."""
-    return _face_masks_cpu(k).to(device)
+    return host_to_device(_face_masks_cpu(k), device)
 
 
 def _quad_forms(x: Tensor, m: Tensor) -> Tensor:

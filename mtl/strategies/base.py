@@ -102,7 +102,9 @@ class Strategy(nn.Module, ABC):
         check_finite: what a non-finite loss does: ``"step"`` (or ``True``): raise
             :class:`ValueError` in :meth:`backward` (reads one bool from the device each step);
             ``"deferred"``: record it on the device, without a host read, and raise at the next
-            :meth:`raise_if_nonfinite` (naming the first bad step and its losses); ``"off"`` (or
+            :meth:`raise_if_nonfinite` (naming the first bad step and its losses; the steps in
+            between have already updated the parameters, so restore a checkpoint from before
+            that step; the record is not part of ``state_dict``); ``"off"`` (or
             ``False``): no check; ``"auto"`` (default): ``"step"`` for CPU losses, ``"deferred"``
             on accelerators.
         embedding_grad: ``"combined"`` (default): embeddings get ``sum_i c_i grad L_i`` through

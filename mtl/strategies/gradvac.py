@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from mtl.device import host_to_device
 from mtl.strategies.base import Combination, SeededStrategy, psqrt
 from mtl.strategies.pcgrad import random_orders
 
@@ -39,7 +40,7 @@ def gradvac_rows(gram: Tensor, targets: Tensor, orders: Tensor, beta: float) -> 
     norm = psqrt(m.diagonal().clamp_min(0.0))
     a = torch.eye(k, dtype=m.dtype, device=m.device)
     rows = torch.arange(k, device=m.device)
-    orders = orders.to(m.device)
+    orders = host_to_device(orders, m.device)
     for s in range(k - 1):
         j = orders[:, s]
         am = a @ m

@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from mtl.device import host_to_device
 from mtl.strategies.base import Combination, SeededStrategy
 
 
@@ -40,7 +41,7 @@ def pcgrad_rows(gram: Tensor, orders: Tensor) -> Tensor:
     sq = m.diagonal().clamp_min(torch.finfo(m.dtype).tiny)
     a = torch.eye(k, dtype=m.dtype, device=m.device)
     rows = torch.arange(k, device=m.device)
-    orders = orders.to(m.device)
+    orders = host_to_device(orders, m.device)
     for s in range(k - 1):
         j = orders[:, s]
         dots = (a @ m).gather(1, j.view(k, 1)).squeeze(1)  # g_i^PC . g_j
