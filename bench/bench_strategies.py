@@ -41,7 +41,10 @@ from bench_v1 import (  # noqa: E402
     BATCH_SIZE,
     LR,
     ReferenceMMoE,
+    add_workload_arguments,
+    body_dtype,
     build_project,
+    cycling_step,
     make_batches,
     make_bench_data,
     project_step,
@@ -49,7 +52,7 @@ from bench_v1 import (  # noqa: E402
     time_interleaved,
 )
 
-from mtl.precision import DEFAULT_PRECISION, PRECISIONS, resolve_compute_dtype  # noqa: E402
+from mtl.precision import DEFAULT_PRECISION  # noqa: E402
 from mtl.strategies import GRADIENT_STRATEGIES, build_strategy, model_backward, task_gradients  # noqa: E402
 
 LOSS_ONLY = ("uncertainty", "dwa", "famo")
@@ -128,14 +131,8 @@ def check_task_gradients(batch_and_labels) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--rows", type=int, default=262144)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--steps", type=int, default=40)
-    p.add_argument("--threads", type=int, default=2)
+    add_workload_arguments(p, "body precision of every project set-up")
     p.add_argument("--strategies", nargs="*", default=list(DEFAULT))
-    p.add_argument("--precision", choices=PRECISIONS, default=None,
-                   help=f"body precision of every project set-up (default: the project's, {DEFAULT_PRECISION!r})")
     p.add_argument("--refresh", type=int, default=4, help="refresh period of the cheap variant (0: skip)")
     p.add_argument("--direct", action="store_true",
                    help="also time pcgrad with direct=False (final backward through all parameters)")
@@ -159,22 +156,11 @@ def main(argv: list[str] | None = None) -> int:
     ref = ReferenceMMoE()
     ref_opt = torch.optim.Adam(ref.parameters(), lr=LR)
     proj, proj_opt = build_project(args.seed, args.precision)
-    print(f"body precision: {args.precision or DEFAULT_PRECISION!r} -> "
-          f"{resolve_compute_dtype(args.precision or DEFAULT_PRECISION, torch.device('cpu'), torch.float32)}")
-    fns: dict[str, Callable[[], object]] = {}
-
-    def cycle(step, model, opt):
-        st = {"i": 0}
-
-        def fn():
-            b, y = batches[st["i"] % len(batches)]
-            st["i"] += 1
-            return step(model, opt, b, y)
-
-        return fn
-
-    fns["reference"] = cycle(reference_step, ref, ref_opt)
-    fns["equal (project)"] = cycle(project_step, proj, proj_opt)
+    print(f"body precision: {args.precision or DEFAULT_PRECISION!r} -> {body_dtype(args.precision)}")
+    fns: dict[str, Callable[[], object]] = {
+        "reference": cycling_step(reference_step, ref, ref_opt, batches),
+        "equal (project)": cycling_step(project_step, proj, proj_opt, batches),
+    }
     if args.autograd and args.proto:
         p.error("--autograd and --proto contradict each other")
     use_model = not args.autograd

@@ -345,15 +345,28 @@ def _setups(seed: int, fp32: bool = True) -> dict[str, tuple[nn.Module, object, 
     ref_opt = torch.optim.Adam(ref.parameters(), lr=LR)
     model, opt = build_project(seed)
     setups = {"reference": (ref, ref_opt, reference_step), "mtl": (model, opt, project_step)}
-    if fp32 and default_body_dtype() != torch.float32:
+    if fp32 and body_dtype() != torch.float32:
         model32, opt32 = build_project(seed, precision="float32")
         setups["mtl_fp32"] = (model32, opt32, project_step)
     return setups
 
 
-def default_body_dtype() -> torch.dtype:
-    """What the default precision resolves to on this machine's CPU for float32 inputs."""
-    return resolve_compute_dtype(DEFAULT_PRECISION, torch.device("cpu"), torch.float32)
+def body_dtype(precision: str | None = None) -> torch.dtype:
+    """What ``precision`` (default: the project's) resolves to on this machine's CPU for
+    float32 inputs."""
+    return resolve_compute_dtype(precision or DEFAULT_PRECISION, torch.device("cpu"), torch.float32)
+
+
+def add_workload_arguments(p: argparse.ArgumentParser, precision_help: str) -> None:
+    """The options every bench-v1 script shares: data size, seed, timing and threads, and the
+    body precision of the project set-ups."""
+    p.add_argument("--rows", type=int, default=262144)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--precision", choices=PRECISIONS, default=None,
+                   help=f"{precision_help} (default: the project's, {DEFAULT_PRECISION!r})")
 
 
 def profile_steps(
@@ -379,17 +392,12 @@ def profile_steps(
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--rows", type=int, default=262144)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--steps", type=int, default=40)
-    p.add_argument("--threads", type=int, default=2)
+    add_workload_arguments(p, "body precision of --profile")
     p.add_argument("--repeats", type=int, default=1, help="independent timing runs (fresh models)")
     p.add_argument("--auc-steps", type=int, default=0, help="also train both this many steps and report AUC")
     p.add_argument("--auc-seeds", type=int, default=1, help="repeat the AUC comparison over this many seeds")
     p.add_argument("--val-fraction", type=float, default=0.2)
     p.add_argument("--profile", type=int, default=0, help="profile this many project steps")
-    p.add_argument("--precision", choices=PRECISIONS, default=None, help="body precision of --profile (default: the project's)")
     p.add_argument("--no-fp32", action="store_true",
                    help="skip the exact-float32 variant (mtl_fp32) when the default precision is bfloat16 here")
     args = p.parse_args(argv)
@@ -398,7 +406,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     batch, labels = make_bench_data(args.rows, args.seed)
     rates = labels.mean(0).tolist()
-    print(f"project default precision {DEFAULT_PRECISION!r} -> body computes in {default_body_dtype()} on this CPU")
+    print(f"project default precision {DEFAULT_PRECISION!r} -> body computes in {body_dtype()} on this CPU")
     print(f"data: {args.rows} rows in {time.perf_counter() - t0:.1f}s; positive rates "
           + ", ".join(f"{r:.4f}" for r in rates) + f" (target {POSITIVE_RATES})")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Callable, Sequence
 
@@ -117,6 +118,12 @@ def model_backward(
 
 
 def _takes(fn: Callable, argument: str) -> bool:
+    # called every step: inspect each function (not bound method) once
+    return _takes_cached(getattr(fn, "__func__", fn), argument)
+
+
+@functools.lru_cache(maxsize=256)
+def _takes_cached(fn: Callable, argument: str) -> bool:
     try:
         return argument in inspect.signature(fn).parameters
     except (TypeError, ValueError):
