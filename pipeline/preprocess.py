@@ -54,6 +54,7 @@ import pyarrow.parquet as pq
 from mtl.features import WEIGHT_SUFFIX, DenseFeature, FeatureSpec, ListFeature, SparseFeature, VectorFeature
 from pipeline.config import dump_config, load_config
 from pipeline.datasets import DatasetConfig, FileConfig, ListConfig, VectorConfig
+from pipeline.ray_runtime import ensure_ray
 
 SPLITS = ("train", "valid", "test")
 SUCCESS = "_SUCCESS"
@@ -552,22 +553,6 @@ def _fail_missing_key(key: str, side_path: Path, missing: np.ndarray, values: np
         f"{_where(p, key, int(rows[i]), p.suffix != '.parquet')}: value {_py(values[i])!r} has no row in {side_path}; "
         f"{int(missing.sum())} such row(s)"
     )
-
-
-def ensure_ray(num_cpus: int | None = None) -> None:
-    """Start a local Ray (or join ``RAY_ADDRESS``) unless one is running; quiet Ray Data."""
-    import ray
-
-    if not ray.is_initialized():
-        warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"ray\..*")
-        if os.environ.get("RAY_ADDRESS"):
-            ray.init(log_to_driver=False)
-        else:
-            ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
-    ctx = ray.data.DataContext.get_current()
-    ctx.execution_options.preserve_order = True
-    ctx.enable_progress_bars = False
-    ctx.print_on_execution_start = False
 
 
 def _pid_alive(pid: int) -> bool:
