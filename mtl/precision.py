@@ -10,7 +10,7 @@ lowers float32: a float64 model always computes in float64.
   GEMMs (~3 significant digits per activation), for float32 models.
 - ``"auto"``: ``"bfloat16"`` where the device multiplies bfloat16 natively (CUDA devices with
   bfloat16 support, CPUs with AVX512-BF16 or AMX-BF16), ``"float32"`` elsewhere. The training
-  entry point's default (``pipeline.trainer``, :data:`DEFAULT_PRECISION`).
+  entry point's default (``pipeline.train.config``, :data:`DEFAULT_PRECISION`).
 
 Example:
     >>> import torch
@@ -30,7 +30,7 @@ import torch
 #: accepted values of ``compute_dtype`` / ``precision``
 PRECISIONS = ("auto", "float32", "bfloat16")
 
-#: the training entry point's default (``pipeline.trainer.TrainConfig.precision``); the library's
+#: the training entry point's default (``pipeline.train.config.TrainConfig.precision``); the library's
 #: model constructors default to ``None`` (the parameters' dtype, exact)
 DEFAULT_PRECISION = "auto"
 

@@ -17,13 +17,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from mtl.precision import resolve_compute_dtype
 from pipeline.config import dump_config, load_config
-from pipeline.trainer import TrainConfig, score_predictions, predict, train_local
+from pipeline.train import TrainConfig, predict, train_local
+from pipeline.train.evaluate import oracle_metrics
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 
@@ -42,17 +42,6 @@ class DemoConfig(BaseModel):
     dataset_overrides: list[str] = Field(default_factory=list)
     train: TrainConfig = Field(default_factory=TrainConfig)
     mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
-
-
-def oracle_metrics(raw_dir: Path, meta: dict[str, np.ndarray], labels: np.ndarray, tasks: list[str]) -> dict[str, float]:
-    """The official metrics of the generator's true probabilities on the same rows."""
-    oracle = pq.read_table(raw_dir / "oracle" / "oracle_train.parquet").to_pandas().set_index("row")
-    rows = meta["_row"] - 1  # preprocess numbers data rows from 1; the oracle from 0
-    joined = oracle.loc[rows]
-    if not np.array_equal(joined["userid"].to_numpy(), meta["_user"]):
-        raise ValueError("oracle rows do not line up with the preprocessed rows (userid mismatch)")
-    probs = np.stack([joined[f"p_{t}"].to_numpy() for t in tasks], axis=1)
-    return score_predictions(probs, labels, meta["_user"], tasks, "oracle")
 
 
 def run_demo(cfg: DemoConfig, out: str | Path) -> dict[str, float]:

@@ -12,7 +12,7 @@ from torch.nn import functional as F
 import mtl.precision as precision
 from mtl.models import build_model
 from mtl.precision import DEFAULT_PRECISION, native_bfloat16, resolve_compute_dtype
-from pipeline.trainer import ModelConfig, TrainConfig, build
+from pipeline.train import ModelConfig, TrainConfig, build
 from tests.test_models import VARIANTS, make_batch, make_spec
 
 CPU = torch.device("cpu")
@@ -134,7 +134,7 @@ def test_bfloat16_logits_are_not_rounded_to_bfloat16(variant: str) -> None:
 def test_training_default_precision_is_auto_and_reaches_the_model() -> None:
     assert TrainConfig().precision == DEFAULT_PRECISION == "auto"
     cfg = TrainConfig(model=ModelConfig(name="shared_bottom"), precision="float32")
-    model, _, _ = build(cfg, make_spec(2))
+    model = build(cfg, make_spec(2)).model
     assert model.compute_dtype == "float32"
     for bad in ("fp8", "float64"):
         with pytest.raises(ValueError, match="precision"):

@@ -25,7 +25,7 @@ from __future__ import annotations
 from typing import Any
 
 from mtl.strategies.aligned import AlignedMTL
-from mtl.strategies.base import Combination, Strategy, task_gradients
+from mtl.strategies.base import Combination, NonFiniteLossError, Strategy, task_gradients
 from mtl.strategies.cagrad import CAGrad
 from mtl.strategies.dbmtl import DBMTL
 from mtl.strategies.driver import model_backward, per_task_bce
@@ -76,6 +76,7 @@ __all__ = [
     "GRADIENT_STRATEGIES",
     "STRATEGIES",
     "Combination",
+    "NonFiniteLossError",
     "Strategy",
     "build_strategy",
     "model_backward",

@@ -63,6 +63,14 @@ import torch
 from torch import Tensor, nn
 
 
+class NonFiniteLossError(ValueError):
+    """A task's loss is NaN or infinite; ``tasks`` (indices), ``step`` and ``losses`` say where."""
+
+    def __init__(self, message: str, tasks: list[int], step: int, losses: list[float]) -> None:
+        super().__init__(message)
+        self.tasks, self.step, self.losses = tasks, step, losses
+
+
 @dataclass
 class Combination:
     """What a strategy asks the backward pass to do (see the module docstring).
@@ -130,6 +138,12 @@ class Strategy(nn.Module, ABC):
     #: gradient strategies whose coefficients may come from gradients w.r.t. a shared
     #: representation instead of parameters (MGDA-UB)
     uses_representation: ClassVar[bool] = False
+    #: the strategy's state is driven by the losses it is given (DWA, FAMO, GradNorm, DB-MTL):
+    #: under data parallelism they must be the all-reduced losses (``stat_reducer``)
+    loss_driven_state: ClassVar[bool] = False
+    #: the paper re-evaluates the losses on the same batch after the optimizer step and feeds
+    #: them to :meth:`update` (FAMO); trainers do so when this is set
+    post_step_losses: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -209,10 +223,19 @@ class Strategy(nn.Module, ABC):
         assert self._nonfinite_losses is not None and self._nonfinite_step is not None
         self._raise_nonfinite(self._nonfinite_losses, int(self._nonfinite_step))
 
+    def nonfinite_record(self) -> tuple[Tensor, Tensor, Tensor] | None:
+        """The deferred check's device record ``(flag, first bad step, its losses)`` without a
+        host read (``None`` before any deferred check), e.g. to gather it across ranks."""
+        if self._nonfinite_flag is None:
+            return None
+        assert self._nonfinite_step is not None and self._nonfinite_losses is not None
+        return self._nonfinite_flag, self._nonfinite_step, self._nonfinite_losses
+
     def _raise_nonfinite(self, losses: Tensor, step: int) -> None:
         bad = torch.nonzero(~torch.isfinite(losses)).flatten().tolist()
-        raise ValueError(
-            f"{type(self).__name__}: non-finite loss for task(s) {bad} at step {step}: {losses.tolist()}"
+        raise NonFiniteLossError(
+            f"{type(self).__name__}: non-finite loss for task(s) {bad} at step {step}: {losses.tolist()}",
+            tasks=bad, step=step, losses=losses.tolist(),
         )
 
     def _record_nonfinite(self, losses: Tensor) -> None:

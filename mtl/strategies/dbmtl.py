@@ -35,6 +35,8 @@ class DBMTL(Strategy):
         beta_sigma: decay exponent of ``beta / t^sigma`` (LibMTL ``DB_beta_sigma``, default 0.5).
     """
 
+    loss_driven_state = True
+
     uses_gradients = True
 
     def __init__(self, num_tasks: int, beta: float = 0.9, beta_sigma: float = 0.5, **kw) -> None:

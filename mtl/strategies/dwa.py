@@ -26,6 +26,8 @@ class DWA(Strategy):
         period_steps: end a period every this many steps; ``None`` = on :meth:`end_epoch`.
     """
 
+    loss_driven_state = True
+
     def __init__(self, num_tasks: int, temperature: float = 2.0, period_steps: int | None = None, **kw) -> None:
         super().__init__(num_tasks, **kw)
         if temperature <= 0:

@@ -33,6 +33,9 @@ class FAMO(Strategy):
         betas, adam_eps: Adam constants (``torch.optim.Adam`` defaults).
     """
 
+    loss_driven_state = True
+    post_step_losses = True
+
     def __init__(
         self,
         num_tasks: int,

@@ -32,6 +32,8 @@ class GradNorm(Strategy):
         min_weight: lower clamp before renormalisation.
     """
 
+    loss_driven_state = True
+
     uses_gradients = True
 
     def __init__(self, num_tasks: int, alpha: float = 1.5, lr: float = 0.025, min_weight: float = 1e-3, **kw) -> None:

@@ -1,0 +1,192 @@
+"""The training configs: :class:`TrainConfig` (the model, strategy and optimisation of one run,
+shared by the local loop, every Ray worker, the benches and Tune trials) and
+:class:`TrainJobConfig` (a ``python -m pipeline train`` job: the run plus its workers, storage,
+checkpoints and MLflow). Everything is checked here, before any worker starts.
+
+Example:
+    >>> cfg = TrainConfig(model={"name": "ple", "params": {"num_levels": 2}}, strategy={"name": "pcgrad"})
+    >>> cfg.sync
+    'local'
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from mtl.distributed import SYNC_MODES
+from mtl.models import MODELS
+from mtl.precision import DEFAULT_PRECISION, check_precision
+from mtl.strategies import STRATEGIES
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelConfig(Strict):
+    """An architecture from :data:`mtl.models.MODELS` and its keyword arguments."""
+
+    name: str = "mmoe"
+    params: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _known(self) -> "ModelConfig":
+        if self.name not in MODELS:
+            raise ValueError(f"model.name {self.name!r} unknown; registered: {sorted(MODELS)}")
+        if "compute_dtype" in self.params:
+            raise ValueError("set the body's precision with train.precision, not model.params.compute_dtype")
+        _check_kwargs(MODELS[self.name], self.params, f"model.params of {self.name!r}", skip={"spec", "sparse_gradients"})
+        return self
+
+
+class StrategyConfig(Strict):
+    """A strategy from :data:`mtl.strategies.STRATEGIES` and its keyword arguments."""
+
+    name: str = "equal"
+    params: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _known(self) -> "StrategyConfig":
+        if self.name not in STRATEGIES:
+            raise ValueError(f"strategy.name {self.name!r} unknown; registered: {sorted(STRATEGIES)}")
+        _check_kwargs(STRATEGIES[self.name], self.params, f"strategy.params of {self.name!r}", skip={"num_tasks"})
+        return self
+
+
+class OptimizerConfig(Strict):
+    """The library's optimizer (:func:`mtl.optim.build_optimizer`) and gradient clipping."""
+
+    lr: float = Field(1e-3, gt=0)
+    embedding_lr: float | None = Field(None, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    #: clip the global gradient norm (all parameters, embeddings included, after the ranks'
+    #: gradients are averaged, so identical on every rank); None = no clipping
+    clip_grad_norm: float | None = Field(None, gt=0)
+
+
+class EarlyStoppingConfig(Strict):
+    """Stop when the validation score has not improved for ``patience`` evaluations."""
+
+    metric: str = "valid/score"
+    patience: int | None = Field(None, ge=1)
+    min_delta: float = Field(0.0, ge=0)
+
+
+class TrainConfig(Strict):
+    """Everything a training run depends on besides the data (logged with the run)."""
+
+    seed: int = 0
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    strategy: StrategyConfig = Field(default_factory=StrategyConfig)
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    #: body precision (mtl.precision): "auto" = bfloat16 mixed precision where the device has
+    #: native bfloat16 matrix units (AVX512-BF16/AMX CPUs, CUDA sm80+), float32 elsewhere;
+    #: "float32" for exact float32 arithmetic. Parameters, optimizer state and logits stay float32.
+    precision: str = DEFAULT_PRECISION
+    #: where the ranks' per-task gradients meet (mtl.distributed): "local" (combine per rank,
+    #: then one all-reduce), "global" (all-reduce the [K, P] task gradients first: equals one
+    #: process on the union batch), "gram" (all-reduce the K x K Gram matrices)
+    sync: Literal["local", "global", "gram"] = "local"
+    batch_size: int = Field(4096, ge=1)  # per worker
+    epochs: int = Field(1, ge=1)
+    max_steps: int | None = Field(None, ge=1)
+    eval_batch_size: int = Field(32768, ge=1)
+    #: intra-op threads per worker; None = the CPUs the worker was given (Ray) or all cores (local)
+    torch_threads: int | None = Field(None, ge=1)
+    log_every: int = Field(20, ge=1)
+    #: also evaluate (and checkpoint) every this many steps within an epoch; None = per epoch only
+    eval_every_steps: int | None = Field(None, ge=1)
+    early_stopping: EarlyStoppingConfig = Field(default_factory=EarlyStoppingConfig)
+
+    @model_validator(mode="after")
+    def _check(self) -> "TrainConfig":
+        check_precision(self.precision)
+        assert self.sync in SYNC_MODES
+        return self
+
+
+class ScalingSection(Strict):
+    """Ray Train workers: ``num_workers`` data-parallel ranks; GPUs when the cluster has them."""
+
+    num_workers: int = Field(2, ge=1)
+    #: "auto": one GPU per worker when the cluster has GPUs, CPU workers otherwise
+    use_gpu: bool | Literal["auto"] = "auto"
+    #: CPUs reserved per worker; leave room for Ray Data's readers (a whole CPU per worker on a
+    #: 2-core machine starves them: shared/docs/stack_notes.md)
+    cpus_per_worker: float = Field(1.0, gt=0)
+
+
+class MlflowSection(Strict):
+    #: default: sqlite:///<storage>/mlflow.db (rank 0 must reach it: on a multi-node cluster use
+    #: a tracking server, http://..., or a shared file system)
+    tracking_uri: str | None = None
+    experiment: str = "mtlrank-train"
+    run_name: str | None = None
+    log_model: bool = True
+
+
+class CheckpointSection(Strict):
+    #: also checkpoint every this many steps (besides every epoch and every evaluation)
+    every_steps: int | None = Field(None, ge=1)
+    num_to_keep: int | None = Field(2, ge=1)
+
+
+class DataSection(Strict):
+    train_split: str = "train"
+    valid_split: str = "valid"
+    #: "materialize": each worker holds its shard in memory and reshuffles it each epoch with a
+    #: seeded permutation (deterministic, exact resume); "stream": Ray Data streams batches with
+    #: a seeded local shuffle buffer (for shards larger than a worker's memory)
+    ingest: Literal["materialize", "stream"] = "materialize"
+    shuffle_buffer: int = Field(65536, ge=1)  # stream mode only
+
+
+class FaultSection(Strict):
+    #: restarts of the worker group from the last checkpoint after a worker dies
+    max_failures: int = Field(2, ge=0)
+    #: testing aid: the worker of this rank kills its own process at this global step, once per
+    #: run (a real process death, to exercise recovery); None in real runs
+    kill_rank_at_step: tuple[int, int] | None = None
+
+
+class TrainJobConfig(Strict):
+    """``python -m pipeline train``: one run on Ray Train (logged whole with the run)."""
+
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    scaling: ScalingSection = Field(default_factory=ScalingSection)
+    data: DataSection = Field(default_factory=DataSection)
+    checkpoint: CheckpointSection = Field(default_factory=CheckpointSection)
+    failure: FaultSection = Field(default_factory=FaultSection)
+    mlflow: MlflowSection = Field(default_factory=MlflowSection)
+    #: Ray Train storage (local folder or a URI such as s3://bucket/path); default <out>/ray
+    storage_path: str | None = None
+    name: str | None = None
+    #: raw generator folder (has oracle/): the oracle's score is logged beside the model's
+    raw: str | None = None
+
+
+def _check_kwargs(factory: Any, params: dict[str, Any], where: str, skip: set[str]) -> None:
+    """Unknown keyword arguments fail here (with the accepted names), not inside a worker."""
+    target = factory.__init__ if inspect.isclass(factory) else factory
+    try:
+        sig = inspect.signature(target)
+    except (TypeError, ValueError):
+        return
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in sig.parameters.values()):
+        # the class forwards **kw to its base: accept the base's names as well
+        accepted = set()
+        for cls in getattr(factory, "__mro__", [factory]):
+            init = getattr(cls, "__init__", None)
+            try:
+                accepted |= set(inspect.signature(init).parameters)
+            except (TypeError, ValueError):
+                continue
+    else:
+        accepted = set(sig.parameters)
+    accepted -= {"self", "kw", "kwargs"} | skip
+    unknown = sorted(set(params) - accepted)
+    if unknown:
+        raise ValueError(f"{where}: unknown parameter(s) {unknown}; accepted: {sorted(accepted)}")
