@@ -256,7 +256,7 @@ class GradientSync:
         for i, p in enumerate(params):
             idx = torch.cat(per_table_ids[i]).unsqueeze(0)
             vals = torch.cat(per_table_vals[i]).to(p.dtype).div_(n)
-            p.grad = torch.sparse_coo_tensor(idx, vals, p.shape).coalesce()
+            p.grad = torch.sparse_coo_tensor(idx, vals, p.shape, check_invariants=False).coalesce()
 
     # ------------------------------------------------------------------ state
     @torch.no_grad()

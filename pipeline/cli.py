@@ -15,6 +15,7 @@ import sys
 STAGES: dict[str, tuple[str, str]] = {
     "generate": ("pipeline.generate", "write WeChat-format synthetic logs with a known oracle"),
     "preprocess": ("pipeline.preprocess", "raw logs -> model-ready Parquet + feature spec (Ray Data)"),
+    "train": ("pipeline.train.stage", "data-parallel training on Ray Train with gradient surgery, logged to MLflow"),
     "demo": ("pipeline.demo", "generate -> preprocess -> train -> evaluate, end to end"),
 }
 

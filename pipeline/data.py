@@ -295,16 +295,3 @@ def take_rows(batch: Batch, idx: Tensor) -> Batch:
         pick(batch.meta),
     )
 
-
-def concat_batches(batches: list[Batch]) -> Batch:
-    """One :class:`Batch` of all rows of ``batches`` (same columns), in order."""
-    if not batches:
-        raise ValueError("concat_batches: no batches")
-    cat = lambda key: {k: torch.cat([getattr(b, key)[k] for b in batches]) for k in getattr(batches[0], key)}  # noqa: E731
-    first = batches[0]
-    return Batch(
-        cat("features"),
-        None if first.labels is None else torch.cat([b.labels for b in batches]),  # type: ignore[misc]
-        None if first.mask is None else torch.cat([b.mask for b in batches]),  # type: ignore[misc]
-        cat("meta"),
-    )

@@ -20,25 +20,28 @@ warnings.filterwarnings("ignore", category=FutureWarning, module=r"ray(\..*)?")
 
 @pytest.fixture(scope="session")
 def ray_session():
-    """A local Ray for the whole session (2 CPUs, 127.0.0.1, no dashboard); shut down at the end."""
+    """Ray for the whole test session on a simulated two-node cluster (``ray.cluster_utils``:
+    a head and a worker node, one CPU each, 127.0.0.1, no dashboard), so that nothing a test
+    checks can depend on work happening on the driver's node; shut down at the end."""
     import ray
+    from ray.cluster_utils import Cluster
 
-    started = False
+    cluster = None
     if not ray.is_initialized():
-        ray.init(
-            num_cpus=2,
-            include_dashboard=False,
-            log_to_driver=False,
-            _node_ip_address="127.0.0.1",
-        )
-        started = True
+        os.environ["RAY_NODE_IP_ADDRESS"] = "127.0.0.1"  # Cluster's own node_ip_address breaks its address
+        node = {"num_cpus": 1, "include_dashboard": False}
+        cluster = Cluster(initialize_head=True, head_node_args=dict(node))
+        cluster.add_node(**node)
+        cluster.wait_for_nodes()
+        ray.init(address=cluster.address, log_to_driver=False)
     logging.getLogger("ray.data").setLevel(logging.WARNING)  # keep failure reports readable
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.execution_options.preserve_order = True
     yield ray
-    if started:
+    if cluster is not None:
         ray.shutdown()
+        cluster.shutdown()
 
 
 @pytest.fixture(scope="session")

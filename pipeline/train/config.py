@@ -114,9 +114,18 @@ class ScalingSection(Strict):
     num_workers: int = Field(2, ge=1)
     #: "auto": one GPU per worker when the cluster has GPUs, CPU workers otherwise
     use_gpu: bool | Literal["auto"] = "auto"
-    #: CPUs reserved per worker; leave room for Ray Data's readers (a whole CPU per worker on a
-    #: 2-core machine starves them: shared/docs/stack_notes.md)
-    cpus_per_worker: float = Field(1.0, gt=0)
+    #: CPUs reserved per worker; "auto": the cluster's CPUs less one for Ray Data's readers,
+    #: split over the workers, at least 0.5 (a whole CPU per worker on a 2-core machine starves
+    #: the readers: shared/docs/stack_notes.md). Torch threads default to this, rounded down.
+    cpus_per_worker: float | Literal["auto"] = "auto"
+    #: Ray placement of the workers: "PACK" (fill a node first) or "SPREAD" (one per node)
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+
+    @model_validator(mode="after")
+    def _positive(self) -> "ScalingSection":
+        if self.cpus_per_worker != "auto" and self.cpus_per_worker <= 0:
+            raise ValueError(f"scaling.cpus_per_worker must be positive or 'auto', got {self.cpus_per_worker}")
+        return self
 
 
 class MlflowSection(Strict):
@@ -137,11 +146,12 @@ class CheckpointSection(Strict):
 class DataSection(Strict):
     train_split: str = "train"
     valid_split: str = "valid"
-    #: "materialize": each worker holds its shard in memory and reshuffles it each epoch with a
-    #: seeded permutation (deterministic, exact resume); "stream": Ray Data streams batches with
-    #: a seeded local shuffle buffer (for shards larger than a worker's memory)
-    ingest: Literal["materialize", "stream"] = "materialize"
-    shuffle_buffer: int = Field(65536, ge=1)  # stream mode only
+
+
+class NanLabelAt(Strict):
+    rank: int = Field(ge=0)
+    step: int = Field(ge=1)
+    task: str
 
 
 class FaultSection(Strict):
@@ -150,6 +160,8 @@ class FaultSection(Strict):
     #: testing aid: the worker of this rank kills its own process at this global step, once per
     #: run (a real process death, to exercise recovery); None in real runs
     kill_rank_at_step: tuple[int, int] | None = None
+    #: testing aid: this rank's batch of this step gets NaN labels for this task
+    nan_label_at: NanLabelAt | None = None
 
 
 class TrainJobConfig(Strict):

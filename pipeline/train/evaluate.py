@@ -120,3 +120,26 @@ def oracle_metrics(raw_dir: str | Path, meta: dict[str, np.ndarray], labels: np.
     if probs is None:
         return {}
     return score_predictions(probs, labels, meta["_user"], tasks, "oracle")
+
+
+@torch.no_grad()
+def mean_routing(model: MultiTaskModel, batches: Iterable[Batch], max_rows: int = 32768) -> dict[str, np.ndarray]:
+    """Per-task mean gate/routing weights ``[K, E]`` over (up to ``max_rows``) rows: how much
+    each task uses each expert (empty for architectures without gates)."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    sums: dict[str, np.ndarray] = {}
+    rows = 0
+    try:
+        for batch in batches:
+            feats = {k: host_to_device(v, device) for k, v in batch.features.items()}
+            for name, weights in model.routing_weights(feats).items():
+                if weights.dim() == 3:  # [B, K, E]
+                    sums[name] = sums.get(name, 0) + weights.sum(0).double().cpu().numpy()
+            rows += len(batch)
+            if rows >= max_rows:
+                break
+    finally:
+        model.train(was_training)
+    return {name: total / max(rows, 1) for name, total in sums.items()}

@@ -1,0 +1,469 @@
+"""Data-parallel training on Ray Train: the driver side (:func:`run_train`: checks, MLflow run,
+``TorchTrainer``) and the per-worker loop (:func:`train_worker`), which runs the same
+:func:`~pipeline.train.step.build`, :func:`~pipeline.train.step.train_step` and
+:func:`~pipeline.train.loop.fit` as the local run.
+
+Each worker reads its shard of the preprocessed Parquet through Ray Data
+(``ray.train.get_dataset_shard``). :class:`RankShards` gives rank ``r`` the rows whose source row
+number ``_row`` is ``r`` modulo the world size: the same rows on every run and after every
+restart (so a resumed run equals an uninterrupted one), spread over all days, nothing dropped.
+The worker materialises its shard as tensors once and reshuffles it every epoch with a seeded
+permutation (:class:`~pipeline.data.MaterializedShard`), so a step pays no ingestion cost.
+
+Evaluation: each rank scores its shard of the validation split; predictions are gathered so
+per-user AUC sees all of a user's rows; rank 0 computes the scores (and the oracle's on the same
+rows for generated data) and broadcasts them, so every rank takes the same early-stopping
+decision. Checkpoints (model with embeddings, optimizers, strategy state with its RNG, position
+in the data) at every evaluation and every ``checkpoint.every_steps``; a lost worker restarts the
+group from the last one (``FailureConfig``). MLflow is written by rank 0 only.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+import torch.distributed as dist
+
+from mtl.checkpoint import STATE_FILE, load_checkpoint, save_checkpoint
+from mtl.distributed import Collectives
+from mtl.features import FeatureSpec
+from mtl.strategies import NonFiniteLossError
+from pipeline.config import dump_config
+from pipeline.data import Batch, MaterializedShard, arrow_to_batch, load_spec, ray_dataset, split_files, take_rows
+from pipeline.train import plots
+from pipeline.train.config import TrainJobConfig
+from pipeline.train.evaluate import mean_routing, oracle_metrics, predict_batches, score_predictions
+from pipeline.train.loop import FitResult, LoopHooks, fit
+from pipeline.train.step import TrainState, build
+
+try:  # Ray is imported lazily by the CLI; this module is only imported where Ray is wanted
+    from ray.train import DataConfig
+except ImportError:  # pragma: no cover
+    DataConfig = object  # type: ignore[misc,assignment]
+
+
+# ---------------------------------------------------------------------- data
+
+
+class RankShards(DataConfig):  # type: ignore[misc]
+    """Rank ``r`` of ``N`` gets the rows with ``_row % N == r`` of every dataset (deterministic,
+    all days on every rank, nothing dropped; sizes differ by at most a few rows)."""
+
+    def configure(self, datasets: dict[str, Any], world_size: int, worker_handles: Any, worker_node_ids: Any,
+                  **kwargs: Any) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = [{} for _ in range(world_size)]
+        for name, ds in datasets.items():
+            for r in range(world_size):
+                part = ds.map_batches(_keep_rank, fn_kwargs={"rank": r, "world": world_size},
+                                      batch_format="pyarrow", batch_size=None, zero_copy_batch=True)
+                out[r][name] = part.iterator()
+        return out
+
+
+def _keep_rank(table: pa.Table, rank: int, world: int) -> pa.Table:
+    if "_row" not in table.column_names:
+        raise ValueError("preprocessed splits need the '_row' column (source row numbers) to be sharded")
+    rows = table.column("_row").to_numpy()
+    return table.filter(pa.array(rows % world == rank))
+
+
+def materialize_shard(iterator: Any, spec: FeatureSpec) -> Batch | None:
+    """A worker's whole shard as one :class:`Batch`, in source-row order (None if empty)."""
+    parts = [b for b in iterator.iter_batches(batch_format="pyarrow", batch_size=None) if b.num_rows]
+    if not parts:
+        return None
+    table = pa.concat_tables(parts)
+    table = table.take(pa.array(np.argsort(table.column("_row").to_numpy(), kind="stable")))
+    return arrow_to_batch(table, spec)
+
+
+def split_rows(batch: Batch | None, size: int) -> list[Batch]:
+    if batch is None:
+        return []
+    n = len(batch)
+    return [take_rows(batch, torch.arange(i, min(i + size, n))) for i in range(0, n, size)]
+
+
+# ---------------------------------------------------------------------- the worker
+
+
+def train_worker(config: dict[str, Any]) -> None:
+    """The per-worker loop of a ``TorchTrainer`` (see the module docstring)."""
+    import ray.train
+    import ray.train.torch
+
+    job = TrainJobConfig.model_validate(config["job"])
+    cfg = job.train
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(cfg.torch_threads or max(1, int(config["cpus_per_worker"])))
+    device = ray.train.torch.get_device()
+    spec = FeatureSpec.from_dict(config["spec"])
+    state = build(cfg, spec, device, check_finite="deferred")
+    state.sync.broadcast_parameters()
+    side = Collectives()  # evaluation, checks and logging: kept out of the sync's traffic count
+
+    train = materialize_shard(ray.train.get_dataset_shard("train"), spec)
+    n_rows = 0 if train is None else len(train)
+    sizes = [int(s) for s in torch.cat(side.all_gather(torch.tensor([n_rows], device=device))).tolist()]
+    if min(sizes) == 0:
+        raise ValueError(f"rank {sizes.index(0)} got no training rows ({sizes} rows per rank): too many workers for the data")
+    assert train is not None
+    shard = MaterializedShard(train, cfg.batch_size, seed=cfg.seed, rank=rank,
+                              num_batches=math.ceil(max(sizes) / cfg.batch_size))
+    valid = split_rows(materialize_shard(ray.train.get_dataset_shard("valid"), spec), cfg.eval_batch_size)
+    record = _Record()
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            position = load_checkpoint(Path(d) / STATE_FILE, state.model, state.strategy, state.optimizers,
+                                       map_location=device)
+        record.restore(state, position)
+    logger = _rank0_logger(config) if rank == 0 else None
+    hooks = _Hooks(job, config, state, side, valid, record, logger, rank)
+    result = fit(state, _with_faults(job, config, state, shard, rank), hooks.loop_hooks())
+    hooks.finish(result)
+
+
+@dataclass
+class _Record:
+    """What rank 0 keeps for the plots, carried by checkpoints."""
+
+    history: list[dict[str, Any]] | None = None
+    evaluations: list[dict[str, float]] | None = None
+
+    def __post_init__(self) -> None:
+        self.history = self.history or []
+        self.evaluations = self.evaluations or []
+
+    def position(self, state: TrainState) -> dict[str, Any]:
+        return {"step": state.step, "epoch": state.epoch, "step_in_epoch": state.step_in_epoch,
+                "extra": state.extra, "history": self.history, "evaluations": self.evaluations}
+
+    def restore(self, state: TrainState, position: dict[str, Any]) -> None:
+        state.step, state.epoch = int(position["step"]), int(position["epoch"])
+        state.step_in_epoch = int(position["step_in_epoch"])
+        state.extra.update(position["extra"])
+        self.history = list(position.get("history", []))
+        self.evaluations = list(position.get("evaluations", []))
+
+
+def _rank0_logger(config: dict[str, Any]) -> Any:
+    if not config.get("run_id"):
+        return None
+    from pipeline.tracking import RunLogger
+
+    return RunLogger(config["tracking_uri"], config["run_id"])
+
+
+def _with_faults(job: TrainJobConfig, config: dict[str, Any], state: TrainState, shard: MaterializedShard, rank: int) -> Any:
+    """``shard.epoch`` with the config's testing aids (a NaN label, a killed process) applied."""
+    fault = job.failure
+
+    def epoch_batches(epoch: int, skip: int) -> Any:
+        for batch in shard.epoch(epoch, skip):
+            step = state.step + 1  # the step this batch is for
+            if fault.kill_rank_at_step is not None and tuple(fault.kill_rank_at_step) == (rank, step):
+                marker = Path(config["fault_marker"])
+                if not marker.exists():  # once per run: the restarted group goes on
+                    marker.write_text(f"killed rank {rank} at step {step}\n")
+                    os.kill(os.getpid(), signal.SIGKILL)
+            if fault.nan_label_at is not None and (fault.nan_label_at.rank, fault.nan_label_at.step) == (rank, step):
+                assert batch.labels is not None
+                k = state.spec.tasks.index(fault.nan_label_at.task)
+                batch.labels[:, k] = float("nan")
+            yield batch
+
+    return epoch_batches
+
+
+class _Hooks:
+    """Evaluation, checks, logging and checkpoints of one worker (see :class:`LoopHooks`)."""
+
+    def __init__(self, job: TrainJobConfig, config: dict[str, Any], state: TrainState, side: Collectives,
+                 valid: list[Batch], record: _Record, logger: Any, rank: int) -> None:
+        self.job, self.config, self.state, self.side = job, config, state, side
+        self.valid, self.record, self.logger, self.rank = valid, record, logger, rank
+        self.oracle: dict[str, float] | None = None
+
+    def loop_hooks(self) -> LoopHooks:
+        return LoopHooks(
+            evaluate=self.evaluate, on_log=self.on_log, on_eval=self.on_eval, on_step=self.on_step,
+            check_finite=self.check_finite, mean_over_ranks=self.side.all_reduce_mean,
+        )
+
+    # -- evaluation: gather every rank's predictions, score on rank 0, broadcast
+    def evaluate(self, state: TrainState) -> dict[str, float]:
+        probs, labels, meta = predict_batches(state.model, self.valid, state.device)
+        k = state.spec.num_tasks
+        if labels is None:
+            labels = np.zeros((0, k))
+        n = len(probs)
+        users = meta.get("_user", np.zeros(n, dtype=np.int64))
+        rows = meta.get("_row", np.zeros(n, dtype=np.int64))
+        local = np.concatenate([probs.reshape(n, k), labels.reshape(n, k), users.reshape(n, 1), rows.reshape(n, 1)], axis=1)
+        parts = self.side.all_gather_varying(torch.from_numpy(local).to(state.device))
+        metrics: dict[str, float] = {}
+        if self.rank == 0:
+            every = torch.cat(parts).cpu().numpy()
+            every = every[np.argsort(every[:, 2 * k + 1], kind="stable")]  # source-row order
+            p, y = every[:, :k], every[:, k : 2 * k]
+            u, r = every[:, 2 * k].astype(np.int64), every[:, 2 * k + 1].astype(np.int64)
+            split = self.job.data.valid_split
+            metrics = score_predictions(p, y, u, state.spec.tasks, split)
+            metrics.update(self._oracle(y, u, r))
+        return _broadcast(metrics)
+
+    def _oracle(self, labels: np.ndarray, users: np.ndarray, rows: np.ndarray) -> dict[str, float]:
+        if self.oracle is None:
+            raw = self.config.get("raw")
+            meta = {"_user": users, "_row": rows}
+            self.oracle = oracle_metrics(raw, meta, labels, self.state.spec.tasks) if raw else {}
+        return self.oracle
+
+    # -- a NaN on any rank stops every rank with the same message
+    def check_finite(self, state: TrainState) -> None:
+        rec = state.strategy.nonfinite_record()
+        k = state.spec.num_tasks
+        if rec is None:
+            mine = torch.zeros(2 + k, dtype=torch.float64, device=state.device)
+        else:
+            flag, step, losses = rec
+            mine = torch.cat([flag.double().reshape(1), step.double().reshape(1), losses.double().reshape(-1)])
+        for r, got in enumerate(self.side.all_gather(mine)):
+            if got[0] > 0:
+                vals = got[2:].tolist()
+                bad = [t for t, v in zip(state.spec.tasks, vals) if not math.isfinite(v)]
+                raise NonFiniteLossError(
+                    f"non-finite loss for task(s) {bad} at step {int(got[1]) + 1} on rank {r} "
+                    f"(losses {dict(zip(state.spec.tasks, vals))})",
+                    tasks=[state.spec.tasks.index(t) for t in bad], step=int(got[1]) + 1, losses=vals,
+                )
+
+    # -- logging (rank 0) and checkpoints (every rank reports; rank 0 writes)
+    def on_log(self, state: TrainState, record: dict[str, Any]) -> None:
+        if self.rank != 0:
+            return
+        assert self.record.history is not None
+        self.record.history.append(record)
+        if self.logger is not None:
+            self.logger.metrics(_flat_log(record, state.spec.tasks), step=state.step)
+
+    def on_eval(self, state: TrainState, metrics: dict[str, float], is_best: bool) -> None:
+        if self.rank == 0:
+            assert self.record.evaluations is not None
+            self.record.evaluations.append(metrics)
+            if self.logger is not None:
+                self.logger.metrics({**metrics, "best/score": state.extra["best_score"]}, step=state.step)
+        self._report(state, metrics)
+
+    def on_step(self, state: TrainState) -> None:
+        every = self.job.checkpoint.every_steps
+        if every and state.step % every == 0 and state.extra.get("last_eval_step") != state.step:
+            self._report(state, {"step": float(state.step), "epoch": float(state.epoch)})
+
+    def _report(self, state: TrainState, metrics: dict[str, float]) -> None:
+        import ray.train
+
+        numbers = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+        if self.rank != 0:
+            ray.train.report(numbers, checkpoint=None)
+            return
+        with tempfile.TemporaryDirectory() as d:
+            save_checkpoint(Path(d) / STATE_FILE, state.model, state.strategy, state.optimizers, self.record.position(state))
+            ray.train.report(numbers, checkpoint=ray.train.Checkpoint.from_directory(d))
+
+    def finish(self, result: FitResult) -> None:
+        """The final report (with the model the run ends with) and rank 0's artifacts."""
+        state = self.state
+        final = dict(result.best if (state.cfg.early_stopping.patience and result.best) else
+                     (result.evaluations[-1] if result.evaluations else {}))
+        final.update({"final": 1.0, "train/steps": float(state.step), "stopped_early": float(result.stopped_early)})
+        if self.rank == 0 and self.logger is not None:
+            self._log_artifacts(result, final)
+        self._report(state, final)
+
+    def _log_artifacts(self, result: FitResult, final: dict[str, float]) -> None:
+        state, log = self.state, self.logger
+        tasks = state.spec.tasks
+        assert self.record.history is not None and self.record.evaluations is not None
+        log.metrics({f"final/{k}": v for k, v in final.items() if "/" in k}, step=state.step)
+        figures = {**plots.loss_curves(self.record.history, tasks), **plots.validation_curves(self.record.evaluations, tasks),
+                   **plots.gradient_plots(self.record.history, tasks),
+                   **plots.routing_heatmaps(mean_routing(state.model, self.valid), tasks)}
+        for path, fig in figures.items():
+            log.figure(fig, path)
+        plots.close_all(figures)
+        routing = mean_routing(state.model, self.valid)
+        for name, mean in routing.items():
+            log.dict({"tasks": tasks, "mean": mean.tolist()}, f"routing_{name}.json")
+        grads = [h["gradients"] for h in self.record.history if "gradients" in h]
+        if grads:
+            log.dict({"tasks": tasks, "history": [{"step": h["step"], **h["gradients"]} for h in self.record.history if "gradients" in h]},
+                     "gradient_diagnostics.json")
+        with tempfile.TemporaryDirectory() as d:
+            save_checkpoint(Path(d) / STATE_FILE, state.model)
+            state.spec.save(Path(d) / "feature_spec.json")
+            (Path(d) / "config.yaml").write_text(dump_config(self.job))
+            for name in (STATE_FILE, "feature_spec.json", "config.yaml"):
+                log.artifact(Path(d) / name, "model")
+
+
+def _broadcast(metrics: dict[str, float]) -> dict[str, float]:
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return metrics
+    box = [metrics]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _flat_log(record: dict[str, Any], tasks: list[str]) -> dict[str, float]:
+    out = {k: v for k, v in record.items() if k.startswith("train/")}
+    g = record.get("gradients")
+    if g:
+        k = len(tasks)
+        for i, t in enumerate(tasks):
+            out[f"grad/norm_{t}"] = g["grad_norm"][i]
+            for j in range(i + 1, k):
+                out[f"grad/cos_{t}__{tasks[j]}"] = g["cosine"][i][j]
+        off = [g["conflict"][i][j] for i in range(k) for j in range(k) if i != j]
+        out["grad/conflict_rate"] = sum(off) / max(len(off), 1)
+    return out
+
+
+# ---------------------------------------------------------------------- the driver
+
+
+@dataclass
+class TrainOutcome:
+    metrics: dict[str, float]
+    run_id: str | None
+    tracking_uri: str
+    checkpoint_path: str | None
+    storage_path: str
+
+
+def resolve_cpus_per_worker(job: TrainJobConfig) -> float:
+    """``scaling.cpus_per_worker`` or, for "auto", what the cluster has left after one CPU for
+    Ray Data's readers, split over the workers (at least half a CPU each)."""
+    value = job.scaling.cpus_per_worker
+    if value != "auto":
+        return float(value)
+    import ray
+
+    cpus = float(ray.cluster_resources().get("CPU", 1.0))
+    return max(0.5, math.floor(2 * (cpus - 1.0) / job.scaling.num_workers) / 2)
+
+
+def run_train(job: TrainJobConfig, data_dir: str | Path, out: str | Path, address: str | None = None,
+              num_cpus: int | None = None) -> TrainOutcome:
+    """Train on Ray Train (``job.scaling.num_workers`` workers) and log to MLflow.
+
+    Checks everything it can before a worker starts: the data folder is a complete preprocess
+    output with labelled ``train`` and ``valid`` splits, the model builds on its feature spec.
+    """
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from mtl.models import build_model
+    from pipeline.ray_runtime import ensure_ray
+    from pipeline.tracking import RunLogger, resolve_tracking_uri, tracked_run
+
+    data_dir, out = Path(data_dir).resolve(), Path(out).resolve()
+    spec = load_spec(data_dir)
+    for split in (job.data.train_split, job.data.valid_split):
+        if not split_files(data_dir, split):  # raises if the split is missing
+            raise ValueError(f"{data_dir}/{split}: no Parquet files (empty split)")
+    build_model(job.train.model.name, spec, **job.train.model.params)  # bad params fail here, not in a worker
+    nan = job.failure.nan_label_at
+    if nan is not None and nan.task not in spec.tasks:
+        raise ValueError(f"failure.nan_label_at.task {nan.task!r} is not a task of {data_dir}: {spec.tasks}")
+    out.mkdir(parents=True, exist_ok=True)
+    ensure_ray(num_cpus=num_cpus, address=address)
+    cpus = resolve_cpus_per_worker(job)
+    use_gpu = bool(ray.cluster_resources().get("GPU", 0)) if job.scaling.use_gpu == "auto" else bool(job.scaling.use_gpu)
+    uri = resolve_tracking_uri(job.mlflow.tracking_uri, out)
+    storage = job.storage_path or str(out / "ray")
+    raw = job.raw or _raw_from_report(data_dir)
+    run_name = job.mlflow.run_name or f"{job.train.model.name}-{job.train.strategy.name}-{job.train.sync}"
+    with tracked_run(uri, job.mlflow.experiment, run_name=run_name, artifact_root=out / "mlartifacts") as run_id:
+        name = job.name or f"train-{run_id[:12]}"
+        logger = RunLogger(uri, run_id)
+        logger.text(dump_config(job), "config.yaml")
+        logger.params({**_params(job), "data": str(data_dir), "workers": job.scaling.num_workers,
+                       "cpus_per_worker": cpus, "use_gpu": use_gpu, "ray_run_name": name,
+                       "compute_dtype": _resolved_dtype(job, use_gpu)})
+        trainer = TorchTrainer(
+            train_worker,
+            train_loop_config={
+                "job": job.model_dump(mode="json"), "spec": spec.to_dict(), "run_id": run_id, "tracking_uri": uri,
+                "raw": raw, "cpus_per_worker": cpus, "fault_marker": str(out / f".fault-injected-{name}"),
+            },
+            scaling_config=ScalingConfig(num_workers=job.scaling.num_workers, use_gpu=use_gpu,
+                                         placement_strategy=job.scaling.placement_strategy,
+                                         resources_per_worker={"CPU": cpus, **({"GPU": 1} if use_gpu else {})}),
+            run_config=RunConfig(
+                name=name, storage_path=storage,
+                failure_config=FailureConfig(max_failures=job.failure.max_failures),
+                checkpoint_config=CheckpointConfig(num_to_keep=job.checkpoint.num_to_keep),
+            ),
+            datasets={"train": ray_dataset(data_dir, job.data.train_split), "valid": ray_dataset(data_dir, job.data.valid_split)},
+            dataset_config=RankShards(),
+        )
+        result = _fit(trainer)
+        metrics = {k: float(v) for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))}
+        ckpt = result.checkpoint.path if result.checkpoint is not None else None
+        if ckpt:
+            logger.params({"checkpoint": ckpt})
+    return TrainOutcome(metrics, run_id, uri, ckpt, storage)
+
+
+def _fit(trainer: Any) -> Any:
+    """``trainer.fit()`` with a worker's own error (a NaN loss, bad data) as the message."""
+    from ray.train import TrainingFailedError
+
+    try:
+        return trainer.fit()
+    except TrainingFailedError as exc:
+        errors = getattr(exc, "worker_failures", None) or {}
+        for err in errors.values() if isinstance(errors, dict) else []:
+            if isinstance(err, NonFiniteLossError) or isinstance(getattr(err, "cause", None), NonFiniteLossError):
+                raise NonFiniteLossError(str(err).splitlines()[-1] if str(err) else repr(err), [], -1, []) from exc
+        raise
+
+
+def _raw_from_report(data_dir: Path) -> str | None:
+    import json
+
+    report = data_dir / "report.json"
+    if not report.is_file():
+        return None
+    raw = json.loads(report.read_text()).get("raw")
+    return raw if raw and (Path(raw) / "oracle").is_dir() else None
+
+
+def _params(job: TrainJobConfig) -> dict[str, Any]:
+    t = job.train
+    out = {"model": t.model.name, "strategy": t.strategy.name, "sync": t.sync, "precision": t.precision,
+           "batch_size": t.batch_size, "epochs": t.epochs, "lr": t.optimizer.lr, "seed": t.seed}
+    out.update({f"model.{k}": v for k, v in t.model.params.items()})
+    out.update({f"strategy.{k}": v for k, v in t.strategy.params.items()})
+    return out
+
+
+def _resolved_dtype(job: TrainJobConfig, use_gpu: bool) -> str:
+    from mtl.precision import resolve_compute_dtype
+
+    if use_gpu:
+        return f"{job.train.precision} (resolved on the GPU workers)"
+    return str(resolve_compute_dtype(job.train.precision, torch.device("cpu"), torch.float32))

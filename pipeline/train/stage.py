@@ -1,0 +1,43 @@
+"""``python -m pipeline train --config configs/train/NAME.yaml --data DIR [--out DIR] [--set k=v]``:
+data-parallel training on Ray Train (a local Ray by default, a cluster with ``--address`` or
+under ``ray job submit``), logged to MLflow (``<out>/mlflow.db`` by default)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from pipeline.config import load_config
+from pipeline.train.config import TrainJobConfig
+
+DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "train" / "mmoe.yaml"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="train config YAML (default: %(default)s)")
+    parser.add_argument("--data", required=True, help="a preprocess output folder (has _SUCCESS, train/, valid/)")
+    parser.add_argument("--out", default="runs/train", help="run folder: MLflow store, artifacts, Ray storage (default: %(default)s)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override, repeatable")
+    parser.add_argument("--address", default=None, help="Ray cluster to join (default: RAY_ADDRESS, else a new local Ray)")
+    parser.add_argument("--num-cpus", type=int, default=None, help="CPUs of a new local Ray (default: all)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from pipeline.train.ray_train import run_train
+
+    job = load_config(TrainJobConfig, _resolve(args.config), args.set)
+    outcome = run_train(job, args.data, args.out, address=args.address, num_cpus=args.num_cpus)
+    keys = sorted(k for k in outcome.metrics if k.endswith("/score") or "/uauc_" in k)
+    width = max((len(k) for k in keys), default=0)
+    for k in keys:
+        print(f"{k:<{width}}  {outcome.metrics[k]:.6f}")
+    print(f"steps {int(outcome.metrics.get('train/steps', 0))}; MLflow run {outcome.run_id} in {outcome.tracking_uri}")
+    print(f"checkpoint: {outcome.checkpoint_path}")
+    return 0
+
+
+def _resolve(path: str) -> Path:
+    p = Path(path)
+    if p.is_absolute() or p.exists():
+        return p
+    return Path(__file__).resolve().parents[2] / p  # relative to the project (ray job submit copies)
