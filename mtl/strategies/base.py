@@ -130,6 +130,10 @@ class Strategy(nn.Module, ABC):
     #: gradient strategies whose coefficients may come from gradients w.r.t. a shared
     #: representation instead of parameters (MGDA-UB)
     uses_representation: ClassVar[bool] = False
+    #: strategies defined on the last shared layer (GradNorm's ``W``):
+    #: :func:`mtl.strategies.model_backward` then defaults ``shared_parameters`` to
+    #: ``model.last_shared_parameters()``
+    uses_last_shared_layer: ClassVar[bool] = False
 
     def __init__(
         self,
