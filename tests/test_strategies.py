@@ -6,6 +6,7 @@ import io
 import itertools
 import math
 
+import mpmath as mp
 import numpy as np
 import pytest
 import torch
@@ -17,7 +18,7 @@ from mtl.strategies.aligned import aligned_matrix
 from mtl.strategies.cagrad import cagrad_coefficients
 from mtl.strategies.gradvac import gradvac_rows
 from mtl.strategies.imtl import imtl_g_coefficients
-from mtl.strategies.nash import nash_coefficients
+from mtl.strategies.nash import clip_coefficients, nash_coefficients
 from mtl.strategies.pcgrad import pcgrad_coefficients, pcgrad_rows, random_orders
 
 D = torch.float64
@@ -569,3 +570,280 @@ def test_grad_reducer_sees_stack_and_stat_reducer_sees_losses():
     d.backward(x * 1.0)
     d.backward(x * 1.0)
     assert torch.allclose(d.weights(), torch.ones(2))  # both periods saw the reduced [2, 4]
+
+
+# ------------------------------------------------------------------ any gradient scale (issue 10)
+# Independent references at 50 digits (mpmath): brute force over the faces of the simplex for
+# MGDA and CAGrad (each face's stationarity equations, no ridge, no rescaling), IMTL-G's
+# defining linear system, Nash-MTL by damped Newton to a 1e-40 decrement. The float64 Gram
+# matrix handed to the code is taken as exact.
+
+_DPS = 50
+
+
+def _mp(t) -> mp.matrix:
+    k = t.shape[0]
+    return mp.matrix([[mp.mpf(float(t[i, j])) for j in range(k)] for i in range(k)])
+
+
+def _mp_quad(m: mp.matrix, x, y=None):
+    y = x if y is None else y
+    return mp.fsum(x[i] * m[i, j] * y[j] for i in range(m.rows) for j in range(m.rows))
+
+
+def _mp_faces(k: int):
+    for r in range(1, k + 1):
+        yield from itertools.combinations(range(k), r)
+
+
+def _mp_sub(m: mp.matrix, face) -> mp.matrix:
+    return mp.matrix([[m[i, j] for j in face] for i in face])
+
+
+def _exact_mgda(gram) -> mp.matrix:
+    """``argmin_{w in simplex} w^T M w``: on each face ``M_S w = mu 1``; the least feasible."""
+    with mp.workdps(_DPS):
+        m = _mp(gram)
+        k = m.rows
+        best = None
+        for face in _mp_faces(k):
+            u = mp.lu_solve(_mp_sub(m, face), mp.matrix([1] * len(face)))
+            total = mp.fsum(u)
+            if total <= 0 or min(u) < 0:
+                continue
+            w = mp.matrix([0] * k)
+            for i, j in enumerate(face):
+                w[j] = u[i] / total
+            f = _mp_quad(m, w)
+            if best is None or f < best[0]:
+                best = (f, w)
+        return best[1]
+
+
+def _exact_cagrad(gram, alpha: float) -> mp.matrix:
+    """CAGrad's coefficients ``b + c / ||g_w|| w`` (``rescale=0``) with ``w`` the exact minimiser
+    of ``w^T M b + c sqrt(w^T M w)`` over the simplex: every vertex, and on every face the
+    stationary points of ``M_S w = (s / c)(mu 1 - (M b)_S)`` with ``w^T M w = s^2``, ``1^T w = 1``
+    (both roots of the quadratic in ``mu``)."""
+    with mp.workdps(_DPS):
+        m = _mp(gram)
+        k = m.rows
+        b = mp.matrix([mp.mpf(1) / k] * k)
+        mb = m * b
+        c = alpha * mp.sqrt(_mp_quad(m, b))
+
+        def f(w):
+            return mp.fsum(w[i] * mb[i] for i in range(k)) + c * mp.sqrt(max(_mp_quad(m, w), 0))
+
+        cands = []
+        for i in range(k):
+            e = mp.matrix([0] * k)
+            e[i] = 1
+            cands.append(e)
+        for face in _mp_faces(k):
+            ms = _mp_sub(m, face)
+            u = mp.lu_solve(ms, mp.matrix([1] * len(face)))
+            v = mp.lu_solve(ms, mp.matrix([mb[j] for j in face]))
+            a, beta = mp.fsum(u), mp.fsum(v)
+            gamma = mp.fsum(v[i] * mb[j] for i, j in enumerate(face))
+            disc = beta * beta - a * (gamma - c * c)
+            if disc <= 0:
+                continue
+            for sign in (1, -1):
+                mu = (beta + sign * mp.sqrt(disc)) / a
+                y = [mu * u[i] - v[i] for i in range(len(face))]
+                total = mp.fsum(y)
+                if total <= 0:
+                    continue
+                w = mp.matrix([0] * k)
+                for i, j in enumerate(face):
+                    w[j] = y[i] / total
+                if min(w) >= 0:
+                    cands.append(w)
+        w = min(cands, key=f)
+        lam = c / mp.sqrt(_mp_quad(m, w))
+        return mp.matrix([b[i] + lam * w[i] for i in range(k)])
+
+
+def _exact_imtl(gram) -> mp.matrix:
+    """``alpha = M^{-1} n / 1^T M^{-1} n`` (``M alpha = t n``: equal projections on unit gradients)."""
+    with mp.workdps(_DPS):
+        m = _mp(gram)
+        a = mp.lu_solve(m, mp.matrix([mp.sqrt(m[i, i]) for i in range(m.rows)]))
+        return a / mp.fsum(a)
+
+
+def _exact_nash(gram) -> mp.matrix:
+    """The positive solution of ``(M alpha) alpha = 1`` by damped Newton at 50 digits."""
+    with mp.workdps(_DPS):
+        m = _mp(gram)
+        k = m.rows
+        a = mp.matrix([1 / mp.sqrt(k * m[i, i]) for i in range(k)])
+        for _ in range(2000):
+            g = m * a - mp.matrix([1 / a[i] for i in range(k)])
+            delta = -mp.lu_solve(m + mp.diag([1 / a[i] ** 2 for i in range(k)]), g)
+            dec = mp.sqrt(-mp.fsum(g[i] * delta[i] for i in range(k)))
+            a = a + (1 / (1 + dec) if dec > 0.25 else 1) * delta
+            if dec < mp.mpf(10) ** -40:
+                break
+        assert max(abs((m * a)[i] * a[i] - 1) for i in range(k)) < mp.mpf(10) ** -30
+        return a
+
+
+def _update_error(gram, coeff, exact: mp.matrix) -> float:
+    """``||sum_i (c_i - c*_i) g_i|| / ||sum_i c*_i g_i||`` from the Gram matrix, at 50 digits."""
+    with mp.workdps(_DPS):
+        m = _mp(gram)
+        d = mp.matrix([mp.mpf(float(coeff[i])) - exact[i] for i in range(m.rows)])
+        return float(mp.sqrt(_mp_quad(m, d)) / mp.sqrt(_mp_quad(m, exact)))
+
+
+def _spread_grads(norms, seed: int, p: int = 12) -> torch.Tensor:
+    """Random directions (task 0 conflicting with task 1) with the given norms."""
+    g = _grads(len(norms), p, seed)
+    g = g / g.norm(dim=1, keepdim=True)
+    g[0] = -0.6 * g[1] + 0.8 * g[0]
+    g = g / g.norm(dim=1, keepdim=True)
+    return g * torch.tensor(norms, dtype=D).unsqueeze(1)
+
+
+# norms spread over 10^3 and 10^5 (the largest ratio of two tasks' norms), a small or a large
+# odd one out, and mixed
+SPREADS = [
+    [1.0, 1e-3, 1.0, 0.5],
+    [1.0, 1e3, 0.7],
+    [1e-3, 0.1, 1.0],
+    [1.0, 1e-5, 1.0, 0.3],
+    [1e5, 1.0, 2.0, 1.0],
+    [1e-2, 1.0, 1e3],
+    [1e-3, 1e-1, 1e2, 1.0],
+]
+
+
+def _gram_strategy(name: str, k: int, gram: torch.Tensor) -> torch.Tensor:
+    ones = torch.ones(k, dtype=D)
+    return build_strategy(name, k, **({"max_norm": 0.0} if name == "nash_mtl" else {})).combine(ones, ones, None, gram).grad_scale
+
+
+@pytest.mark.parametrize("norms", SPREADS, ids=lambda n: "-".join(f"{x:g}" for x in n))
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_gram_strategies_match_exact_optimum_at_any_gradient_scale(norms, seed):
+    """MGDA, MGDA-UB, CAGrad, IMTL-G and Nash-MTL (unclipped) give the update of the exact
+    optimum of their own problem to 1e-8 relative, with task-gradient norms spread over 10^5."""
+    g = _spread_grads(norms, seed)
+    gram = g @ g.t()
+    k = len(norms)
+    exact = {"mgda": _exact_mgda(gram), "cagrad": _exact_cagrad(gram, 0.5), "imtl_g": _exact_imtl(gram),
+             "nash_mtl": _exact_nash(gram)}
+    exact["mgda_ub"] = exact["mgda"]
+    for name, ref in exact.items():
+        if name == "cagrad":
+            coeff, _ = cagrad_coefficients(gram, 0.5, rescale=0)
+        else:
+            coeff = _gram_strategy(name, k, gram)
+        assert _update_error(gram, coeff, ref) < 1e-8, name
+
+
+@pytest.mark.parametrize("norms", SPREADS, ids=lambda n: "-".join(f"{x:g}" for x in n))
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_cagrad_update_agrees_in_sign_with_every_task_like_the_exact_one(norms, seed):
+    """Where the exact CAGrad update has a positive inner product with every task gradient, so
+    does the computed one, and each ``g_i . d / (||g_i|| ||d||)`` agrees to 1e-8. (Before the
+    scale-free solver, the [0.01, 1, 1000] cases conflicted with the small task.)"""
+    g = _spread_grads(norms, seed)
+    gram = g @ g.t()
+    coeff, _ = cagrad_coefficients(gram, 0.5, rescale=0)
+    exact = _exact_cagrad(gram, 0.5)
+    with mp.workdps(_DPS):
+        m = _mp(gram)
+        gd_exact = m * exact
+        dn = mp.sqrt(_mp_quad(m, exact))
+        cos_exact = [float(gd_exact[i] / (mp.sqrt(m[i, i]) * dn)) for i in range(m.rows)]
+    gd = gram @ coeff
+    cos = (gd / (gram.diagonal().sqrt() * (coeff @ gram @ coeff).sqrt())).tolist()
+    assert cos == pytest.approx(cos_exact, abs=1e-8)
+    if min(cos_exact) > 0:
+        assert float(gd.min()) > 0
+
+
+@pytest.mark.parametrize("ratio", [1e-3, 1e-5, 1e3])
+def test_imtl_g_equal_projections_at_spread_norms(ratio):
+    """IMTL-G's defining property: equal projections of the update on every unit task gradient
+    (to 1e-10 relative) when one task's norm is ``ratio`` times the others'."""
+    g = _spread_grads([1.0, ratio, 0.8, 1.3], seed=3)
+    out = imtl_g_coefficients(g @ g.t()) @ g
+    proj = (g / g.norm(dim=1, keepdim=True)) @ out
+    assert torch.allclose(proj, proj.mean().expand(4), rtol=1e-10, atol=0)
+
+
+def test_nash_abrupt_change_after_warm_steps_meets_the_bargaining_equations():
+    """K = 7: warm steps on strongly conflicting gradients (four nearly opposed to one), then the
+    gradients turn nearly parallel. The warm start from the conflict (weights up to ~5e3 on the
+    correlation scale) is far from the new solution; the result still solves
+    ``(G G^T alpha) alpha = 1`` and equals the high-precision solution."""
+    k = 7
+    gen = torch.Generator().manual_seed(0)
+    base = torch.randn(k, 20, dtype=D, generator=gen)
+    conflict = base.clone()
+    conflict[1:4] = -conflict[0] + 1e-3 * base[1:4]
+    parallel = base[0] + 1e-2 * torch.randn(k, 20, dtype=D, generator=gen)
+    scales = torch.tensor([1, 1e-2, 1e2, 1, 1e-1, 1, 1e3], dtype=D).unsqueeze(1)
+    s = build_strategy("nash_mtl", k, max_norm=0.0)
+    ones = torch.ones(k, dtype=D)
+    for g in [conflict * scales] * 3 + [parallel * scales, conflict * scales]:
+        gram = g @ g.t()
+        alpha = s.combine(ones, ones, None, gram).grad_scale
+        assert bool((alpha > 0).all())
+        assert torch.allclose((gram @ alpha) * alpha, ones, rtol=0, atol=1e-7)
+        assert _update_error(gram, alpha, _exact_nash(gram)) < 1e-8
+
+
+def test_nash_warm_start_is_used_when_converged():
+    """A warm start at the solution stays there in one Newton step; the cold start alone
+    (from ones) needs more on an ill-conditioned problem, so a 1-step solve with the warm start
+    beats one without it."""
+    g = _spread_grads([1.0, 1e-2, 3.0, 1.0, 0.5], seed=4)
+    g[2] = -g[1] / 1e-2 * 3.0 + 1e-3 * g[2]  # near-opposed pair: ill-conditioned
+    m = g @ g.t()
+    _, beta = nash_coefficients(m, iters=40)
+    warm, _ = nash_coefficients(m, iters=1, init=beta)
+    cold, _ = nash_coefficients(m, iters=1)
+    ones = torch.ones(5, dtype=D)
+    assert torch.allclose((m @ warm) * warm, ones, atol=1e-8)
+    assert not torch.allclose((m @ cold) * cold, ones, atol=1e-3)
+
+
+@pytest.mark.parametrize("max_norm", [1.0, 0.3, 10.0])
+def test_nash_clips_the_update_norm_like_the_reference(max_norm):
+    """The reference calls clip_grad_norm_(shared, max_norm) after the backward: the update is
+    ``d * min(1, max_norm / (||d|| + 1e-6))`` with ``d`` the exact Nash update, whose norm is
+    ``sqrt(K)`` (``alpha^T M alpha = sum_i alpha_i (M alpha)_i = K``)."""
+    k = 4
+    g = _spread_grads([1.0, 1e-3, 2.0, 1.0], seed=5)
+    gram = g @ g.t()
+    x = torch.zeros(g.shape[1], dtype=D, requires_grad=True)
+    s = build_strategy("nash_mtl", k, max_norm=max_norm)
+    s.backward(g @ x + 1.0, shared_parameters=[x])
+    with mp.workdps(_DPS):
+        exact = _exact_nash(gram)
+        d = np.array([float(v) for v in exact]) @ g.numpy()
+    assert np.linalg.norm(d) == pytest.approx(math.sqrt(k), rel=1e-10)
+    expect = d * min(1.0, max_norm / (np.linalg.norm(d) + 1e-6))
+    assert np.allclose(x.grad.numpy(), expect, rtol=1e-9, atol=1e-12 * np.abs(expect).max())
+    assert torch.equal(clip_coefficients(torch.ones(2, dtype=D), torch.eye(2, dtype=D), 0.0), torch.ones(2, dtype=D))
+
+
+def test_dbmtl_default_keeps_the_ema_factor_constant():
+    """LibMTL's default DB_beta_sigma = 0: the buffer is ``m_t = g_t + 0.9 (m_{t-1} - g_t)`` at
+    every step (the factor does not decay with t)."""
+    k, p = 3, 5
+    s = build_strategy("dbmtl", k)
+    buf = torch.zeros(k, p, dtype=D)
+    for step in range(1, 7):
+        g = _grads(k, p, seed=40 + step)
+        losses = torch.tensor([0.5, 1.0, 2.0], dtype=D) + 0.1 * step
+        out, _ = _run_direct(s, g, losses=losses)
+        lg = g / (losses + 1e-8).unsqueeze(1)
+        buf = lg + 0.9 * (buf - lg)
+        u = buf.norm(dim=1)
+        assert torch.allclose(out, (u.max() / (u + 1e-8)) @ buf, rtol=1e-10, atol=1e-12)

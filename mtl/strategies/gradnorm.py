@@ -26,6 +26,10 @@ from mtl.strategies.base import Combination, Strategy, psqrt
 class GradNorm(Strategy):
     """GradNorm.
 
+    Differences from the paper (which updates ``w`` with the network's optimizer): plain
+    gradient descent with its own step ``lr`` (0.025, as LibMTL's weight learning rate), and the
+    clamp at ``min_weight`` before renormalising (not in the paper; keeps every weight positive).
+
     Args:
         num_tasks: ``K``.
         alpha: asymmetry (paper: 1.5 for NYUv2).
