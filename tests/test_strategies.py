@@ -209,13 +209,21 @@ def test_cagrad_solves_inner_problem(k, alpha):
         assert (g.numpy() @ cand).min() <= best + 1e-9
 
 
-def test_cagrad_rescale_and_zero_alpha():
-    g = _grads(3, 5, seed=3)
-    c0, _ = cagrad_coefficients(g @ g.t(), 0.0, rescale=1)
-    assert torch.allclose(c0, torch.full((3,), 1 / 3, dtype=D))
-    c1, _ = cagrad_coefficients(g @ g.t(), 0.5, rescale=1)
-    c2, _ = cagrad_coefficients(g @ g.t(), 0.5, rescale=0)
-    assert torch.allclose(c1 * 1.25, c2)
+@pytest.mark.parametrize("rescale,divisor", [(0, lambda a: 1.0), (1, lambda a: 1 + a * a), (2, lambda a: 1 + a)])
+@pytest.mark.parametrize("alpha", [0.0, 0.7])
+def test_cagrad_rescale_options_against_exact_solution(rescale, divisor, alpha):
+    """The official code's ``rescale``: the update ``g_0 + c g_w / ||g_w||`` (exact, 50 digits)
+    divided by 1, ``1 + alpha^2`` or ``1 + alpha``; ``alpha = 0`` is the mean gradient."""
+    g = _spread_grads([1.0, 0.3, 2.0], seed=6)
+    gram = g @ g.t()
+    s = build_strategy("cagrad", 3, alpha=alpha, rescale=rescale)
+    out, _ = _run_direct(s, g)
+    if alpha == 0.0:
+        expect = g.mean(0) / divisor(alpha)
+    else:
+        exact = _exact_cagrad(gram, alpha)
+        expect = torch.tensor([float(v) for v in exact], dtype=D) @ g / divisor(alpha)
+    assert torch.allclose(out, expect, rtol=1e-10, atol=1e-14)
 
 
 def test_cagrad_simplex_solver_direct_k12_fallback_agrees():
@@ -386,26 +394,46 @@ def test_dwa_period_steps():
     assert torch.allclose(s.weights(), 2 * torch.softmax(r / 2.0, 0))
 
 
-def test_gradnorm_weights_sum_to_k_and_move_toward_targets():
+def _gradnorm_paper(grads_seq, losses_seq, alpha: float, lr: float) -> list[torch.Tensor]:
+    """Chen et al. 2018, independently: ``G_i = ||grad_W w_i L_i|| = w_i ||g_i||``, ``L~_i =
+    L_i(t) / L_i(0)`` with ``L(0)`` the first step's losses, ``r_i = L~_i / mean L~``; gradient
+    descent (autograd) on ``sum_i |G_i - mean(G) r_i^alpha|`` with the targets constant, then
+    ``w <- K w / sum w``. Returns the weights used at each step and the final ones."""
+    k = grads_seq[0].shape[0]
+    w = torch.ones(k, dtype=D)
+    l0 = losses_seq[0]
+    used = []
+    for g, losses in zip(grads_seq, losses_seq):
+        used.append(w.clone())
+        wv = w.clone().requires_grad_(True)
+        big_g = wv * g.norm(dim=1)
+        ratio = (losses / l0) / (losses / l0).mean()
+        target = (big_g.mean() * ratio**alpha).detach()
+        (grad,) = torch.autograd.grad((big_g - target).abs().sum(), wv)
+        w = w - lr * grad
+        w = k * w / w.sum()
+    return used + [w]
+
+
+@pytest.mark.parametrize("alpha,lr", [(1.5, 0.01), (0.5, 0.03)])
+def test_gradnorm_weights_follow_the_paper_over_several_steps(alpha, lr):
+    """Five steps with changing gradients and losses: the weights used at every step and the
+    final ones equal the paper's update computed independently, with L(0) from the first step
+    (an L(0) overwritten every step, or rates from the previous step, gives other weights)."""
     k = 3
-    s = build_strategy("gradnorm", k, alpha=1.5, lr=0.01)
-    g = _grads(k, 6, seed=1).float()
-    g[0] *= 3.0  # task 0 has a large gradient
-    _run_direct(s, g.double(), losses=[1.0, 1.0, 1.0])  # sets L(0)
-    stats = torch.tensor([0.5, 0.9, 1.0])  # task 2 trains slowest -> largest target
-    gram = (g @ g.t()).double()
-    before_g, target, _ = s.target_and_grad(stats, gram)
-    gap_before = (before_g - target).abs()
-    x = torch.zeros(6, dtype=D, requires_grad=True)
-    comb = s.backward(g.double() @ x + stats.double(), shared_parameters=[x])
-    assert float(s.weights.sum()) == pytest.approx(k)
-    # compare directions: weight of the over-large task 0 falls, of the slow task 2 rises
-    assert float(s.weights[0]) < float(comb.loss_weights[0])
-    assert float(s.weights[2]) > float(comb.loss_weights[2])
-    # before renormalisation every |G_i - target_i| shrinks
-    norms = torch.sqrt(gram.diagonal()).float()
-    new = comb.loss_weights.float() - 0.01 * torch.sign(before_g - target) * norms
-    assert bool(((new * norms - target).abs() < gap_before).all())
+    grads_seq = [_grads(k, 6, seed=70 + t) * torch.tensor([[3.0], [1.0], [0.5]], dtype=D) for t in range(5)]
+    losses_seq = [torch.tensor(v, dtype=D) for v in
+                  ([1.0, 2.0, 0.5], [0.8, 1.9, 0.5], [0.5, 1.7, 0.45], [0.4, 1.2, 0.44], [0.3, 1.1, 0.4])]
+    expect = _gradnorm_paper(grads_seq, losses_seq, alpha, lr)
+    s = build_strategy("gradnorm", k, alpha=alpha, lr=lr)
+    for t, (g, losses) in enumerate(zip(grads_seq, losses_seq)):
+        _, comb = _run_direct(s, g, losses=losses)
+        assert torch.allclose(comb.loss_weights.double(), expect[t], rtol=1e-6), t
+    assert torch.allclose(s.weights.double(), expect[-1], rtol=1e-6)
+    assert float(expect[-1].min()) > 1e-3  # the min_weight clamp (not in the paper) never acted
+    # the same run with L(0) taken as each previous step's losses would differ
+    shifted = _gradnorm_paper(grads_seq[1:], losses_seq[1:], alpha, lr)
+    assert not torch.allclose(shifted[-1], expect[-1], rtol=1e-3)
 
 
 def _famo_reference(losses_seq, k, lr=0.025, gamma=0.01):
@@ -847,3 +875,53 @@ def test_dbmtl_default_keeps_the_ema_factor_constant():
         buf = lg + 0.9 * (buf - lg)
         u = buf.norm(dim=1)
         assert torch.allclose(out, (u.max() / (u + 1e-8)) @ buf, rtol=1e-10, atol=1e-12)
+
+
+# ------------------------------------------------------------------ options at non-default values
+
+
+@pytest.mark.parametrize("normalization", ["l2", "loss", "loss+"])
+def test_mgda_normalizations_against_exact_min_norm(normalization):
+    """The reference code's gradient normalisation: the min-norm point of the hull of
+    ``g_i / n_i`` (``n_i = ||g_i||``, ``L_i`` or ``L_i ||g_i||``), applied as ``c_i = w_i / n_i``."""
+    g = _spread_grads([1.0, 0.05, 3.0, 0.7], seed=7)
+    losses = torch.tensor([0.7, 0.2, 1.5, 0.9], dtype=D)
+    norms = g.norm(dim=1)
+    n = {"l2": norms, "loss": losses, "loss+": losses * norms}[normalization]
+    gn = g / n.unsqueeze(1)
+    w = torch.tensor([float(v) for v in _exact_mgda(gn @ gn.t())], dtype=D)
+    out, comb = _run_direct(build_strategy("mgda", 4, normalization=normalization), g, losses=losses)
+    assert torch.allclose(comb.grad_scale, w / n, rtol=1e-9, atol=1e-14)
+    assert torch.allclose(out, (w / n) @ g, rtol=1e-9, atol=1e-14)
+    plain = build_strategy("mgda", 4).combine(losses, losses, None, g @ g.t()).grad_scale
+    assert not torch.allclose(plain, w / n, rtol=1e-3)  # the option changes the answer
+
+
+@pytest.mark.parametrize("scale_mode", ["median", "rmse"])
+def test_aligned_mtl_scale_modes_against_svd(scale_mode):
+    """Official code: with ``G = U S V^T`` the aligned gradients are ``sigma U V^T`` with
+    ``sigma^2`` the (lower, as torch.median) median or the mean of the eigenvalues ``S^2``."""
+    k = 4
+    g = _spread_grads([1.0, 0.3, 2.0, 0.8], seed=8)
+    u, sv, vt = np.linalg.svd(g.numpy(), full_matrices=False)
+    lam = np.sort(sv**2)
+    scale2 = lam[(k - 1) // 2] if scale_mode == "median" else lam.mean()
+    expect = (math.sqrt(scale2) * u @ vt).sum(0)
+    out, _ = _run_direct(build_strategy("aligned_mtl", k, scale_mode=scale_mode), g)
+    assert np.allclose(out.numpy(), expect, rtol=1e-9, atol=1e-12)
+
+
+def test_dwa_non_default_temperature():
+    """``w_k = K exp(r_k / T) / sum_i exp(r_i / T)`` at ``T = 0.5`` (sharper than the default 2)."""
+    s = build_strategy("dwa", 3, temperature=0.5)
+    x = torch.ones(3, requires_grad=True)
+    epochs = [[1.0, 2.0, 3.0], [0.5, 2.2, 2.7]]
+    for ep in epochs:
+        s.backward(torch.tensor(ep) * x)
+        s.end_epoch()
+    comb = s.backward(torch.tensor([0.4, 2.0, 2.6]) * x)
+    r = [b / a for a, b in zip(*epochs)]
+    e = [math.exp(v / 0.5) for v in r]
+    expect = torch.tensor([3 * v / sum(e) for v in e])
+    assert torch.allclose(comb.loss_weights, expect, rtol=1e-6)
+    assert not torch.allclose(expect, 3 * torch.softmax(torch.tensor(r) / 2.0, 0), rtol=1e-2)
