@@ -385,3 +385,32 @@ def test_strategy_steps_make_no_host_reads(name):
         else:
             assert unexpected == [], f"{name}: host reads in the step: {sorted(set(unexpected))}"
     strategy.raise_if_nonfinite()
+
+
+def test_gradnorm_defaults_to_the_models_last_shared_layer():
+    """model_backward without shared_parameters: GradNorm's per-task gradients are taken over
+    model.last_shared_parameters() (through the model's declared ``parameters=`` option), and
+    the weights equal those of passing that layer explicitly, not those of all shared parameters."""
+    k = 3
+    seen = []
+    weights = {}
+    for mode in ("default", "explicit", "all"):
+        model, batch, labels = _setup(k, seed=6)
+        inner = model.shared_task_gradients
+
+        def spy(ls, tasks, parameters=None, separable=False, inner=inner):
+            seen.append((mode, None if parameters is None else [id(p) for p in parameters]))
+            return inner(ls, tasks, parameters=parameters, separable=separable)
+
+        model.shared_task_gradients = spy
+        s = build_strategy("gradnorm", k)
+        kw = {"explicit": {"shared_parameters": model.last_shared_parameters()},
+              "all": {"shared_parameters": model.shared_parameters()}}.get(mode, {})
+        for _ in range(2):
+            model.zero_grad()
+            model_backward(s, model, batch, labels, **kw)
+        weights[mode] = s.weights.clone()
+        if mode == "default":
+            assert seen[-1] == ("default", [id(p) for p in model.last_shared_parameters()])
+    assert torch.equal(weights["default"], weights["explicit"])
+    assert not torch.allclose(weights["default"], weights["all"], rtol=1e-6, atol=0)
