@@ -232,6 +232,7 @@ def test_driver_same_gradients_with_and_without_model_method(embedding_grad, ref
         if use_model:
             inner = model.shared_task_gradients
             model.shared_task_gradients = lambda ls, tasks: calls.append(list(tasks)) or inner(ls, tasks)
+            model.shared_task_gradient_options = frozenset()  # the replacement takes no options
         opt = torch.optim.SGD(model.parameters(), lr=0.05)
         steps = []
         for step in range(3):
@@ -282,6 +283,7 @@ def test_gradnorm_last_layer_through_model_method():
                 return inner(ls, tasks, parameters=parameters)
 
             model.shared_task_gradients = spy
+            model.shared_task_gradient_options = frozenset({"parameters"})
         out = []
         for _ in range(3):
             model.zero_grad(set_to_none=True)

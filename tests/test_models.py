@@ -452,3 +452,59 @@ def test_sparse_embedding_gradients_match_dense(variant: str) -> None:
     for p_dense, p_sparse in zip(dense.embedding_parameters(), sparse_model.embedding_parameters()):
         assert p_sparse.grad is not None and p_sparse.grad.is_sparse
         torch.testing.assert_close(p_sparse.grad.to_dense(), p_dense.grad)
+
+
+# ---------------------------------------------------------------- last shared layer (GradNorm's W)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_last_shared_parameters_are_the_shared_layer_closest_to_the_towers(variant: str) -> None:
+    """``last_shared_parameters`` is a subset of ``shared_parameters`` that separates the other
+    shared parameters from the logits: with its weight matrices zeroed (its outputs then no longer
+    depend on anything upstream), no other shared parameter gets a gradient from any task, while
+    the layer itself still does. Empty exactly when nothing dense is shared."""
+    k = 3
+    model = build(variant, k)
+    shared, last = model.shared_parameters(), model.last_shared_parameters()
+    shared_ids = {id(p) for p in shared}
+    assert {id(p) for p in last} <= shared_ids
+    assert (len(last) == 0) == (len(shared) == 0)
+    if not shared:
+        return
+    last_ids = {id(p) for p in last}
+    before = [g.abs().sum() for g in torch.autograd.grad(sum(task_losses(model(make_batch()))), shared)]
+    assert all(float(b) > 0 for b in before)  # every shared parameter is reached normally
+    with torch.no_grad():
+        for p in last:
+            # weights are [members, fan_in, fan_out] (or [rows, fan_in] for gates); biases are
+            # [members, 1, fan_out] (or [rows]): zero the ones that multiply an input
+            if p.dim() >= 2 and p.shape[-2] > 1:
+                p.zero_()
+    model.eval()  # SNR: deterministic routing
+    grads = torch.autograd.grad(sum(task_losses(model(make_batch()))), shared, allow_unused=True)
+    for p, g in zip(shared, grads):
+        size = 0.0 if g is None else float(g.abs().sum())
+        if id(p) in last_ids:
+            continue
+        assert size == 0.0, f"{variant}: a shared parameter outside the last shared layer reaches the logits"
+    assert any(g is not None and float(g.abs().sum()) > 0 for p, g in zip(shared, grads) if id(p) in last_ids)
+
+
+@pytest.mark.parametrize("gamma,zeta", [(-0.3, 1.1), (-0.1, 1.6), (-0.05, 1.02)])
+def test_snr_eval_rule_at_non_default_stretch(gamma: float, zeta: float) -> None:
+    """The eval gate is Louizos et al.'s noise-free estimate ``min(1, max(0, sigmoid(log_alpha)
+    (zeta - gamma) + gamma))`` rounded at 0.5: open exactly where
+    ``log_alpha > logit((0.5 - gamma) / (zeta - gamma))`` — a threshold away from 0 when the
+    stretch is asymmetric."""
+    model = SNR(make_spec(2), variant="aver", num_lower=3, lower_hidden=[5], upper_hidden=[], gamma=gamma, zeta=zeta)
+    threshold = math.log((0.5 - gamma) / (zeta - 0.5))  # logit((0.5 - gamma) / (zeta - gamma))
+    grid = torch.tensor([threshold - 0.3, threshold - 1e-3, threshold + 1e-3, threshold + 0.3, -0.01, 0.01])
+    with torch.no_grad():
+        model.log_alpha.copy_(grid.view(2, 3))
+    model.eval()
+    z = model.coding_variables()
+    estimate = (torch.sigmoid(grid) * (zeta - gamma) + gamma).clamp(0.0, 1.0)
+    assert torch.equal(z.flatten(), (estimate > 0.5).float())
+    assert torch.equal(z.flatten()[:4], torch.tensor([0.0, 0.0, 1.0, 1.0]))
+    # asymmetric stretch: log_alpha = +-0.01 straddles 0 but not the threshold (|threshold| > 0.01)
+    assert abs(threshold) > 0.01 and bool(z.flatten()[4] == z.flatten()[5])

@@ -6,6 +6,7 @@ import io
 import itertools
 import math
 
+import mpmath as mp
 import numpy as np
 import pytest
 import torch
@@ -17,7 +18,7 @@ from mtl.strategies.aligned import aligned_matrix
 from mtl.strategies.cagrad import cagrad_coefficients
 from mtl.strategies.gradvac import gradvac_rows
 from mtl.strategies.imtl import imtl_g_coefficients
-from mtl.strategies.nash import nash_coefficients
+from mtl.strategies.nash import clip_coefficients, nash_coefficients
 from mtl.strategies.pcgrad import pcgrad_coefficients, pcgrad_rows, random_orders
 
 D = torch.float64
@@ -208,13 +209,21 @@ def test_cagrad_solves_inner_problem(k, alpha):
         assert (g.numpy() @ cand).min() <= best + 1e-9
 
 
-def test_cagrad_rescale_and_zero_alpha():
-    g = _grads(3, 5, seed=3)
-    c0, _ = cagrad_coefficients(g @ g.t(), 0.0, rescale=1)
-    assert torch.allclose(c0, torch.full((3,), 1 / 3, dtype=D))
-    c1, _ = cagrad_coefficients(g @ g.t(), 0.5, rescale=1)
-    c2, _ = cagrad_coefficients(g @ g.t(), 0.5, rescale=0)
-    assert torch.allclose(c1 * 1.25, c2)
+@pytest.mark.parametrize("rescale,divisor", [(0, lambda a: 1.0), (1, lambda a: 1 + a * a), (2, lambda a: 1 + a)])
+@pytest.mark.parametrize("alpha", [0.0, 0.7])
+def test_cagrad_rescale_options_against_exact_solution(rescale, divisor, alpha):
+    """The official code's ``rescale``: the update ``g_0 + c g_w / ||g_w||`` (exact, 50 digits)
+    divided by 1, ``1 + alpha^2`` or ``1 + alpha``; ``alpha = 0`` is the mean gradient."""
+    g = _spread_grads([1.0, 0.3, 2.0], seed=6)
+    gram = g @ g.t()
+    s = build_strategy("cagrad", 3, alpha=alpha, rescale=rescale)
+    out, _ = _run_direct(s, g)
+    if alpha == 0.0:
+        expect = g.mean(0) / divisor(alpha)
+    else:
+        exact = _exact_cagrad(gram, alpha)
+        expect = torch.tensor([float(v) for v in exact], dtype=D) @ g / divisor(alpha)
+    assert torch.allclose(out, expect, rtol=1e-10, atol=1e-14)
 
 
 def test_cagrad_simplex_solver_direct_k12_fallback_agrees():
@@ -333,10 +342,15 @@ def test_aligned_mtl_orthogonal_equal_norm(k):
 
 
 def test_aligned_mtl_rank_deficient():
+    """Rank 2 of 3 (g_2 = g_0 + g_1): the rank cut keeps the two non-zero singular values; the
+    update is ``sigma_min U_r V_r^T`` summed over tasks (thin SVD of ``G``, ``sigma_min`` the
+    smaller kept singular value)."""
     g = _grads(3, 5, seed=0)
     g[2] = g[0] + g[1]
     out, _ = _run_direct(build_strategy("aligned_mtl", 3), g)
-    assert bool(torch.isfinite(out).all()) and float(out.norm()) > 0
+    u, sv, vt = np.linalg.svd(g.numpy(), full_matrices=False)
+    expect = (sv[1] * u[:, :2] @ vt[:2]).sum(0)
+    assert np.allclose(out.numpy(), expect, rtol=1e-8, atol=1e-10)
 
 
 # ------------------------------------------------------------------ loss weighting
@@ -385,26 +399,46 @@ def test_dwa_period_steps():
     assert torch.allclose(s.weights(), 2 * torch.softmax(r / 2.0, 0))
 
 
-def test_gradnorm_weights_sum_to_k_and_move_toward_targets():
+def _gradnorm_paper(grads_seq, losses_seq, alpha: float, lr: float) -> list[torch.Tensor]:
+    """Chen et al. 2018, independently: ``G_i = ||grad_W w_i L_i|| = w_i ||g_i||``, ``L~_i =
+    L_i(t) / L_i(0)`` with ``L(0)`` the first step's losses, ``r_i = L~_i / mean L~``; gradient
+    descent (autograd) on ``sum_i |G_i - mean(G) r_i^alpha|`` with the targets constant, then
+    ``w <- K w / sum w``. Returns the weights used at each step and the final ones."""
+    k = grads_seq[0].shape[0]
+    w = torch.ones(k, dtype=D)
+    l0 = losses_seq[0]
+    used = []
+    for g, losses in zip(grads_seq, losses_seq):
+        used.append(w.clone())
+        wv = w.clone().requires_grad_(True)
+        big_g = wv * g.norm(dim=1)
+        ratio = (losses / l0) / (losses / l0).mean()
+        target = (big_g.mean() * ratio**alpha).detach()
+        (grad,) = torch.autograd.grad((big_g - target).abs().sum(), wv)
+        w = w - lr * grad
+        w = k * w / w.sum()
+    return used + [w]
+
+
+@pytest.mark.parametrize("alpha,lr", [(1.5, 0.01), (0.5, 0.03)])
+def test_gradnorm_weights_follow_the_paper_over_several_steps(alpha, lr):
+    """Five steps with changing gradients and losses: the weights used at every step and the
+    final ones equal the paper's update computed independently, with L(0) from the first step
+    (an L(0) overwritten every step, or rates from the previous step, gives other weights)."""
     k = 3
-    s = build_strategy("gradnorm", k, alpha=1.5, lr=0.01)
-    g = _grads(k, 6, seed=1).float()
-    g[0] *= 3.0  # task 0 has a large gradient
-    _run_direct(s, g.double(), losses=[1.0, 1.0, 1.0])  # sets L(0)
-    stats = torch.tensor([0.5, 0.9, 1.0])  # task 2 trains slowest -> largest target
-    gram = (g @ g.t()).double()
-    before_g, target, _ = s.target_and_grad(stats, gram)
-    gap_before = (before_g - target).abs()
-    x = torch.zeros(6, dtype=D, requires_grad=True)
-    comb = s.backward(g.double() @ x + stats.double(), shared_parameters=[x])
-    assert float(s.weights.sum()) == pytest.approx(k)
-    # compare directions: weight of the over-large task 0 falls, of the slow task 2 rises
-    assert float(s.weights[0]) < float(comb.loss_weights[0])
-    assert float(s.weights[2]) > float(comb.loss_weights[2])
-    # before renormalisation every |G_i - target_i| shrinks
-    norms = torch.sqrt(gram.diagonal()).float()
-    new = comb.loss_weights.float() - 0.01 * torch.sign(before_g - target) * norms
-    assert bool(((new * norms - target).abs() < gap_before).all())
+    grads_seq = [_grads(k, 6, seed=70 + t) * torch.tensor([[3.0], [1.0], [0.5]], dtype=D) for t in range(5)]
+    losses_seq = [torch.tensor(v, dtype=D) for v in
+                  ([1.0, 2.0, 0.5], [0.8, 1.9, 0.5], [0.5, 1.7, 0.45], [0.4, 1.2, 0.44], [0.3, 1.1, 0.4])]
+    expect = _gradnorm_paper(grads_seq, losses_seq, alpha, lr)
+    s = build_strategy("gradnorm", k, alpha=alpha, lr=lr)
+    for t, (g, losses) in enumerate(zip(grads_seq, losses_seq)):
+        _, comb = _run_direct(s, g, losses=losses)
+        assert torch.allclose(comb.loss_weights.double(), expect[t], rtol=1e-6), t
+    assert torch.allclose(s.weights.double(), expect[-1], rtol=1e-6)
+    assert float(expect[-1].min()) > 1e-3  # the min_weight clamp (not in the paper) never acted
+    # the same run with L(0) taken as each previous step's losses would differ
+    shifted = _gradnorm_paper(grads_seq[1:], losses_seq[1:], alpha, lr)
+    assert not torch.allclose(shifted[-1], expect[-1], rtol=1e-3)
 
 
 def _famo_reference(losses_seq, k, lr=0.025, gamma=0.01):
@@ -569,3 +603,330 @@ def test_grad_reducer_sees_stack_and_stat_reducer_sees_losses():
     d.backward(x * 1.0)
     d.backward(x * 1.0)
     assert torch.allclose(d.weights(), torch.ones(2))  # both periods saw the reduced [2, 4]
+
+
+# ------------------------------------------------------------------ any gradient scale (issue 10)
+# Independent references at 50 digits (mpmath): brute force over the faces of the simplex for
+# MGDA and CAGrad (each face's stationarity equations, no ridge, no rescaling), IMTL-G's
+# defining linear system, Nash-MTL by damped Newton to a 1e-40 decrement. The float64 Gram
+# matrix handed to the code is taken as exact.
+
+_DPS = 50
+
+
+def _mp(t) -> mp.matrix:
+    k = t.shape[0]
+    return mp.matrix([[mp.mpf(float(t[i, j])) for j in range(k)] for i in range(k)])
+
+
+def _mp_quad(m: mp.matrix, x, y=None):
+    y = x if y is None else y
+    return mp.fsum(x[i] * m[i, j] * y[j] for i in range(m.rows) for j in range(m.rows))
+
+
+def _mp_faces(k: int):
+    for r in range(1, k + 1):
+        yield from itertools.combinations(range(k), r)
+
+
+def _mp_sub(m: mp.matrix, face) -> mp.matrix:
+    return mp.matrix([[m[i, j] for j in face] for i in face])
+
+
+def _exact_mgda(gram) -> mp.matrix:
+    """``argmin_{w in simplex} w^T M w``: on each face ``M_S w = mu 1``; the least feasible."""
+    with mp.workdps(_DPS):
+        m = _mp(gram)
+        k = m.rows
+        best = None
+        for face in _mp_faces(k):
+            u = mp.lu_solve(_mp_sub(m, face), mp.matrix([1] * len(face)))
+            total = mp.fsum(u)
+            if total <= 0 or min(u) < 0:
+                continue
+            w = mp.matrix([0] * k)
+            for i, j in enumerate(face):
+                w[j] = u[i] / total
+            f = _mp_quad(m, w)
+            if best is None or f < best[0]:
+                best = (f, w)
+        return best[1]
+
+
+def _exact_cagrad(gram, alpha: float) -> mp.matrix:
+    """CAGrad's coefficients ``b + c / ||g_w|| w`` (``rescale=0``) with ``w`` the exact minimiser
+    of ``w^T M b + c sqrt(w^T M w)`` over the simplex: every vertex, and on every face the
+    stationary points of ``M_S w = (s / c)(mu 1 - (M b)_S)`` with ``w^T M w = s^2``, ``1^T w = 1``
+    (both roots of the quadratic in ``mu``)."""
+    with mp.workdps(_DPS):
+        m = _mp(gram)
+        k = m.rows
+        b = mp.matrix([mp.mpf(1) / k] * k)
+        mb = m * b
+        c = alpha * mp.sqrt(_mp_quad(m, b))
+
+        def f(w):
+            return mp.fsum(w[i] * mb[i] for i in range(k)) + c * mp.sqrt(max(_mp_quad(m, w), 0))
+
+        cands = []
+        for i in range(k):
+            e = mp.matrix([0] * k)
+            e[i] = 1
+            cands.append(e)
+        for face in _mp_faces(k):
+            ms = _mp_sub(m, face)
+            u = mp.lu_solve(ms, mp.matrix([1] * len(face)))
+            v = mp.lu_solve(ms, mp.matrix([mb[j] for j in face]))
+            a, beta = mp.fsum(u), mp.fsum(v)
+            gamma = mp.fsum(v[i] * mb[j] for i, j in enumerate(face))
+            disc = beta * beta - a * (gamma - c * c)
+            if disc <= 0:
+                continue
+            for sign in (1, -1):
+                mu = (beta + sign * mp.sqrt(disc)) / a
+                y = [mu * u[i] - v[i] for i in range(len(face))]
+                total = mp.fsum(y)
+                if total <= 0:
+                    continue
+                w = mp.matrix([0] * k)
+                for i, j in enumerate(face):
+                    w[j] = y[i] / total
+                if min(w) >= 0:
+                    cands.append(w)
+        w = min(cands, key=f)
+        lam = c / mp.sqrt(_mp_quad(m, w))
+        return mp.matrix([b[i] + lam * w[i] for i in range(k)])
+
+
+def _exact_imtl(gram) -> mp.matrix:
+    """``alpha = M^{-1} n / 1^T M^{-1} n`` (``M alpha = t n``: equal projections on unit gradients)."""
+    with mp.workdps(_DPS):
+        m = _mp(gram)
+        a = mp.lu_solve(m, mp.matrix([mp.sqrt(m[i, i]) for i in range(m.rows)]))
+        return a / mp.fsum(a)
+
+
+def _exact_nash(gram) -> mp.matrix:
+    """The positive solution of ``(M alpha) alpha = 1`` by damped Newton at 50 digits."""
+    with mp.workdps(_DPS):
+        m = _mp(gram)
+        k = m.rows
+        a = mp.matrix([1 / mp.sqrt(k * m[i, i]) for i in range(k)])
+        for _ in range(2000):
+            g = m * a - mp.matrix([1 / a[i] for i in range(k)])
+            delta = -mp.lu_solve(m + mp.diag([1 / a[i] ** 2 for i in range(k)]), g)
+            dec = mp.sqrt(-mp.fsum(g[i] * delta[i] for i in range(k)))
+            a = a + (1 / (1 + dec) if dec > 0.25 else 1) * delta
+            if dec < mp.mpf(10) ** -40:
+                break
+        assert max(abs((m * a)[i] * a[i] - 1) for i in range(k)) < mp.mpf(10) ** -30
+        return a
+
+
+def _update_error(gram, coeff, exact: mp.matrix) -> float:
+    """``||sum_i (c_i - c*_i) g_i|| / ||sum_i c*_i g_i||`` from the Gram matrix, at 50 digits."""
+    with mp.workdps(_DPS):
+        m = _mp(gram)
+        d = mp.matrix([mp.mpf(float(coeff[i])) - exact[i] for i in range(m.rows)])
+        return float(mp.sqrt(_mp_quad(m, d)) / mp.sqrt(_mp_quad(m, exact)))
+
+
+def _spread_grads(norms, seed: int, p: int = 12) -> torch.Tensor:
+    """Random directions (task 0 conflicting with task 1) with the given norms."""
+    g = _grads(len(norms), p, seed)
+    g = g / g.norm(dim=1, keepdim=True)
+    g[0] = -0.6 * g[1] + 0.8 * g[0]
+    g = g / g.norm(dim=1, keepdim=True)
+    return g * torch.tensor(norms, dtype=D).unsqueeze(1)
+
+
+# norms spread over 10^3 and 10^5 (the largest ratio of two tasks' norms), a small or a large
+# odd one out, and mixed
+SPREADS = [
+    [1.0, 1e-3, 1.0, 0.5],
+    [1.0, 1e3, 0.7],
+    [1e-3, 0.1, 1.0],
+    [1.0, 1e-5, 1.0, 0.3],
+    [1e5, 1.0, 2.0, 1.0],
+    [1e-2, 1.0, 1e3],
+    [1e-3, 1e-1, 1e2, 1.0],
+]
+
+
+def _gram_strategy(name: str, k: int, gram: torch.Tensor) -> torch.Tensor:
+    ones = torch.ones(k, dtype=D)
+    return build_strategy(name, k, **({"max_norm": 0.0} if name == "nash_mtl" else {})).combine(ones, ones, None, gram).grad_scale
+
+
+@pytest.mark.parametrize("norms", SPREADS, ids=lambda n: "-".join(f"{x:g}" for x in n))
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_gram_strategies_match_exact_optimum_at_any_gradient_scale(norms, seed):
+    """MGDA, MGDA-UB, CAGrad, IMTL-G and Nash-MTL (unclipped) give the update of the exact
+    optimum of their own problem to 1e-8 relative, with task-gradient norms spread over 10^5."""
+    g = _spread_grads(norms, seed)
+    gram = g @ g.t()
+    k = len(norms)
+    exact = {"mgda": _exact_mgda(gram), "cagrad": _exact_cagrad(gram, 0.5), "imtl_g": _exact_imtl(gram),
+             "nash_mtl": _exact_nash(gram)}
+    exact["mgda_ub"] = exact["mgda"]
+    for name, ref in exact.items():
+        if name == "cagrad":
+            coeff, _ = cagrad_coefficients(gram, 0.5, rescale=0)
+        else:
+            coeff = _gram_strategy(name, k, gram)
+        assert _update_error(gram, coeff, ref) < 1e-8, name
+
+
+@pytest.mark.parametrize("norms", SPREADS, ids=lambda n: "-".join(f"{x:g}" for x in n))
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_cagrad_update_agrees_in_sign_with_every_task_like_the_exact_one(norms, seed):
+    """Where the exact CAGrad update has a positive inner product with every task gradient, so
+    does the computed one, and each ``g_i . d / (||g_i|| ||d||)`` agrees to 1e-8. (Before the
+    scale-free solver, the [0.01, 1, 1000] cases conflicted with the small task.)"""
+    g = _spread_grads(norms, seed)
+    gram = g @ g.t()
+    coeff, _ = cagrad_coefficients(gram, 0.5, rescale=0)
+    exact = _exact_cagrad(gram, 0.5)
+    with mp.workdps(_DPS):
+        m = _mp(gram)
+        gd_exact = m * exact
+        dn = mp.sqrt(_mp_quad(m, exact))
+        cos_exact = [float(gd_exact[i] / (mp.sqrt(m[i, i]) * dn)) for i in range(m.rows)]
+    gd = gram @ coeff
+    cos = (gd / (gram.diagonal().sqrt() * (coeff @ gram @ coeff).sqrt())).tolist()
+    assert cos == pytest.approx(cos_exact, abs=1e-8)
+    if min(cos_exact) > 0:
+        assert float(gd.min()) > 0
+
+
+@pytest.mark.parametrize("ratio", [1e-3, 1e-5, 1e3])
+def test_imtl_g_equal_projections_at_spread_norms(ratio):
+    """IMTL-G's defining property: equal projections of the update on every unit task gradient
+    (to 1e-10 relative) when one task's norm is ``ratio`` times the others'."""
+    g = _spread_grads([1.0, ratio, 0.8, 1.3], seed=3)
+    out = imtl_g_coefficients(g @ g.t()) @ g
+    proj = (g / g.norm(dim=1, keepdim=True)) @ out
+    assert torch.allclose(proj, proj.mean().expand(4), rtol=1e-10, atol=0)
+
+
+def test_nash_abrupt_change_after_warm_steps_meets_the_bargaining_equations():
+    """K = 7: warm steps on strongly conflicting gradients (four nearly opposed to one), then the
+    gradients turn nearly parallel. The warm start from the conflict (weights up to ~5e3 on the
+    correlation scale) is far from the new solution; the result still solves
+    ``(G G^T alpha) alpha = 1`` and equals the high-precision solution."""
+    k = 7
+    gen = torch.Generator().manual_seed(0)
+    base = torch.randn(k, 20, dtype=D, generator=gen)
+    conflict = base.clone()
+    conflict[1:4] = -conflict[0] + 1e-3 * base[1:4]
+    parallel = base[0] + 1e-2 * torch.randn(k, 20, dtype=D, generator=gen)
+    scales = torch.tensor([1, 1e-2, 1e2, 1, 1e-1, 1, 1e3], dtype=D).unsqueeze(1)
+    s = build_strategy("nash_mtl", k, max_norm=0.0)
+    ones = torch.ones(k, dtype=D)
+    for g in [conflict * scales] * 3 + [parallel * scales, conflict * scales]:
+        gram = g @ g.t()
+        alpha = s.combine(ones, ones, None, gram).grad_scale
+        assert bool((alpha > 0).all())
+        assert torch.allclose((gram @ alpha) * alpha, ones, rtol=0, atol=1e-7)
+        assert _update_error(gram, alpha, _exact_nash(gram)) < 1e-8
+
+
+def test_nash_warm_start_is_used_when_converged():
+    """A warm start at the solution stays there in one Newton step; the cold start alone
+    (from ones) needs more on an ill-conditioned problem, so a 1-step solve with the warm start
+    beats one without it."""
+    g = _spread_grads([1.0, 1e-2, 3.0, 1.0, 0.5], seed=4)
+    g[2] = -g[1] / 1e-2 * 3.0 + 1e-3 * g[2]  # near-opposed pair: ill-conditioned
+    m = g @ g.t()
+    _, beta = nash_coefficients(m, iters=40)
+    warm, _ = nash_coefficients(m, iters=1, init=beta)
+    cold, _ = nash_coefficients(m, iters=1)
+    ones = torch.ones(5, dtype=D)
+    assert torch.allclose((m @ warm) * warm, ones, atol=1e-8)
+    assert not torch.allclose((m @ cold) * cold, ones, atol=1e-3)
+
+
+@pytest.mark.parametrize("max_norm", [1.0, 0.3, 10.0])
+def test_nash_clips_the_update_norm_like_the_reference(max_norm):
+    """The reference calls clip_grad_norm_(shared, max_norm) after the backward: the update is
+    ``d * min(1, max_norm / (||d|| + 1e-6))`` with ``d`` the exact Nash update, whose norm is
+    ``sqrt(K)`` (``alpha^T M alpha = sum_i alpha_i (M alpha)_i = K``)."""
+    k = 4
+    g = _spread_grads([1.0, 1e-3, 2.0, 1.0], seed=5)
+    gram = g @ g.t()
+    x = torch.zeros(g.shape[1], dtype=D, requires_grad=True)
+    s = build_strategy("nash_mtl", k, max_norm=max_norm)
+    s.backward(g @ x + 1.0, shared_parameters=[x])
+    with mp.workdps(_DPS):
+        exact = _exact_nash(gram)
+        d = np.array([float(v) for v in exact]) @ g.numpy()
+    assert np.linalg.norm(d) == pytest.approx(math.sqrt(k), rel=1e-10)
+    expect = d * min(1.0, max_norm / (np.linalg.norm(d) + 1e-6))
+    assert np.allclose(x.grad.numpy(), expect, rtol=1e-9, atol=1e-12 * np.abs(expect).max())
+    assert torch.equal(clip_coefficients(torch.ones(2, dtype=D), torch.eye(2, dtype=D), 0.0), torch.ones(2, dtype=D))
+
+
+def test_dbmtl_default_keeps_the_ema_factor_constant():
+    """LibMTL's default DB_beta_sigma = 0: the buffer is ``m_t = g_t + 0.9 (m_{t-1} - g_t)`` at
+    every step (the factor does not decay with t)."""
+    k, p = 3, 5
+    s = build_strategy("dbmtl", k)
+    buf = torch.zeros(k, p, dtype=D)
+    for step in range(1, 7):
+        g = _grads(k, p, seed=40 + step)
+        losses = torch.tensor([0.5, 1.0, 2.0], dtype=D) + 0.1 * step
+        out, _ = _run_direct(s, g, losses=losses)
+        lg = g / (losses + 1e-8).unsqueeze(1)
+        buf = lg + 0.9 * (buf - lg)
+        u = buf.norm(dim=1)
+        assert torch.allclose(out, (u.max() / (u + 1e-8)) @ buf, rtol=1e-10, atol=1e-12)
+
+
+# ------------------------------------------------------------------ options at non-default values
+
+
+@pytest.mark.parametrize("normalization", ["l2", "loss", "loss+"])
+def test_mgda_normalizations_against_exact_min_norm(normalization):
+    """The reference code's gradient normalisation: the min-norm point of the hull of
+    ``g_i / n_i`` (``n_i = ||g_i||``, ``L_i`` or ``L_i ||g_i||``), applied as ``c_i = w_i / n_i``."""
+    g = _spread_grads([1.0, 0.05, 3.0, 0.7], seed=7)
+    losses = torch.tensor([0.7, 0.2, 1.5, 0.9], dtype=D)
+    norms = g.norm(dim=1)
+    n = {"l2": norms, "loss": losses, "loss+": losses * norms}[normalization]
+    gn = g / n.unsqueeze(1)
+    w = torch.tensor([float(v) for v in _exact_mgda(gn @ gn.t())], dtype=D)
+    out, comb = _run_direct(build_strategy("mgda", 4, normalization=normalization), g, losses=losses)
+    assert torch.allclose(comb.grad_scale, w / n, rtol=1e-9, atol=1e-14)
+    assert torch.allclose(out, (w / n) @ g, rtol=1e-9, atol=1e-14)
+    plain = build_strategy("mgda", 4).combine(losses, losses, None, g @ g.t()).grad_scale
+    assert not torch.allclose(plain, w / n, rtol=1e-3)  # the option changes the answer
+
+
+@pytest.mark.parametrize("scale_mode", ["median", "rmse"])
+def test_aligned_mtl_scale_modes_against_svd(scale_mode):
+    """Official code: with ``G = U S V^T`` the aligned gradients are ``sigma U V^T`` with
+    ``sigma^2`` the (lower, as torch.median) median or the mean of the eigenvalues ``S^2``."""
+    k = 4
+    g = _spread_grads([1.0, 0.3, 2.0, 0.8], seed=8)
+    u, sv, vt = np.linalg.svd(g.numpy(), full_matrices=False)
+    lam = np.sort(sv**2)
+    scale2 = lam[(k - 1) // 2] if scale_mode == "median" else lam.mean()
+    expect = (math.sqrt(scale2) * u @ vt).sum(0)
+    out, _ = _run_direct(build_strategy("aligned_mtl", k, scale_mode=scale_mode), g)
+    assert np.allclose(out.numpy(), expect, rtol=1e-9, atol=1e-12)
+
+
+def test_dwa_non_default_temperature():
+    """``w_k = K exp(r_k / T) / sum_i exp(r_i / T)`` at ``T = 0.5`` (sharper than the default 2)."""
+    s = build_strategy("dwa", 3, temperature=0.5)
+    x = torch.ones(3, requires_grad=True)
+    epochs = [[1.0, 2.0, 3.0], [0.5, 2.2, 2.7]]
+    for ep in epochs:
+        s.backward(torch.tensor(ep) * x)
+        s.end_epoch()
+    comb = s.backward(torch.tensor([0.4, 2.0, 2.6]) * x)
+    r = [b / a for a, b in zip(*epochs)]
+    e = [math.exp(v / 0.5) for v in r]
+    expect = torch.tensor([3 * v / sum(e) for v in e])
+    assert torch.allclose(comb.loss_weights, expect, rtol=1e-6)
+    assert not torch.allclose(expect, 3 * torch.softmax(torch.tensor(r) / 2.0, 0), rtol=1e-2)

@@ -174,6 +174,7 @@ def test_model_provided_task_gradients_are_used():
         return task_gradients(losses, model.shared_parameters(), tasks)
 
     model.shared_task_gradients = fast
+    model.shared_task_gradient_options = frozenset()  # declared: takes (losses, tasks) only
     _, comb = model_backward(build_strategy("cagrad", k), model, batch, labels)
     assert calls == [list(range(k))]
     _check_contract(model, grads, comb)
@@ -191,24 +192,36 @@ def test_model_provided_task_gradients_are_used():
 @pytest.mark.parametrize("name", ["pcgrad", "mgda", "nash_mtl"])
 def test_ordering_two_on_two_simulated_ranks_equals_union_batch(name):
     """All-reducing the [K, P] stack (grad_reducer) + the DDP mean of the one weighted backward
-    equals the method run by one process on the union batch."""
+    equals the method run by one process on the union batch. The two halves have opposite
+    labels for task 1, so each rank's local coefficients (ordering 1) differ from the global ones
+    (checked on both ranks), and the equality is not a coincidence of equal coefficients."""
     import copy
 
     k = 3
-    model, batch, labels = _setup(k, seed=9)
+    model, batch, labels = _setup(k, seed=2)
+    labels = labels.clone()
+    labels[:32, 1], labels[32:, 1] = 1.0, 0.0  # task 1 pulls the ranks apart
     halves = [slice(0, 32), slice(32, 64)]
     parts = [({key: v[h] for key, v in batch.items()}, labels[h]) for h in halves]
     stacks = [task_gradients(per_task_bce(model(b), y), model.shared_parameters()) for b, y in parts]
     mean_stack = (stacks[0] + stacks[1]) / 2
+
+    def make():
+        return build_strategy(name, k, seed=1) if name == "pcgrad" else build_strategy(name, k)
+
     full = copy.deepcopy(model)
-    model_backward(build_strategy(name, k, seed=1) if name == "pcgrad" else build_strategy(name, k), full, batch, labels)
-    rank_grads = []
-    for b, y in parts:
+    _, global_comb = model_backward(make(), full, batch, labels)
+    rank_grads, differ = [], []
+    for (b, y), local_stack in zip(parts, stacks):
         replica = copy.deepcopy(model)
-        s = build_strategy(name, k, seed=1) if name == "pcgrad" else build_strategy(name, k)
+        s = make()
         s.grad_reducer = lambda _local: mean_stack  # stands in for all_reduce(mean)
         model_backward(s, replica, b, y)
         rank_grads.append([p.grad for p in replica.parameters()])
+        gram = local_stack @ local_stack.t()
+        local = make().combine(torch.ones(k), torch.ones(k), local_stack, gram).grad_scale
+        differ.append(not torch.allclose(local, global_comb.grad_scale, rtol=1e-2, atol=1e-3))
+    assert all(differ), "ordering 1 gives the global coefficients on this data"
     for p_full, g0, g1 in zip(full.parameters(), *rank_grads):
         assert torch.allclose(p_full.grad, (g0 + g1) / 2, rtol=1e-4, atol=1e-7)
 
@@ -372,3 +385,32 @@ def test_strategy_steps_make_no_host_reads(name):
         else:
             assert unexpected == [], f"{name}: host reads in the step: {sorted(set(unexpected))}"
     strategy.raise_if_nonfinite()
+
+
+def test_gradnorm_defaults_to_the_models_last_shared_layer():
+    """model_backward without shared_parameters: GradNorm's per-task gradients are taken over
+    model.last_shared_parameters() (through the model's declared ``parameters=`` option), and
+    the weights equal those of passing that layer explicitly, not those of all shared parameters."""
+    k = 3
+    seen = []
+    weights = {}
+    for mode in ("default", "explicit", "all"):
+        model, batch, labels = _setup(k, seed=6)
+        inner = model.shared_task_gradients
+
+        def spy(ls, tasks, parameters=None, separable=False, inner=inner):
+            seen.append((mode, None if parameters is None else [id(p) for p in parameters]))
+            return inner(ls, tasks, parameters=parameters, separable=separable)
+
+        model.shared_task_gradients = spy
+        s = build_strategy("gradnorm", k)
+        kw = {"explicit": {"shared_parameters": model.last_shared_parameters()},
+              "all": {"shared_parameters": model.shared_parameters()}}.get(mode, {})
+        for _ in range(2):
+            model.zero_grad()
+            model_backward(s, model, batch, labels, **kw)
+        weights[mode] = s.weights.clone()
+        if mode == "default":
+            assert seen[-1] == ("default", [id(p) for p in model.last_shared_parameters()])
+    assert torch.equal(weights["default"], weights["explicit"])
+    assert not torch.allclose(weights["default"], weights["all"], rtol=1e-6, atol=0)

@@ -13,6 +13,18 @@ A model maps a batch to per-task logits ``[B, K]`` and states which parameters a
 
 Every parameter is in exactly one of these groups.
 
+:meth:`MultiTaskModel.last_shared_parameters` names the shared layer closest to the towers (the
+last layer of every shared block whose output task-specific code reads; GradNorm's ``W``): a
+subset of :meth:`MultiTaskModel.shared_parameters` through which every other shared parameter
+reaches the logits.
+
+Optional batched per-task gradients: an architecture may implement
+``shared_task_gradients(losses, tasks, **options) -> [len(tasks), P]`` (the gradients of
+``losses[t]`` w.r.t. :meth:`MultiTaskModel.shared_parameters` for the last forward, flattened in
+parameter order, graph kept) and must then declare the keyword options it accepts in
+:attr:`MultiTaskModel.shared_task_gradient_options` (``"separable"``, ``"parameters"``); the
+strategy driver reads that declaration instead of inspecting signatures.
+
 Task-gradient scaling (``task_grad_scale``): when a ``[K]`` tensor ``c`` is passed to
 ``forward``, the returned logits are numerically unchanged, but in the backward pass every
 point where task ``i``'s branch reads a shared tensor multiplies the gradient by ``c[i]``.
@@ -54,6 +66,10 @@ class MultiTaskModel(nn.Module, ABC):
 
     #: the architecture applies :attr:`compute_dtype` inside ``forward_representation`` itself
     casts_itself: bool = False
+    #: ``None``: no ``shared_task_gradients`` method; otherwise the keyword options that method
+    #: accepts besides ``(losses, tasks)``: ``"separable"`` (losses read only their own task's
+    #: logits) and/or ``"parameters"`` (a subset of :meth:`shared_parameters`)
+    shared_task_gradient_options: frozenset[str] | None = None
 
     def __init__(self, spec: FeatureSpec, sparse_gradients: bool = False, compute_dtype: Precision = None) -> None:
         super().__init__()
@@ -89,6 +105,13 @@ class MultiTaskModel(nn.Module, ABC):
     @abstractmethod
     def shared_parameters(self) -> list[nn.Parameter]:
         """Dense parameters reached by more than one task's loss."""
+
+    @abstractmethod
+    def last_shared_parameters(self) -> list[nn.Parameter]:
+        """The shared layer closest to the towers: a subset of :meth:`shared_parameters` (the
+        last layer of each shared block read by task-specific code) through which every other
+        shared parameter reaches the logits; empty when nothing dense is shared. GradNorm's
+        ``W`` (Chen et al. 2018 use the last shared layer)."""
 
     def task_specific_parameters(self) -> list[nn.Parameter]:
         """Parameters owned by single tasks (row-wise, see :meth:`task_parameter_owners`)."""

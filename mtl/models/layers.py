@@ -89,6 +89,10 @@ class BatchedMLP(nn.Module):
             self.weights.append(nn.Parameter(torch.empty(num_members, fan_in, fan_out).uniform_(-bound, bound)))
             self.biases.append(nn.Parameter(torch.empty(num_members, 1, fan_out).uniform_(-bound, bound)))
 
+    def last_layer(self) -> list[nn.Parameter]:
+        """The weight and bias of the last layer (the one whose output the MLP returns)."""
+        return [self.weights[-1], self.biases[-1]]
+
     def forward(self, x: Tensor, member_scale: Tensor | None = None) -> Tensor:
         """Args:
         x: ``[B, in_dim]`` (shared input) or ``[num_members, B, in_dim]``.

@@ -42,6 +42,7 @@ class MMoE(MultiTaskModel):
     """
 
     casts_itself = True  # the fused body casts to the compute dtype (forward_modules: autocast)
+    shared_task_gradient_options = frozenset({"separable", "parameters"})
 
     def __init__(
         self,
@@ -226,6 +227,10 @@ class MMoE(MultiTaskModel):
 
     def shared_parameters(self) -> list[nn.Parameter]:
         return list(self.experts.parameters())
+
+    def last_shared_parameters(self) -> list[nn.Parameter]:
+        """The experts' last layer (the gates' mixtures of its output feed the towers)."""
+        return self.experts.last_layer()
 
     def task_parameter_owners(self) -> list[tuple[nn.Parameter, Tensor]]:
         gate_owner = torch.arange(self.num_tasks).repeat_interleave(self.num_experts)

@@ -287,6 +287,25 @@ class PLE(MultiTaskModel):
             params += [p for p in level.gate_params("shared") if p is not None]
         return params
 
+    def last_shared_parameters(self) -> list[nn.Parameter]:
+        """PLE has no single last shared layer: a task with no experts of its own reads the
+        shared experts of every level through its own (task-specific) gates, and task-specific
+        gates read mixtures weighted by shared gates. The layer closest to the towers is
+        therefore the last layer of every shared expert block (shared experts, and task experts
+        below the last level) plus every shared gate (the shared gate and the shared task gates);
+        every other shared parameter (earlier expert layers) reaches the logits only through
+        these."""
+        params: list[nn.Parameter] = []
+        for lvl, level in enumerate(self.levels):
+            if level.shared_experts is not None:
+                params += level.shared_experts.last_layer()
+            if level.task_experts is not None and lvl < self.num_levels - 1:
+                params += level.task_experts.last_layer()
+            if level.shared_gate is not None:
+                params += list(level.shared_gate.parameters())
+            params += [p for p in level.gate_params("shared") if p is not None]
+        return params
+
     def task_parameter_owners(self) -> list[tuple[nn.Parameter, Tensor]]:
         pairs: list[tuple[nn.Parameter, Tensor]] = []
         for lvl, level in enumerate(self.levels):

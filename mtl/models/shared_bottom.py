@@ -57,5 +57,9 @@ class SharedBottom(MultiTaskModel):
     def shared_parameters(self) -> list[nn.Parameter]:
         return list(self.bottom.parameters())
 
+    def last_shared_parameters(self) -> list[nn.Parameter]:
+        """The bottom's last layer (the towers read its output)."""
+        return self.bottom.last_layer()
+
     def task_parameter_owners(self) -> list[tuple[nn.Parameter, Tensor]]:
         return stacked_owners(self.towers)

@@ -52,5 +52,8 @@ class SingleTask(MultiTaskModel):
     def shared_parameters(self) -> list[nn.Parameter]:
         return []
 
+    def last_shared_parameters(self) -> list[nn.Parameter]:
+        return []
+
     def task_parameter_owners(self) -> list[tuple[nn.Parameter, Tensor]]:
         return stacked_owners(self.towers)

@@ -169,6 +169,10 @@ class SNR(MultiTaskModel):
     def shared_parameters(self) -> list[nn.Parameter]:
         return list(self.lower.parameters())
 
+    def last_shared_parameters(self) -> list[nn.Parameter]:
+        """The lower sub-networks' last layer (the routing reads its output)."""
+        return self.lower.last_layer()
+
     def task_parameter_owners(self) -> list[tuple[nn.Parameter, Tensor]]:
         owner = torch.arange(self.num_tasks)
         pairs: list[tuple[nn.Parameter, Tensor]] = [(self.log_alpha, owner)]

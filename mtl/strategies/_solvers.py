@@ -13,6 +13,12 @@
 Face enumeration is used up to :data:`MAX_ENUM_TASKS` tasks (4095 faces); above that
 :func:`min_norm_simplex` and :func:`cagrad_simplex` fall back to projected gradient descent
 with a fixed number of iterations.
+
+Scale: task gradients' norms can differ by orders of magnitude (a 3.5% action next to a 0.04%
+one). Every linear system here is solved on its symmetrically scaled form
+``D^{-1/2} A D^{-1/2}`` (``D = diag A``: a correlation matrix, unit diagonal) with a ridge
+relative to that unit diagonal, and feasibility is judged on ``w_i ||g_i||`` (each weight's
+contribution to the update), so no answer depends on the scale of a single task's gradient.
 """
 
 from __future__ import annotations
@@ -27,7 +33,10 @@ from mtl.device import host_to_device
 from mtl.strategies.base import psqrt
 
 MAX_ENUM_TASKS = 12
-_RIDGE = 1e-10
+#: ridge on the unit diagonal of a scaled system (only matters for dependent gradients)
+_RIDGE = 1e-13
+#: a face solution is feasible when ``w_i ||g_i|| >= -_FEAS_TOL * max_j |w_j| ||g_j||``
+_FEAS_TOL = 1e-12
 
 
 def spd_solve(a: Tensor, b: Tensor) -> Tensor:
@@ -64,17 +73,39 @@ def _quad_forms(x: Tensor, m: Tensor) -> Tensor:
     return ((x.unsqueeze(2) * m.unsqueeze(0)).sum(1) * x).sum(1)
 
 
+def scaled_solve(a: Tensor, b: Tensor, ridge: float = _RIDGE) -> Tensor:
+    """``a^{-1} b`` for (batches of) symmetric PSD ``a`` ``[..., n, n]``, ``b`` ``[..., n, r]``,
+    solved on the scaled system ``(D^{-1/2} a D^{-1/2} + ridge I) z = D^{-1/2} b``,
+    ``x = D^{-1/2} z`` (``D = diag a``, 1 where a diagonal entry is 0).
+
+    The scaled matrix has a unit diagonal whatever the rows' scales, so the elimination's
+    rounding and the ridge are relative to each row's own size (a ridge added to ``a`` itself
+    would swamp rows far below the largest)."""
+    diag = a.diagonal(dim1=-2, dim2=-1)
+    inv = torch.where(diag > 0, diag, torch.ones_like(diag)).rsqrt()
+    scaled = a * inv.unsqueeze(-1) * inv.unsqueeze(-2)
+    eye = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
+    return inv.unsqueeze(-1) * spd_solve(scaled + ridge * eye, b * inv.unsqueeze(-1))
+
+
 def _masked_system(m: Tensor, masks: Tensor) -> Tensor:
-    """``[S, K, K]``: ``M`` restricted to each face (+ a tiny ridge), identity off the face."""
+    """``[S, K, K]``: ``M`` restricted to each face, identity off the face."""
     outer = masks.unsqueeze(2) * masks.unsqueeze(1)
-    return m.unsqueeze(0) * outer + torch.diag_embed(1.0 - masks) + _RIDGE * torch.diag_embed(masks)
+    return m.unsqueeze(0) * outer + torch.diag_embed(1.0 - masks)
+
+
+def _feasible(sol: Tensor, norms: Tensor) -> Tensor:
+    """``[S]``: face solutions ``sol`` ``[S, K]`` with no negative contribution ``w_i ||g_i||``
+    beyond rounding (relative to the largest contribution of the same solution)."""
+    y = sol * norms.unsqueeze(0)
+    return (y >= -_FEAS_TOL * y.abs().amax(1, keepdim=True)).all(dim=1)
 
 
 def min_norm_simplex(m: Tensor) -> Tensor:
     """The min-norm point of the convex hull: ``argmin_{w >= 0, sum w = 1} w^T m w``.
 
     Args:
-        m: ``[K, K]`` PSD Gram matrix (float64 recommended, scaled to ``max diag = 1``).
+        m: ``[K, K]`` PSD Gram matrix (float64 recommended; any scale).
 
     Returns ``w`` ``[K]`` (float64).
     """
@@ -84,11 +115,12 @@ def min_norm_simplex(m: Tensor) -> Tensor:
     if k > MAX_ENUM_TASKS:
         return _projected_gradient(lambda w: 2.0 * (m @ w), m, iters=500)
     masks = face_masks(k, m.device).to(m.dtype)
+    norms = psqrt(m.diagonal().clamp_min(0.0))
     # On face S the KKT conditions M_S w_S = mu 1_S, 1^T w = 1 give w_S = u / 1^T u, u = M_S^{-1} 1_S.
-    u = spd_solve(_masked_system(m, masks), masks.unsqueeze(2))[..., 0] * masks
+    u = scaled_solve(_masked_system(m, masks), masks.unsqueeze(2))[..., 0] * masks
     total = u.sum(1)
     sol = u / torch.where(total.abs() > 0, total, torch.ones_like(total)).unsqueeze(1)
-    feasible = (total > 0) & (sol >= -1e-9).all(dim=1)
+    feasible = (total > 0) & _feasible(sol, norms)
     obj = _quad_forms(sol, m)
     obj = torch.where(feasible, obj, torch.full_like(obj, float("inf")))
     w = sol.index_select(0, torch.argmin(obj).view(1))[0].clamp_min(0.0)  # no host read
@@ -120,19 +152,21 @@ def cagrad_simplex(m: Tensor, c: Tensor) -> Tensor:
 
         return _projected_gradient(grad, m, iters=1000)
     masks = face_masks(k, m.device).to(m.dtype)
-    a_s = _masked_system(m, masks)
+    norms = psqrt(m.diagonal().clamp_min(0.0))
     rhs = torch.stack([masks, masks * mb.unsqueeze(0)], dim=2)  # [S, K, 2]
-    sol = spd_solve(a_s, rhs) * masks.unsqueeze(2)
+    sol = scaled_solve(_masked_system(m, masks), rhs) * masks.unsqueeze(2)
     u, v = sol[..., 0], sol[..., 1]
     a = u.sum(1)
     beta = v.sum(1)
     gamma = (v * mb.unsqueeze(0)).sum(1)
     disc = beta * beta - a * (gamma - c * c)
-    valid = disc > 1e-18
-    sq = psqrt(disc.clamp_min(1e-18))
-    mu = (beta + sq) / a
+    # s = ||g_w|| = c / sqrt(disc) cannot exceed the largest task-gradient norm, so a face with
+    # disc < c^2 / max_i ||g_i||^2 has no feasible stationary point (a test independent of scale)
+    valid = (c > 0) & (disc > 0.25 * c * c / m.diagonal().max().clamp_min(torch.finfo(m.dtype).tiny))
+    sq = psqrt(torch.where(valid, disc, torch.ones_like(disc)))
+    mu = (beta + sq) / torch.where(a.abs() > 0, a, torch.ones_like(a))
     w = (mu.unsqueeze(1) * u - v) / sq.unsqueeze(1)
-    feasible = valid & (w >= -1e-9).all(dim=1) & ((w.sum(1) - 1.0).abs() < 1e-6)
+    feasible = valid & _feasible(w, norms) & ((w.sum(1) - 1.0).abs() < 1e-6)
     wc = w.clamp_min(0.0)
     obj = (wc * mb.unsqueeze(0)).sum(1) + c * psqrt(_quad_forms(wc, m).clamp_min(0.0))
     obj = torch.where(feasible, obj, torch.full_like(obj, float("inf")))
@@ -165,6 +199,27 @@ def _projected_gradient(grad_fn, m: Tensor, iters: int) -> Tensor:
     return w
 
 
+def _rescaled(beta: Tensor, c: Tensor) -> Tensor:
+    """``t beta`` with ``t = sqrt(K / beta^T C beta)``, the minimiser of ``F`` along the ray
+    through ``beta`` (every solution has ``beta^T C beta = sum_i beta_i (C beta)_i = K``)."""
+    k = c.shape[-1]
+    q = ((beta.unsqueeze(-1) * c).sum(-2) * beta).sum(-1, keepdim=True)
+    return beta * psqrt(k / q.clamp_min(torch.finfo(c.dtype).tiny))
+
+
+def _nash_objective(c: Tensor, beta: Tensor) -> Tensor:
+    """``[B, 1]``: ``F(beta) = beta^T C beta / 2 - sum log beta`` (``inf`` where not positive)."""
+    q = ((beta.unsqueeze(1) * c).sum(2) * beta).sum(1, keepdim=True)
+    logs = torch.log(beta.clamp_min(torch.finfo(beta.dtype).tiny)).sum(1, keepdim=True)
+    f = 0.5 * q - logs
+    return torch.where((beta > 0).all(1, keepdim=True), f, torch.full_like(f, float("inf")))
+
+
+def nash_residual(c: Tensor, beta: Tensor) -> Tensor:
+    """``max_i |(C beta)_i beta_i - 1|`` (batched over leading dimensions of ``beta``)."""
+    return ((beta.unsqueeze(-1) * c).sum(-2) * beta - 1.0).abs().amax(-1)
+
+
 def nash_weights(m: Tensor, iters: int = 20, init: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """``alpha > 0`` with ``(m alpha) * alpha = 1`` (Nash-MTL), by damped Newton on
     ``F(beta) = beta^T C beta / 2 - sum log beta`` for the correlation matrix
@@ -173,9 +228,15 @@ def nash_weights(m: Tensor, iters: int = 20, init: Tensor | None = None) -> tupl
     The Newton step is damped by ``1 / (1 + decrement)`` while the decrement exceeds 1/4 (F is
     self-concordant, so ``beta`` stays positive).
 
+    Two starts run side by side, each rescaled onto ``beta^T C beta = K`` (a property of the
+    solution): the warm start ``init`` (the previous step's ``beta``) and the cold start ``1``.
+    The result is the one whose residual ``max_i |(C beta)_i beta_i - 1|`` is smaller — a warm
+    start that has not converged after an abrupt change of the gradients falls back to the cold
+    one, without a host read.
+
     Args:
         m: ``[K, K]`` positive definite Gram matrix (float64).
-        iters: Newton iterations (fixed, no convergence test on the host).
+        iters: Newton iterations per start (fixed, no convergence test on the host).
         init: a warm start ``beta`` (e.g. the previous step's); ignored where not positive.
 
     Returns ``(alpha, beta)`` (``beta`` for the next warm start).
@@ -183,17 +244,27 @@ def nash_weights(m: Tensor, iters: int = 20, init: Tensor | None = None) -> tupl
     k = m.shape[0]
     d = psqrt(m.diagonal().clamp_min(1e-300))
     c = m / (d.unsqueeze(0) * d.unsqueeze(1))
-    beta = torch.full((k,), 1.0 / k**0.5, dtype=m.dtype, device=m.device)
+    cold = torch.ones(k, dtype=m.dtype, device=m.device)
+    warm = cold
     if init is not None:
-        init = init.to(beta)
-        beta = torch.where(torch.isfinite(init) & (init > 0) & (init < 1e150), init, beta)
+        init = init.to(cold)
+        ok = (torch.isfinite(init) & (init > 0) & (init < 1e150)).all()
+        warm = torch.where(ok, init, cold)
+    beta = _rescaled(torch.stack([warm, cold]), c)  # [2, K]
     eye = torch.eye(k, dtype=m.dtype, device=m.device)
     for _ in range(iters):
         inv = 1.0 / beta
-        grad = (c * beta.unsqueeze(0)).sum(1) - inv
-        hess = c + torch.diag(inv * inv) + 1e-14 * eye
-        delta = -torch.linalg.solve_ex(hess, grad.unsqueeze(1)).result[:, 0]  # no error check: no sync
-        decrement = psqrt((-(grad * delta).sum()).clamp_min(0.0))
-        t = torch.where(decrement > 0.25, 1.0 / (1.0 + decrement), torch.ones_like(decrement))
-        beta = (beta + t * delta).clamp_min(1e-300)
-    return beta / d, beta
+        cb = (beta.unsqueeze(1) * c).sum(2)
+        grad = cb - inv
+        hess = c + torch.diag_embed(inv * inv) + 1e-14 * eye
+        delta = -torch.linalg.solve_ex(hess, grad.unsqueeze(2)).result[..., 0]  # no error check: no sync
+        decrement = psqrt((-(grad * delta).sum(1, keepdim=True)).clamp_min(0.0))
+        damped = beta + delta / (1.0 + decrement)  # stays positive (self-concordance)
+        full = beta + delta
+        # the full step where it keeps beta positive and lowers F more than the damped step
+        # (the damped phase alone can need many iterations when the start is far)
+        take_full = (full > 0).all(1, keepdim=True) & (_nash_objective(c, full) <= _nash_objective(c, damped))
+        beta = torch.where(take_full, full, damped).clamp_min(1e-300)
+    res = nash_residual(c, beta)
+    best = torch.where(res[0] <= res[1], beta[0], beta[1])
+    return best / d, best

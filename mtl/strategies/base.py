@@ -144,6 +144,10 @@ class Strategy(nn.Module, ABC):
     #: the paper re-evaluates the losses on the same batch after the optimizer step and feeds
     #: them to :meth:`update` (FAMO); trainers do so when this is set
     post_step_losses: ClassVar[bool] = False
+    #: strategies defined on the last shared layer (GradNorm's ``W``):
+    #: :func:`mtl.strategies.model_backward` then defaults ``shared_parameters`` to
+    #: ``model.last_shared_parameters()``
+    uses_last_shared_layer: ClassVar[bool] = False
 
     def __init__(
         self,

@@ -30,7 +30,8 @@ def cagrad_coefficients(gram: Tensor, alpha: float, rescale: int = 1) -> tuple[T
     cval = alpha * g0_norm
     w = cagrad_simplex(m, cval)
     gw_norm = psqrt((w @ m @ w).clamp_min(0.0))
-    lam = cval / (gw_norm + 1e-12)
+    # no absolute epsilon: ||g_w|| may be far below the largest gradient's norm (a tiny task)
+    lam = torch.where(gw_norm > 0, cval / torch.where(gw_norm > 0, gw_norm, torch.ones_like(gw_norm)), torch.zeros_like(gw_norm))
     coeff = b + lam * w
     if rescale == 1:
         coeff = coeff / (1.0 + alpha**2)

@@ -29,17 +29,21 @@ _EPS = 1e-8
 class DBMTL(Strategy):
     """DB-MTL.
 
+    Defaults are LibMTL's (``--DB_beta 0.9 --DB_beta_sigma 0``): the EMA factor stays ``0.9``.
+    (A positive ``beta_sigma`` makes it vanish, e.g. ``0.9 / t^0.5 < 0.1`` after 81 steps, so the
+    EMA degenerates to this batch's gradient.)
+
     Args:
         num_tasks: ``K``.
         beta: EMA constant (LibMTL ``DB_beta``, default 0.9).
-        beta_sigma: decay exponent of ``beta / t^sigma`` (LibMTL ``DB_beta_sigma``, default 0.5).
+        beta_sigma: decay exponent of ``beta / t^sigma`` (LibMTL ``DB_beta_sigma``, default 0).
     """
 
     loss_driven_state = True
 
     uses_gradients = True
 
-    def __init__(self, num_tasks: int, beta: float = 0.9, beta_sigma: float = 0.5, **kw) -> None:
+    def __init__(self, num_tasks: int, beta: float = 0.9, beta_sigma: float = 0.0, **kw) -> None:
         super().__init__(num_tasks, **kw)
         self.beta, self.beta_sigma = float(beta), float(beta_sigma)
         self.grad_buffer: Tensor | None = None

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import functools
-import inspect
 from collections.abc import Callable, Sequence
 
 from torch import Tensor, nn
@@ -44,7 +42,9 @@ def model_backward(
         labels: ``[B, K]`` labels.
         loss_fn: ``(logits [B, K], labels) -> [K]`` per-task losses.
         shared_parameters: parameters to take per-task gradients over; default
-            ``model.shared_parameters()`` (GradNorm: pass the last shared layer).
+            ``model.shared_parameters()``, or ``model.last_shared_parameters()`` for strategies
+            that work on the last shared layer (:attr:`Strategy.uses_last_shared_layer`:
+            GradNorm).
         direct: form the shared gradient from the per-task stack instead of backpropagating it
             again (the final backward is restricted to the other parameters, so a model whose
             backward skips unused weight gradients, like the fused MMoE, saves the shared
@@ -62,9 +62,10 @@ def model_backward(
     If the model has a method ``shared_task_gradients(losses, tasks) -> [len(tasks), P]``
     (gradients of ``losses[t]`` for ``t`` in ``tasks`` w.r.t. ``model.shared_parameters()`` for the
     last forward, flattened in parameter order, graph kept), it replaces the generic per-task
-    ``torch.autograd.grad`` calls when ``shared_parameters`` is not given; if it also takes
-    ``parameters=`` (a subset of ``model.shared_parameters()``, e.g. GradNorm's last shared
-    layer), it is used for such a ``shared_parameters`` as well.
+    ``torch.autograd.grad`` calls for ``model.shared_parameters()``; if the model declares the
+    option ``"parameters"`` in ``shared_task_gradient_options`` (:mod:`mtl.models.base`), also
+    for a subset of them (e.g. GradNorm's last shared layer), and ``"separable"`` lets it take
+    the cheaper path for separable losses.
 
     Returns:
         ``(losses [K] detached, combination)``.
@@ -88,19 +89,24 @@ def model_backward(
             "during the model's forward (a fused forward path bypasses it); pass a module the forward calls"
         )
     losses = loss_fn(logits, labels)
-    shared = list(shared_parameters) if shared_parameters is not None else model.shared_parameters()
+    if shared_parameters is None and strategy.uses_last_shared_layer:
+        shared_parameters = model.last_shared_parameters()
+    whole = shared_parameters is None  # all of model.shared_parameters()
+    shared = model.shared_parameters() if whole else list(shared_parameters)
     fast = getattr(model, "shared_task_gradients", None) if model_task_gradients else None
+    # the options the model declares (a model without the declaration takes (losses, tasks) only)
+    options = getattr(model, "shared_task_gradient_options", None) or frozenset()
     task_fn = None
     if fast is not None:
         if separable_losses is None:
             separable_losses = loss_fn is per_task_bce
-        extra = {"separable": True} if separable_losses and _takes(fast, "separable") else {}
-        if shared_parameters is None:
+        extra = {"separable": True} if separable_losses and "separable" in options else {}
+        if whole:
             task_fn = lambda ls, _params, tasks: fast(ls, tasks, **extra)  # noqa: E731
-        elif _takes(fast, "parameters") and {id(p) for p in shared} <= {id(p) for p in model.shared_parameters()}:
+        elif "parameters" in options and {id(p) for p in shared} <= {id(p) for p in model.shared_parameters()}:
             task_fn = lambda ls, params, tasks: fast(ls, tasks, parameters=params, **extra)  # noqa: E731
     if direct is None:
-        direct = task_fn is not None and shared_parameters is None
+        direct = task_fn is not None and whole
     non_shared = None
     if direct:
         ids = {id(p) for p in shared}
@@ -116,15 +122,3 @@ def model_backward(
     )
     return losses.detach(), comb
 
-
-def _takes(fn: Callable, argument: str) -> bool:
-    # called every step: inspect each function (not bound method) once
-    return _takes_cached(getattr(fn, "__func__", fn), argument)
-
-
-@functools.lru_cache(maxsize=256)
-def _takes_cached(fn: Callable, argument: str) -> bool:
-    try:
-        return argument in inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return False

@@ -1,7 +1,8 @@
 """GradNorm (Chen, Badrinarayanan, Lee & Rabinovich, ICML 2018).
 
 Loss weights ``w`` (sum ``K``). On the shared parameters ``W`` given (the paper: the last
-shared layer — pass only those as ``shared_parameters``), ``G_i = ||grad_W w_i L_i|| = w_i n_i``
+shared layer; :func:`mtl.strategies.model_backward` passes ``model.last_shared_parameters()``
+unless told otherwise), ``G_i = ||grad_W w_i L_i|| = w_i n_i``
 with ``n_i = sqrt(Gram_ii)``; ``Gbar = mean_i G_i``; inverse training rates
 ``r_i = Ltilde_i / mean(Ltilde)`` with ``Ltilde_i = L_i(t) / L_i(0)``; the target
 ``Gbar r_i^alpha`` is a constant. ``L_grad = sum_i |G_i - Gbar r_i^alpha|`` and
@@ -25,6 +26,10 @@ from mtl.strategies.base import Combination, Strategy, psqrt
 class GradNorm(Strategy):
     """GradNorm.
 
+    Differences from the paper (which updates ``w`` with the network's optimizer): plain
+    gradient descent with its own step ``lr`` (0.025, as LibMTL's weight learning rate), and the
+    clamp at ``min_weight`` before renormalising (not in the paper; keeps every weight positive).
+
     Args:
         num_tasks: ``K``.
         alpha: asymmetry (paper: 1.5 for NYUv2).
@@ -35,6 +40,7 @@ class GradNorm(Strategy):
     loss_driven_state = True
 
     uses_gradients = True
+    uses_last_shared_layer = True
 
     def __init__(self, num_tasks: int, alpha: float = 1.5, lr: float = 0.025, min_weight: float = 1e-3, **kw) -> None:
         super().__init__(num_tasks, **kw)
