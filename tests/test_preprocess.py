@@ -32,7 +32,8 @@ from pipeline.preprocess import (
 )
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "datasets"
-ADULT = Path("/work/shared/data/adult")
+# the shared data sit next to the repository: <repo>/../shared/data/adult
+ADULT = Path(__file__).resolve().parents[2] / "shared" / "data" / "adult"
 ACTIONS = ["read_comment", "like", "click_avatar", "forward", "favorite", "comment", "follow"]
 
 
