@@ -66,9 +66,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pcsv
 import pyarrow.parquet as pq
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pipeline.config import dump_config, load_config
+from pipeline.errors import ConfigError
 
 ACTIONS: tuple[str, ...] = (
     "read_comment", "comment", "like", "click_avatar", "forward", "follow", "favorite",
@@ -693,8 +694,8 @@ def build_config(scale: str | None = None, seed: int | None = None, config_path:
     data.update(fields)
     try:
         return GenerateConfig.model_validate(data)
-    except Exception as exc:  # pydantic ValidationError -> a clear message
-        raise ValueError(f"invalid generate config: {exc}") from exc
+    except ValidationError as exc:  # from scale/seed/fields: the file and --set were checked above
+        raise ConfigError(f"invalid generate config: {exc}") from None
 
 
 def generate(out_dir: str | Path, scale: str = "tiny", seed: int = 0, *, config: GenerateConfig | None = None,

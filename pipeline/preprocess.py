@@ -54,6 +54,7 @@ import pyarrow.parquet as pq
 from mtl.features import WEIGHT_SUFFIX, DenseFeature, FeatureSpec, ListFeature, SparseFeature, VectorFeature
 from pipeline.config import dump_config, load_config
 from pipeline.datasets import DatasetConfig, FileConfig, ListConfig, VectorConfig
+from pipeline.errors import DataError, OutputError
 from pipeline.ray_runtime import ensure_ray
 
 SPLITS = ("train", "valid", "test")
@@ -64,10 +65,6 @@ _ARROW_TYPES = {"int": pa.int64(), "float": pa.float64(), "str": pa.string()}
 _INT_RE = r"^[+-]?[0-9]+$"
 _INT_FLOAT_RE = r"^[+-]?[0-9]+\.0*$"  # "123.0": an integer written by a float writer
 _FLOAT_RE = r"^[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?$|^[+-]?(nan|NaN|inf|Inf|infinity|Infinity)$"
-
-
-class DataError(ValueError):
-    """Bad input data; the message names file, column and row."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -580,7 +577,8 @@ def remove_stale_tmp(out: Path) -> list[str]:
     return removed
 
 
-def preprocess(cfg: DatasetConfig, raw: str | Path, out: str | Path, ray_num_cpus: int | None = None) -> dict[str, Any]:
+def preprocess(cfg: DatasetConfig, raw: str | Path, out: str | Path, ray_num_cpus: int | None = None,
+               ray_address: str | None = None) -> dict[str, Any]:
     """Run the whole stage; returns the report (also written to ``out/report.json``)."""
     raw, out = Path(raw), Path(out).resolve()
     if not raw.is_dir():
@@ -593,7 +591,7 @@ def preprocess(cfg: DatasetConfig, raw: str | Path, out: str | Path, ray_num_cpu
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
-        report = _build(cfg, raw, tmp, ray_num_cpus)
+        report = _build(cfg, raw, tmp, ray_num_cpus, ray_address)
         if stale:
             report["stale_tmp_removed"] = stale
             (tmp / "report.json").write_text(json.dumps(report, indent=2, default=str))
@@ -611,7 +609,7 @@ def preprocess(cfg: DatasetConfig, raw: str | Path, out: str | Path, ray_num_cpu
     return report
 
 
-def _build(cfg: DatasetConfig, raw: Path, tmp: Path, ray_num_cpus: int | None) -> dict[str, Any]:
+def _build(cfg: DatasetConfig, raw: Path, tmp: Path, ray_num_cpus: int | None, ray_address: str | None) -> dict[str, Any]:
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
     report: dict[str, Any] = {"dataset": cfg.name, "raw": str(raw.resolve()), "attribution": cfg.attribution}
@@ -935,7 +933,9 @@ def _build(cfg: DatasetConfig, raw: Path, tmp: Path, ray_num_cpus: int | None) -
     t0 = time.perf_counter()
     import ray
 
-    ensure_ray(num_cpus=ray_num_cpus)
+    ensure_ray(num_cpus=ray_num_cpus, address=ray_address)
+    # which Ray ran the job: a local run must not have joined a head running on the machine
+    report["ray"] = {"gcs_address": ray.get_runtime_context().gcs_address}
     timings["ray_init"] = time.perf_counter() - t0
     meta = [c for c in ("_row", "_user", "_item", "_day") if c in row_cols]
     feature_cols = [f.name for f in spec_sparse]
@@ -1034,16 +1034,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output directory (replaced atomically)")
     parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="dataset config YAML (default: %(default)s)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override, repeatable")
-    parser.add_argument("--num-cpus", type=int, default=None, help="CPUs for a local Ray (default: all)")
+    parser.add_argument("--num-cpus", type=positive_int, default=None, help="CPUs for a local Ray (default: all)")
+    parser.add_argument("--address", default=None,
+                        help="join this Ray cluster (e.g. 'auto', '127.0.0.1:6379'); default: RAY_ADDRESS "
+                             "if set (as under 'ray job submit'), else a private local Ray, even when a "
+                             "head runs on this machine")
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (``--num-cpus 0`` would leave Ray with no CPU to run on)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def run(args: argparse.Namespace) -> int:
     cfg = load_config(DatasetConfig, args.config, args.set)
-    try:
-        report = preprocess(cfg, args.raw, args.out, ray_num_cpus=args.num_cpus)
-    except DataError as exc:
-        print(f"preprocess: error: {exc}", file=sys.stderr)
-        return 2
+    # errors (DataError, ConfigError, OutputError) are reported by pipeline.cli.main
+    report = preprocess(cfg, args.raw, args.out, ray_num_cpus=args.num_cpus, ray_address=args.address)
     summary = {k: report[k] for k in ("splits", "vocab_sizes", "dedup", "rows_outside_splits", "timings_s")}
     print(json.dumps(summary, indent=2))
     print(f"wrote {Path(args.out).resolve()}")
