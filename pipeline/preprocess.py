@@ -71,12 +71,35 @@ _FLOAT_RE = r"^[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?$|^[+-]?(nan|NaN
 # reading
 
 
-def _where(path: Path | str, column: str | None, row: int | None, csv_file: bool = True) -> str:
+def _line_of(path: Path, row: int) -> int | None:
+    """The file line (1-based) of data row ``row`` of a CSV, None if unknown.
+
+    The CSV reader skips empty lines, so after one the line is not ``row + 1``. Only called
+    to word an error message, so scanning the file is affordable."""
+    seen = -1  # data rows seen; -1 until the header
+    try:
+        with path.open("rb") as fh:
+            for line_no, line in enumerate(fh, start=1):
+                if line in (b"\n", b"\r\n"):
+                    continue
+                seen += 1
+                if seen == row:
+                    return line_no
+    except OSError:
+        return None
+    return None
+
+
+def _where(path: Path | str, column: str | None, row: int | None, csv_file: bool | None = None) -> str:
+    """``file: column 'c', row r (line l)``; ``line`` only for CSV files (default: by suffix)."""
+    path = Path(path)
     out = f"{path}"
     if column is not None:
         out += f": column {column!r}"
     if row is not None:
-        out += f", row {row}" + (f" (line {row + 1})" if csv_file else "")
+        out += f", row {row}"
+        line = _line_of(path, row) if (path.suffix != ".parquet" if csv_file is None else csv_file) else None
+        out += f" (line {line})" if line is not None else ""
     return out
 
 
@@ -113,7 +136,15 @@ def _convert_strings(arr: pa.ChunkedArray | pa.Array, kind: str, path: Path, col
         if bad.any():
             _raise_at(path, column, rows, bad, "not an integer", arr.to_pylist())
         arr = pc.replace_substring_regex(arr, r"\.0*$", "")
-        return pc.cast(arr, pa.int64())
+        arr = pc.replace_substring_regex(arr, r"^\+", "")  # "+5" is 5; Arrow's cast rejects the '+'
+        try:
+            return pc.cast(arr, pa.int64())
+        except pa.ArrowInvalid:
+            values = arr.to_pylist()  # an error path: a Python scan is fine
+            big = np.array([v is not None and not -(2**63) <= int(v) < 2**63 for v in values])
+            if not big.any():
+                raise
+            _raise_at(path, column, rows, big, "integer out of the int64 range", values)
     ok = pc.fill_null(pc.match_substring_regex(arr, _FLOAT_RE), False)
     bad = np.asarray(pc.and_(valid, pc.invert(ok)))
     if bad.any():
@@ -121,21 +152,65 @@ def _convert_strings(arr: pa.ChunkedArray | pa.Array, kind: str, path: Path, col
     return pc.cast(arr, pa.float64())
 
 
+def _to_utf8(arr: pa.ChunkedArray | pa.Array, path: Path, column: str) -> pa.Array:
+    """Bytes -> string, or a DataError naming the first row that is not valid UTF-8."""
+    arr = arr.combine_chunks() if isinstance(arr, pa.ChunkedArray) else arr
+    try:
+        return pc.cast(arr, pa.string())
+    except pa.ArrowInvalid:
+        values = arr.to_pylist()  # an error path: a Python scan is fine
+
+        def broken(v: bytes | None) -> bool:
+            try:
+                v is None or v.decode("utf-8")
+            except UnicodeDecodeError:
+                return True
+            return False
+
+        bad = np.array([broken(v) for v in values])
+        if not bad.any():
+            raise
+        _raise_at(path, column, np.arange(1, len(arr) + 1), bad, "not valid UTF-8", values)
+        raise  # unreachable: _raise_at raises
+
+
+def _check_unique_names(path: Path, names: list[str], where: str) -> None:
+    """A name twice in a header: a reader would silently take the first (a stray all-zero
+    label column once replaced a whole task's labels)."""
+    fields: dict[str, list[int]] = {}
+    for i, name in enumerate(names, start=1):
+        fields.setdefault(name, []).append(i)
+    for name, at in fields.items():
+        if len(at) > 1:
+            raise DataError(
+                f"{path}: column {name!r} appears {len(at)} times in the {where} (fields {', '.join(map(str, at))}); "
+                "rename or remove the extra one(s)"
+            )
+
+
 def _csv_header(path: Path) -> list[str]:
-    with path.open("r", newline="", encoding="utf-8-sig") as fh:
-        first = fh.readline()
-    if not first.strip():
+    with path.open("rb") as fh:
+        first = fh.readline()  # bytes: a bad byte further on must not fail the header
+    try:
+        text = first.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: line 1 (header): not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
+    if not text.strip():
         raise DataError(f"{path}: empty file (no header line)")
-    return next(csv.reader([first]))
+    header = next(csv.reader([text]))
+    _check_unique_names(path, header, "header")
+    return header
 
 
 def _locate_parse_error(path: Path, header: list[str], exc: Exception) -> DataError:
-    with path.open("r", newline="", encoding="utf-8-sig") as fh:
+    with path.open("r", newline="", encoding="utf-8-sig", errors="replace") as fh:
+        row = 0
         for line, fields in enumerate(csv.reader(fh), start=1):
-            if line > 1 and len(fields) != len(header):
-                return DataError(
-                    f"{path}: row {line - 1} (line {line}): {len(fields)} fields, header has {len(header)}"
-                )
+            if line == 1 or not fields:  # the header; empty lines, which the reader skips
+                continue
+            row += 1
+            if len(fields) != len(header):
+                return DataError(f"{path}: row {row} (line {line}): {len(fields)} fields, header has {len(header)}")
     return DataError(f"{path}: CSV parse error: {exc}")
 
 
@@ -148,52 +223,70 @@ def read_source(raw: Path, fc: FileConfig) -> pa.Table:
     """
     path = raw / fc.path
     if not path.is_file():
-        raise DataError(f"{path}: file not found (config file entry {fc.path!r})")
+        what = "not a regular file" if path.exists() else "file not found"
+        raise DataError(f"{path}: {what} (config file entry {fc.path!r})")
     if path.stat().st_size == 0:
         raise DataError(f"{path}: empty file")
+    try:
+        table = _read_parquet(path, fc) if path.suffix == ".parquet" else _read_csv(path, fc)
+    except OSError as exc:  # permissions, a truncated file, an I/O error
+        raise DataError(f"{path}: cannot read file: {exc.strerror or exc}") from None
+    return _check_values(path, fc, table)
+
+
+def _read_parquet(path: Path, fc: FileConfig) -> pa.Table:
     wanted = list(fc.columns)
-    if path.suffix == ".parquet":
-        schema = pq.read_schema(path)
-        missing = [c for c in wanted if c not in schema.names]
-        if missing:
-            raise DataError(f"{path}: missing column(s) {missing}; file has {schema.names}")
-        table = pq.read_table(path, columns=wanted)
-        cols = {}
-        for c, kind in fc.columns.items():
-            col = table[c]
-            if kind == "str" or not (pa.types.is_integer(col.type) or pa.types.is_floating(col.type)):
-                col = _convert_strings(pc.cast(col, pa.string()), kind, path, c)
-            cols[c] = col
-        table = pa.table(cols)
-    else:
-        header = _csv_header(path)
-        missing = [c for c in wanted if c not in header]
-        if missing:
-            raise DataError(f"{path}: missing column(s) {missing}; header has {header}")
-        opts = dict(
-            read_options=pacsv.ReadOptions(use_threads=True, block_size=1 << 24),
-            parse_options=pacsv.ParseOptions(newlines_in_values=False),
+    schema = pq.read_schema(path)
+    _check_unique_names(path, schema.names, "schema")
+    missing = [c for c in wanted if c not in schema.names]
+    if missing:
+        raise DataError(f"{path}: missing column(s) {missing}; file has {schema.names}")
+    table = pq.read_table(path, columns=wanted)
+    cols = {}
+    for c, kind in fc.columns.items():
+        col = table[c]
+        if kind == "str" or not (pa.types.is_integer(col.type) or pa.types.is_floating(col.type)):
+            text = _to_utf8(col, path, c) if pa.types.is_binary(col.type) or pa.types.is_large_binary(col.type) else pc.cast(col, pa.string())
+            col = _convert_strings(text, kind, path, c)
+        cols[c] = col
+    return pa.table(cols)
+
+
+def _read_csv(path: Path, fc: FileConfig) -> pa.Table:
+    wanted = list(fc.columns)
+    header = _csv_header(path)
+    missing = [c for c in wanted if c not in header]
+    if missing:
+        raise DataError(f"{path}: missing column(s) {missing}; header has {header}")
+    opts = dict(
+        read_options=pacsv.ReadOptions(use_threads=True, block_size=1 << 24),
+        parse_options=pacsv.ParseOptions(newlines_in_values=False),
+    )
+
+    def convert(types: dict[str, pa.DataType]) -> pacsv.ConvertOptions:
+        return pacsv.ConvertOptions(
+            include_columns=wanted,
+            column_types=types,
+            null_values=[""],
+            strings_can_be_null=True,
+            quoted_strings_can_be_null=True,
         )
 
-        def convert(types: dict[str, pa.DataType]) -> pacsv.ConvertOptions:
-            return pacsv.ConvertOptions(
-                include_columns=wanted,
-                column_types=types,
-                null_values=[""],
-                strings_can_be_null=True,
-                quoted_strings_can_be_null=True,
-            )
-
+    try:
+        table = pacsv.read_csv(path, convert_options=convert({c: _ARROW_TYPES[k] for c, k in fc.columns.items()}), **opts)
+    except pa.ArrowInvalid:
         try:
-            table = pacsv.read_csv(path, convert_options=convert({c: _ARROW_TYPES[k] for c, k in fc.columns.items()}), **opts)
-        except pa.ArrowInvalid:
-            try:
-                table = pacsv.read_csv(path, convert_options=convert({c: pa.string() for c in wanted}), **opts)
-            except pa.ArrowInvalid as exc:
-                raise _locate_parse_error(path, header, exc) from exc
-            cols = {c: _convert_strings(table[c], k, path, c) for c, k in fc.columns.items()}
-            table = pa.table(cols)
-    table = table.select(wanted)
+            # bytes, not strings: a value that is not UTF-8 is then named by column and row
+            table = pacsv.read_csv(path, convert_options=convert({c: pa.binary() for c in wanted}), **opts)
+        except pa.ArrowInvalid as exc:
+            raise _locate_parse_error(path, header, exc) from None
+        cols = {c: _convert_strings(_to_utf8(table[c], path, c), k, path, c) for c, k in fc.columns.items()}
+        table = pa.table(cols)
+    return table.select(wanted)
+
+
+def _check_values(path: Path, fc: FileConfig, table: pa.Table) -> pa.Table:
+    """Typed columns -> checked columns (no NaN/inf/empty where not allowed) plus ``_row``."""
     if table.num_rows == 0:
         raise DataError(f"{path}: no data rows")
     rows = np.arange(1, table.num_rows + 1, dtype=np.int64)

@@ -7,6 +7,8 @@ import json
 import os
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +33,8 @@ from pipeline.preprocess import (
     preprocess,
 )
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "datasets"
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "configs" / "datasets"
 # the shared data sit next to the repository: <repo>/../shared/data/adult
 ADULT = Path(__file__).resolve().parents[2] / "shared" / "data" / "adult"
 ACTIONS = ["read_comment", "like", "click_avatar", "forward", "favorite", "comment", "follow"]
@@ -563,3 +566,79 @@ def test_killed_runs_build_folders_are_removed_and_reported(tiny_raw: Path, tmp_
     assert report["stale_tmp_removed"] == [dead.name]
     assert json.loads((out / "report.json").read_text())["stale_tmp_removed"] == [dead.name]
     assert "removed 1 unfinished build folder" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------
+# reading: header, bytes, numbers, blank lines, permissions
+
+
+def read_bytes_as(tmp_path: Path, data: bytes, columns: dict[str, str], name: str = "t.csv") -> pa.Table:
+    from pipeline.datasets import FileConfig
+    from pipeline.preprocess import read_source
+
+    (tmp_path / name).write_bytes(data)
+    return read_source(tmp_path, FileConfig(path=name, columns=columns))
+
+
+def test_header_naming_a_column_twice(raw_copy: Path, tmp_path: Path) -> None:
+    from pipeline.preprocess import read_source
+
+    # the case: an all-zero `like` column before the real one silently became the labels
+    ua = raw_copy / "user_action.csv"
+    lines = ua.read_text().split("\n")
+    ua.write_text("\n".join(["like," + lines[0]] + ["0," + line if line else line for line in lines[1:]]))
+    with pytest.raises(DataError, match=r"user_action\.csv: column 'like' appears 2 times in the header \(fields 1, 8\)"):
+        read_source(raw_copy, wechat_cfg().main)
+    pq.write_table(pa.Table.from_arrays([pa.array([0, 0]), pa.array([1, 0])], names=["y", "y"]), tmp_path / "t.parquet")
+    from pipeline.datasets import FileConfig
+
+    with pytest.raises(DataError, match=r"t\.parquet: column 'y' appears 2 times in the schema"):
+        read_source(tmp_path, FileConfig(path="t.parquet", columns={"y": "int"}))
+
+
+def test_plus_sign_and_int64_range(tmp_path: Path) -> None:
+    t = read_bytes_as(tmp_path, b"a,b\n+5,1\n-6,+1\n", {"a": "int", "b": "int"})
+    assert t["a"].to_pylist() == [5, -6] and t["b"].to_pylist() == [1, 1]
+    for big in ("99999999999999999999", "-9223372036854775809"):
+        with pytest.raises(DataError, match=rf"t\.csv: column 'a', row 2 \(line 3\): integer out of the int64 range \(value '{big}'\)"):
+            read_bytes_as(tmp_path, f"a,b\n5,1\n{big},1\n".encode(), {"a": "int", "b": "int"})
+
+
+def test_bytes_that_are_not_utf8(tmp_path: Path) -> None:
+    data = b"a,b,c\n5,1,x\n6,1\xff,y\xfe\n"
+    # an unused column is never decoded, so its bytes do not matter
+    assert read_bytes_as(tmp_path, b"a,b,c\n5,1,x\n6,1,\xffy\n", {"a": "int", "b": "int"}).num_rows == 2
+    with pytest.raises(DataError, match=r"t\.csv: column 'c', row 2 \(line 3\): not valid UTF-8"):
+        read_bytes_as(tmp_path, data, {"a": "int", "c": "str"})
+    with pytest.raises(DataError, match=r"t\.csv: column 'b', row 2 \(line 3\): not valid UTF-8"):
+        read_bytes_as(tmp_path, data, {"a": "int", "b": "int"})
+    with pytest.raises(DataError, match=r"t\.csv: line 1 \(header\): not valid UTF-8"):
+        read_bytes_as(tmp_path, b"a,b,\xff\n5,1,x\n", {"a": "int"})
+    pq.write_table(pa.table({"s": pa.array([b"ok", b"\xff"], pa.binary())}), tmp_path / "t.parquet")
+    with pytest.raises(DataError, match=r"t\.parquet: column 's', row 2: not valid UTF-8"):
+        read_bytes_as(tmp_path, (tmp_path / "t.parquet").read_bytes(), {"s": "str"}, name="t.parquet")
+
+
+def test_blank_lines_keep_rows_and_lines_right(tmp_path: Path) -> None:
+    t = read_bytes_as(tmp_path, b"a,b\n5,1\n\n6,2\n", {"a": "int", "b": "int"})
+    assert t["a"].to_pylist() == [5, 6] and t["_row"].to_pylist() == [1, 2]
+    with pytest.raises(DataError, match=r"column 'b', row 2 \(line 4\): not an integer \(value 'x'\)"):
+        read_bytes_as(tmp_path, b"a,b\n5,1\n\n6,x\n", {"a": "int", "b": "int"})
+    # the ragged row is named, not the harmless blank line before it
+    with pytest.raises(DataError, match=r"t\.csv: row 2 \(line 4\): 3 fields, header has 2"):
+        read_bytes_as(tmp_path, b"a,b\n5,1\n\n6,1,3\n", {"a": "int", "b": "int"})
+
+
+def test_unreadable_file_is_one_message(raw_copy: Path, tmp_path: Path) -> None:
+    ua = raw_copy / "user_action.csv"
+    ua.chmod(0)
+    cmd = [sys.executable, "-m", "pipeline", "preprocess", "--raw", str(raw_copy), "--out", str(tmp_path / "out")]
+    if os.geteuid() == 0:  # root reads any file: run without the capabilities that let it
+        if shutil.which("setpriv") is None:
+            pytest.skip("running as root without setpriv: cannot make a file unreadable")
+        cmd = ["setpriv", "--bounding-set", "-dac_override,-dac_read_search", *cmd]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert f"{ua}: cannot read file: Permission denied" in done.stderr
+    assert "Traceback" not in done.stderr and not (tmp_path / "out").exists()
