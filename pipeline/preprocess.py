@@ -54,7 +54,7 @@ import pyarrow.parquet as pq
 from mtl.features import WEIGHT_SUFFIX, DenseFeature, FeatureSpec, ListFeature, SparseFeature, VectorFeature
 from pipeline.config import dump_config, load_config
 from pipeline.datasets import DatasetConfig, FileConfig, ListConfig, VectorConfig
-from pipeline.errors import DataError, OutputError
+from pipeline.errors import ConfigError, DataError, OutputError
 from pipeline.ray_runtime import ensure_ray
 
 SPLITS = ("train", "valid", "test")
@@ -702,6 +702,33 @@ def preprocess(cfg: DatasetConfig, raw: str | Path, out: str | Path, ray_num_cpu
     return report
 
 
+def _check_splits(cfg: DatasetConfig, main_path: Path, split: np.ndarray, labels: np.ndarray,
+                  is_labelled: np.ndarray) -> list[str]:
+    """A configured valid/test split with no rows, or a task with no positive in training, is
+    an error; a task with no positive in validation is a warning (printed, and returned for the
+    report): its validation AUC is undefined, yet small samples of rare actions have none."""
+    sp = cfg.split
+    wanted = {1: sp.valid_days if sp.kind == "day" else sp.valid_fraction,
+              2: sp.test_days if sp.kind == "day" else sp.test_fraction}
+    for code, rule in wanted.items():
+        if rule and not (split == code).any():
+            raise DataError(f"{main_path}: the {SPLITS[code]} split is empty: no row falls in it "
+                            f"(split {sp.model_dump(exclude_defaults=True)})")
+    warnings_: list[str] = []
+    for j, lab in enumerate(cfg.labels):
+        for code in (0, 1):
+            rows = (split == code) & is_labelled
+            if rows.any() and not (labels[rows, j] == 1).any():
+                msg = (f"{main_path}: column {lab.column!r}: label {lab.name!r} has no positive in the "
+                       f"{SPLITS[code]} split ({int(rows.sum())} rows)")
+                if code == 0:
+                    raise DataError(msg + "; the task has nothing to learn")
+                warnings_.append(msg + "; its validation metrics are undefined")
+    for msg in warnings_:
+        print(f"preprocess: warning: {msg}", file=sys.stderr)
+    return warnings_
+
+
 def _build(cfg: DatasetConfig, raw: Path, tmp: Path, ray_num_cpus: int | None, ray_address: str | None) -> dict[str, Any]:
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
@@ -714,10 +741,24 @@ def _build(cfg: DatasetConfig, raw: Path, tmp: Path, ray_num_cpus: int | None, r
     report["inputs"] = {cfg.main.path: main_t.num_rows}
     main_rows = _np(main_t["_row"])
     labels = np.zeros((main_t.num_rows, len(cfg.labels)), dtype=np.float32)
+    repairs: dict[str, int] = {}
     for j, lab in enumerate(cfg.labels):
         col = main_t[lab.column].combine_chunks()
         if lab.positive is not None:
-            labels[:, j] = np.asarray(pc.is_in(col, value_set=pa.array(lab.positive, type=col.type)), dtype=np.float32)
+            try:
+                pos = np.asarray(pc.is_in(col, value_set=pa.array(lab.positive, type=col.type)))
+                neg = np.asarray(pc.is_in(col, value_set=pa.array(lab.negative or [], type=col.type)))
+            except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError) as exc:
+                raise ConfigError(f"label {lab.name}: positive/negative values do not fit column {lab.column!r} "
+                                  f"of type {col.type}: {exc}") from None
+            other = ~(pos | neg)
+            if other.any():
+                if lab.unlisted == "error":
+                    _raise_at(main_path, lab.column, main_rows, other,
+                              f"label value is neither positive {lab.positive} nor negative {lab.negative}", _np(col))
+                repairs[f"{cfg.main.path}: {lab.column} values neither positive nor negative -> 0 "
+                        f"(label {lab.name}, unlisted: negative)"] = int(other.sum())
+            labels[:, j] = pos.astype(np.float32)
         else:
             v = _np(pc.cast(col, pa.float64()))
             bad = ~np.isin(v, [0.0, 1.0])
@@ -770,7 +811,6 @@ def _build(cfg: DatasetConfig, raw: Path, tmp: Path, ray_num_cpus: int | None, r
     t0 = time.perf_counter()
     sides: list[_Table] = []
     side_pos: list[np.ndarray] = []
-    repairs: dict[str, int] = {}
     for sc in cfg.side_tables:
         st = read_source(raw, sc)
         report["inputs"][sc.path] = st.num_rows
@@ -832,6 +872,7 @@ def _build(cfg: DatasetConfig, raw: Path, tmp: Path, ray_num_cpus: int | None, r
     train = split == 0
     if not train.any():
         raise DataError(f"{main_path}: no training rows under split {sp.model_dump()}")
+    report["warnings"] = _check_splits(cfg, main_path, split, labels, is_labelled)
     report["rows_outside_splits"] = int((split < 0).sum())
     for s_i, s in enumerate(sides):
         p = side_pos[s_i][train]

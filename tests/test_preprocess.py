@@ -46,13 +46,17 @@ def wechat_cfg(*overrides: str) -> DatasetConfig:
 
 @pytest.fixture(scope="session")
 def small_raw(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A very small generated raw dir (trailing spaces in embeddings, like some real dumps)."""
+    """A very small generated raw dir (trailing spaces in embeddings, like some real dumps).
+
+    Every action at a 10 % rate: at the real rates 600 rows hold no positive of some tasks,
+    which preprocess rejects (a task with nothing to learn)."""
+    from pipeline.generate import ACTIONS as ALL_ACTIONS
     from pipeline.generate import generate
 
     return Path(
         generate(
             tmp_path_factory.mktemp("raw_small") / "d", seed=3, n_users=20, n_feeds=80, n_actions=600,
-            n_test=40, embedding_trailing_space=True,
+            n_test=40, embedding_trailing_space=True, target_rates={a: 0.1 for a in ALL_ACTIONS},
         )
     )
 
@@ -642,3 +646,60 @@ def test_unreadable_file_is_one_message(raw_copy: Path, tmp_path: Path) -> None:
     assert done.returncode == 2, done.stderr
     assert f"{ua}: cannot read file: Permission denied" in done.stderr
     assert "Traceback" not in done.stderr and not (tmp_path / "out").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# labels, splits and config values that used to pass silently
+
+
+def test_positive_labels_need_their_negative_values(tmp_path: Path, ray_session) -> None:
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    rows = ["id,x,income"] + [f"{i},{i % 7},{'>50K' if i % 3 == 0 else '<=50K'}" for i in range(1, 81)]
+    rows[11] = "11,4,>50K."  # data row 11 (line 12): how UCI's test file writes a positive
+    (raw / "t.csv").write_text("\n".join(rows) + "\n")
+    base = {"name": "t", "main": {"path": "t.csv", "columns": {"id": "int", "x": "int", "income": "str"}},
+            "labels": [{"name": "income", "positive": [">50K"]}], "sparse": [{"name": "x"}],
+            "split": {"kind": "random", "valid_fraction": 0.25, "test_fraction": 0.0}}
+    with pytest.raises(ValueError, match="list the negative values too"):
+        DatasetConfig.model_validate(base)
+    base["labels"][0]["negative"] = ["<=50K"]
+    with pytest.raises(DataError, match=r"t\.csv: column 'income', row 11 \(line 12\): label value is neither "
+                                        r"positive \['>50K'\] nor negative \['<=50K'\] \(value '>50K\.'\); 1 such row"):
+        preprocess(DatasetConfig.model_validate(base), raw, tmp_path / "out")
+    base["labels"][0]["unlisted"] = "negative"  # the user asks for the repair: counted
+    report = preprocess(DatasetConfig.model_validate(base), raw, tmp_path / "out")
+    key = "t.csv: income values neither positive nor negative -> 0 (label income, unlisted: negative)"
+    assert report["repairs"] == {key: 1}
+    out = pd.concat([read_split(tmp_path / "out", s).to_pandas() for s in ("train", "valid")]).set_index("_row")
+    assert out.loc[11, "income"] == 0 and out.loc[12, "income"] == 1 and out.loc[13, "income"] == 0
+
+
+def test_a_task_without_positives(raw_copy: Path, tmp_path: Path, ray_session, capsys) -> None:
+    path = raw_copy / "user_action.csv"
+    acts = pd.read_csv(path)
+    acts.assign(like=np.where(acts.date_ <= 13, 0, acts.like)).to_csv(path, index=False)
+    expect_error(raw_copy, tmp_path, r"user_action\.csv: column 'like': label 'like' has no positive in the train "
+                                     r"split \(\d+ rows\); the task has nothing to learn")
+    acts.assign(like=np.where(acts.date_ == 14, 0, acts.like)).to_csv(path, index=False)
+    report = preprocess(wechat_cfg(), raw_copy, tmp_path / "out")  # valid without positives: a warning
+    msg = f"{path}: column 'like': label 'like' has no positive in the valid split"
+    assert [w for w in report["warnings"] if w.startswith(msg)]
+    assert f"preprocess: warning: {msg}" in capsys.readouterr().err
+
+
+def test_an_empty_validation_split_is_an_error(raw_copy: Path, tmp_path: Path) -> None:
+    expect_error(raw_copy, tmp_path, r"user_action\.csv: the valid split is empty", wechat_cfg("split.valid_days=[20, 21]"))
+
+
+@pytest.mark.parametrize("windows", ["[-1]", "[0]", "[]", "[3, 3]"])
+def test_history_windows_are_validated(windows: str) -> None:
+    from pipeline.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=rf"--set history\.windows={re.escape(windows)}: history\.windows"):
+        wechat_cfg(f"history.windows={windows}")
+
+
+def test_rows_per_block_must_be_positive() -> None:
+    with pytest.raises(ValueError, match=r"--set rows_per_block=0: rows_per_block: Input should be greater than or equal to 1"):
+        wechat_cfg("rows_per_block=0")
