@@ -21,8 +21,13 @@ What a :class:`pipeline.datasets.DatasetConfig` describes is done in this order:
 8. Ray Data: per block, join the encoded side tables, look up history windows and write
    Parquet (``train/``, ``valid/``, ``test/``);
 9. ``feature_spec.json`` (:class:`mtl.features.FeatureSpec`), ``report.json``, fitted
-   vocabularies/PCA under ``artifacts/``, ``_SUCCESS`` last; built in a temporary directory
-   next to ``--out`` and renamed into place, so partial output never looks complete.
+   vocabularies/PCA under ``artifacts/``, ``_PREPROCESSED.json`` (this tool's mark) and
+   ``_SUCCESS``; built in a temporary directory next to ``--out`` and swapped in under a lock
+   (:mod:`pipeline.publish`), so partial output never looks complete, a second run into the
+   same ``--out`` fails at once, and only a folder this tool wrote is ever replaced.
+
+A raw folder holding the generator's ``_GENERATED.json`` must match it (size and SHA-256 of
+each file read): a folder mixing two generated datasets is an error.
 
 Global statistics (vocabularies, PCA, per-day aggregates) are small and computed with
 vectorised Arrow/NumPy in the driver; the row-parallel work (joins, history lookups,
@@ -34,12 +39,8 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import os
-import shutil
 import sys
 import time
-import uuid
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,11 +55,13 @@ import pyarrow.parquet as pq
 from mtl.features import WEIGHT_SUFFIX, DenseFeature, FeatureSpec, ListFeature, SparseFeature, VectorFeature
 from pipeline.config import dump_config, load_config
 from pipeline.datasets import DatasetConfig, FileConfig, ListConfig, VectorConfig
-from pipeline.errors import ConfigError, DataError, OutputError
+from pipeline.errors import ConfigError, DataError
+from pipeline.publish import check_digests, publishing
 from pipeline.ray_runtime import ensure_ray
 
 SPLITS = ("train", "valid", "test")
 SUCCESS = "_SUCCESS"
+GENERATED_MANIFEST = "_GENERATED.json"  # pipeline.generate.MANIFEST (not imported: a heavy module)
 MASK_PREFIX = "_mask__"
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "datasets" / "wechat.yaml"
 _ARROW_TYPES = {"int": pa.int64(), "float": pa.float64(), "str": pa.string()}
@@ -645,60 +648,49 @@ def _fail_missing_key(key: str, side_path: Path, missing: np.ndarray, values: np
     )
 
 
-def _pid_alive(pid: int) -> bool:
+MARKER = "_PREPROCESSED.json"  # this tool's mark on its output: only such a folder is replaced
+
+
+def _is_preprocess_output(folder: Path) -> bool:
+    """Written by this tool: its marker, or (outputs from before the marker) the spec, the
+    report and ``_SUCCESS`` together; another tool's ``_SUCCESS`` alone does not count."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+        return json.loads((folder / MARKER).read_text()).get("tool") == "pipeline.preprocess"
+    except (OSError, ValueError, AttributeError):
+        return all((folder / name).is_file() for name in ("feature_spec.json", "report.json", SUCCESS))
 
 
-def remove_stale_tmp(out: Path) -> list[str]:
-    """Delete ``.<out>.tmp-<pid>-*`` build folders left by killed runs (their pid is gone);
-    returns their names (reported on stderr and in ``report.json``)."""
-    removed: list[str] = []
-    for d in sorted(out.parent.glob(f".{out.name}.tmp-*")):
-        pid_part = d.name.rsplit(".tmp-", 1)[1].split("-", 1)[0]
-        if not pid_part.isdigit() or int(pid_part) == os.getpid() or _pid_alive(int(pid_part)):
-            continue
-        shutil.rmtree(d, ignore_errors=True)
-        removed.append(d.name)
-    if removed:
-        print(f"preprocess: removed {len(removed)} unfinished build folder(s) of killed runs: {removed}", file=sys.stderr)
-    return removed
+def check_generated_manifest(raw: Path, cfg: DatasetConfig) -> None:
+    """If ``raw`` holds the generator's manifest, the files this config reads must match it
+    (size and SHA-256): a folder mixing two generated datasets is an error, not data."""
+    path = raw / GENERATED_MANIFEST
+    if not path.is_file():
+        return
+    try:
+        recorded = json.loads(path.read_text()).get("files")
+    except (OSError, ValueError, AttributeError) as exc:
+        raise DataError(f"{path}: unreadable manifest ({exc}); delete it to use the files as they are") from None
+    if isinstance(recorded, dict):  # manifests from before digests list bare names: nothing to check
+        fcs = [cfg.main, *cfg.side_tables, *cfg.extra_rows]
+        check_digests(raw, GENERATED_MANIFEST, recorded, [fc.path for fc in fcs])
 
 
 def preprocess(cfg: DatasetConfig, raw: str | Path, out: str | Path, ray_num_cpus: int | None = None,
                ray_address: str | None = None) -> dict[str, Any]:
-    """Run the whole stage; returns the report (also written to ``out/report.json``)."""
-    raw, out = Path(raw), Path(out).resolve()
+    """Run the whole stage; returns the report (also written to ``out/report.json``).
+
+    ``out`` is replaced as a whole, and only if this tool wrote it (see :mod:`pipeline.publish`)."""
+    raw = Path(raw)
     if not raw.is_dir():
         raise DataError(f"{raw}: raw data directory not found")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if out.exists() and any(out.iterdir()) and not (out / "feature_spec.json").exists() and not (out / SUCCESS).exists():
-        raise DataError(f"{out}: exists and is not a preprocess output; refusing to replace it")
-    stale = remove_stale_tmp(out)
-    # the pid in the name lets a later run tell a dead run's leftovers from a live run's work
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
+    with publishing(out, "preprocess", _is_preprocess_output, MARKER) as (tmp, stale):
+        check_generated_manifest(raw, cfg)
         report = _build(cfg, raw, tmp, ray_num_cpus, ray_address)
         if stale:
             report["stale_tmp_removed"] = stale
             (tmp / "report.json").write_text(json.dumps(report, indent=2, default=str))
+        (tmp / MARKER).write_text(json.dumps({"tool": "pipeline.preprocess", "dataset": cfg.name}) + "\n")
         (tmp / SUCCESS).write_text("")
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return report
 
 

@@ -22,6 +22,7 @@ from mtl.inputs import InputModule
 from pipeline.config import load_config
 from pipeline.data import load_spec, read_split
 from pipeline.datasets import DatasetConfig
+from pipeline.errors import OutputError
 from pipeline.preprocess import (
     DEFAULT_CONFIG,
     SUCCESS,
@@ -64,7 +65,8 @@ def small_raw(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture()
 def raw_copy(small_raw: Path, tmp_path: Path) -> Path:
     dst = tmp_path / "raw"
-    shutil.copytree(small_raw, dst, ignore=shutil.ignore_patterns("oracle"))
+    # without the manifest: these tests edit the files, which preprocess would reject as not the generated ones
+    shutil.copytree(small_raw, dst, ignore=shutil.ignore_patterns("oracle", "_GENERATED.json"))
     return dst
 
 
@@ -463,7 +465,7 @@ def test_failed_run_keeps_previous_output_and_cli_reports(raw_copy: Path, tmp_pa
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "keep.txt").write_text("user data")
-    with pytest.raises(DataError, match="not a preprocess output"):
+    with pytest.raises(OutputError, match="was not written by pipeline preprocess"):
         preprocess(wechat_cfg(), raw_copy, foreign)
     assert (foreign / "keep.txt").exists()
 
@@ -703,3 +705,62 @@ def test_history_windows_are_validated(windows: str) -> None:
 def test_rows_per_block_must_be_positive() -> None:
     with pytest.raises(ValueError, match=r"--set rows_per_block=0: rows_per_block: Input should be greater than or equal to 1"):
         wechat_cfg("rows_per_block=0")
+
+
+# --------------------------------------------------------------------------------------------
+# replacing --out, the lock, the generator's manifest
+
+
+def test_out_is_replaced_only_when_this_tool_wrote_it(raw_copy: Path, tmp_path: Path, capsys) -> None:
+    from pipeline.cli import main
+
+    spark = tmp_path / "spark"  # another tool's output: its _SUCCESS is not ours
+    spark.mkdir()
+    (spark / SUCCESS).write_text("")
+    (spark / "part-00000.parquet").write_text("someone else's data")
+    with pytest.raises(OutputError, match="was not written by pipeline preprocess"):
+        preprocess(wechat_cfg(), raw_copy, spark)
+    assert sorted(p.name for p in spark.iterdir()) == [SUCCESS, "part-00000.parquet"]
+    (tmp_path / "file").write_text("x")
+    assert main(["preprocess", "--raw", str(raw_copy), "--out", str(tmp_path / "file")]) == 2
+    assert f"{tmp_path / 'file'}: exists and is not a folder" in capsys.readouterr().err
+
+
+def test_a_second_run_into_the_same_out_fails_at_once(raw_copy: Path, tmp_path: Path) -> None:
+    import fcntl
+
+    with open(tmp_path / ".out.lock", "w") as held:  # what a run in progress holds
+        fcntl.flock(held, fcntl.LOCK_EX)
+        held.write("4242\n")
+        held.flush()
+        with pytest.raises(OutputError, match=r"out: another run \(pid 4242\) is writing this folder"):
+            preprocess(wechat_cfg(), raw_copy, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_swap_cut_short_gives_the_old_output_back(raw_copy: Path, tmp_path: Path) -> None:
+    old = tmp_path / ".out.old-999999999-0badc0de"  # killed between its two renames: out is missing
+    old.mkdir()
+    for name in ("feature_spec.json", "report.json", SUCCESS):  # an output of this tool
+        (old / name).write_text("{}")
+    (old / "stale.txt").write_text("the previous output")
+    set_field(raw_copy / "user_action.csv", 3, "date_", "x")
+    with pytest.raises(DataError, match="not an integer"):
+        preprocess(wechat_cfg(), raw_copy, tmp_path / "out")
+    assert (tmp_path / "out" / "stale.txt").read_text() == "the previous output" and not old.exists()
+
+
+def test_a_folder_mixing_two_generated_datasets_is_rejected(small_raw: Path, tmp_path: Path) -> None:
+    from pipeline.generate import generate
+
+    raw = tmp_path / "raw"
+    shutil.copytree(small_raw, raw)
+    # the same world (seed, sizes) with other labels: every other check passes such a mix
+    other = generate(tmp_path / "other", seed=3, n_users=20, n_feeds=80, n_actions=600, n_test=40,
+                     embedding_trailing_space=True, target_rates={a: 0.1 for a in ACTIONS}, task_relatedness=0.9)
+    shutil.copy(other / "user_action.csv", raw / "user_action.csv")  # what a killed file-by-file publish left
+    expect_error(raw, tmp_path, rf"{raw / 'user_action.csv'}: (bytes|sha256) .* differs from .* in .*_GENERATED\.json")
+    from pipeline.preprocess import check_generated_manifest
+
+    shutil.copy(small_raw / "user_action.csv", raw / "user_action.csv")
+    check_generated_manifest(raw, wechat_cfg())  # the files as generated pass
