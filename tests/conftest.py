@@ -26,6 +26,7 @@ def ray_session():
     started = False
     if not ray.is_initialized():
         ray.init(
+            address="local",  # never join a head someone runs on this machine (it rejects num_cpus)
             num_cpus=2,
             include_dashboard=False,
             log_to_driver=False,
