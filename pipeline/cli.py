@@ -11,6 +11,8 @@ import argparse
 import importlib
 import sys
 
+from pipeline.errors import UserError
+
 # stage name -> (module, one-line help)
 STAGES: dict[str, tuple[str, str]] = {
     "generate": ("pipeline.generate", "write WeChat-format synthetic logs with a known oracle"),
@@ -22,9 +24,13 @@ STAGES: dict[str, tuple[str, str]] = {
 
 def build_parser(stage: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__.splitlines()[0])
+    debug_help = "on an error in the input, config or output, show the traceback too"
+    parser.add_argument("--debug", action="store_true", help=debug_help)
     sub = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
     for name, (module_name, help_text) in STAGES.items():
         stage_parser = sub.add_parser(name, help=help_text, description=help_text)
+        # also accepted after the stage name; SUPPRESS keeps a --debug given before it
+        stage_parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=debug_help)
         if name == stage:  # import only the chosen stage
             importlib.import_module(module_name).add_arguments(stage_parser)
     return parser
@@ -37,4 +43,12 @@ def main(argv: list[str] | None = None) -> int:
         stage = None
     args = build_parser(stage).parse_args(argv)
     module = importlib.import_module(STAGES[args.stage][0])
-    return int(module.run(args) or 0)
+    try:
+        return int(module.run(args) or 0)
+    except UserError as exc:
+        # bad data, config or output: one readable message; anything else is a bug and keeps
+        # its traceback
+        if args.debug:
+            raise
+        print(f"python -m pipeline {args.stage}: error: {exc}", file=sys.stderr)
+        return 2

@@ -21,9 +21,9 @@ Example:
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 ColumnType = Literal["int", "float", "str"]
 
@@ -78,17 +78,38 @@ class ExtraRowsConfig(FileConfig):
 
 
 class LabelConfig(_Strict):
-    """A task label. With ``positive`` the label is ``column in positive``; without it the
-    column must hold only 0 and 1 (anything else is an error naming file, column and row)."""
+    """A task label.
+
+    Without ``positive`` the column must hold only 0 and 1. With ``positive`` the label is 1
+    for those values and 0 for the ``negative`` values; any other value (UCI's test file writes
+    ``>50K.``) is an error naming file, column and row, unless ``unlisted: negative`` asks to
+    take every other value as 0, counted under ``repairs`` in ``report.json``.
+    """
 
     name: str
     column: str | None = None
     positive: list[Any] | None = None
+    negative: list[Any] | None = None
+    unlisted: Literal["error", "negative"] = "error"
 
     @model_validator(mode="after")
     def _default_column(self) -> "LabelConfig":
         if self.column is None:
             self.column = self.name
+        if self.positive is None:
+            if self.negative is not None or self.unlisted != "error":
+                raise ValueError(f"label {self.name}: negative/unlisted need positive values")
+            return self
+        if not self.positive:
+            raise ValueError(f"label {self.name}: positive is empty")
+        if self.negative is None and self.unlisted == "error":
+            raise ValueError(
+                f"label {self.name}: with positive, list the negative values too (negative: [...]), "
+                "or set unlisted: negative to take every other value as 0 (counted in the report)"
+            )
+        both = [v for v in self.positive if v in (self.negative or [])]
+        if both:
+            raise ValueError(f"label {self.name}: values {both} are both positive and negative")
         return self
 
 
@@ -179,9 +200,18 @@ class HistoryConfig(_Strict):
     """
 
     keys: list[list[str]]
-    windows: list[int] = Field(default_factory=lambda: [1, 3, 7])
+    # a window w covers days d-w..d-1: w <= 0 would reach into the row's own day (a label leak)
+    # or beyond (NaN/-inf features), so every window is a whole number of days >= 1
+    windows: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [1, 3, 7], min_length=1)
     stats: list[Literal["count", "rate"]] = Field(default_factory=lambda: ["count", "rate"])
     actions: list[str] | None = None  # label names; default: all labels
+
+    @field_validator("windows")
+    @classmethod
+    def _distinct(cls, windows: list[int]) -> list[int]:
+        if len(set(windows)) != len(windows):
+            raise ValueError(f"windows {windows} repeat a window (its feature columns would clash)")
+        return windows
 
 
 class DedupConfig(_Strict):
@@ -257,7 +287,7 @@ class DatasetConfig(_Strict):
     dedup: DedupConfig | None = None
     split: SplitConfig
     negative_sampling: NegativeSamplingConfig | None = None
-    rows_per_block: int = 200_000
+    rows_per_block: int = Field(200_000, ge=1)
 
     @model_validator(mode="after")
     def _check_roles(self) -> "DatasetConfig":

@@ -16,8 +16,12 @@ and, kept apart so no training file ever carries it, the oracle:
   feedid, date_, device, ``p_<action>`` (true probability of each of the 7 actions),
 - ``oracle/oracle_test_a.parquet``: ``row`` (0-based data row of test_a.csv), userid, feedid,
   date_ (=15), device, ``p_<action>``, the sampled labels ``<action>``, play and stay,
-- ``_GENERATED.json`` (written last): seed, scale, resolved config, row counts, rates,
-  per-day intercepts.
+- ``_GENERATED.json``: seed, scale, resolved config, row counts, rates, per-day intercepts,
+  and each file's size and SHA-256 (``preprocess`` checks the files it reads against them).
+
+The folder is built next to ``--out`` and swapped in whole (:mod:`pipeline.publish`): a killed
+run never leaves a mix of two datasets; an existing ``--out`` is replaced only if it holds this
+generator's manifest.
 
 The planted model, for action k on an impression (user u, feed f, device d, day t):
 
@@ -53,8 +57,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
 import sys
 import time
 import zlib
@@ -66,9 +68,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pcsv
 import pyarrow.parquet as pq
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pipeline.config import dump_config, load_config
+from pipeline.errors import ConfigError
+from pipeline.publish import file_digests, publishing
 
 ACTIONS: tuple[str, ...] = (
     "read_comment", "comment", "like", "click_avatar", "forward", "follow", "favorite",
@@ -693,8 +697,8 @@ def build_config(scale: str | None = None, seed: int | None = None, config_path:
     data.update(fields)
     try:
         return GenerateConfig.model_validate(data)
-    except Exception as exc:  # pydantic ValidationError -> a clear message
-        raise ValueError(f"invalid generate config: {exc}") from exc
+    except ValidationError as exc:  # from scale/seed/fields: the file and --set were checked above
+        raise ConfigError(f"invalid generate config: {exc}") from None
 
 
 def generate(out_dir: str | Path, scale: str = "tiny", seed: int = 0, *, config: GenerateConfig | None = None,
@@ -702,7 +706,8 @@ def generate(out_dir: str | Path, scale: str = "tiny", seed: int = 0, *, config:
     """Write a WeChat-format dataset with its oracle into ``out_dir`` and return the path.
 
     Args:
-        out_dir: destination directory (created; existing generated files are replaced).
+        out_dir: destination directory, replaced as a whole if this generator wrote it (any
+            other non-empty folder is refused with an OutputError).
         scale: ``tiny``, ``small`` or ``full`` (ignored when ``config`` is given).
         seed: random seed; the same seed and config give byte-identical files.
         config: a full GenerateConfig (takes precedence over scale/seed/overrides).
@@ -715,6 +720,15 @@ def generate(out_dir: str | Path, scale: str = "tiny", seed: int = 0, *, config:
     return _run(config, Path(out_dir), verbose)[0]
 
 
+def _is_generate_output(folder: Path) -> bool:
+    """Written by this generator (its manifest says so): only such a folder is replaced."""
+    try:
+        return json.loads((folder / MANIFEST).read_text()).get("generator") == "pipeline.generate"
+    except (OSError, ValueError, AttributeError):
+        # a first run of an older version, killed, left only its build folder inside
+        return all(p.name.startswith(".tmp-generate-") and p.is_dir() for p in folder.iterdir())
+
+
 def _run(cfg: GenerateConfig, out: Path, verbose: bool) -> tuple[Path, dict[str, float]]:
     """Generate into ``out`` atomically; returns (out, seconds per step)."""
     t0 = time.perf_counter()
@@ -725,12 +739,9 @@ def _run(cfg: GenerateConfig, out: Path, verbose: bool) -> tuple[Path, dict[str,
         if verbose:
             print(f"[generate] {name}: {timings[name]:.2f}s", file=sys.stderr, flush=True)
 
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / f".tmp-generate-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    (tmp / ORACLE_DIR).mkdir(parents=True)
-    try:
+    out = out.resolve()
+    with publishing(out, "generate", _is_generate_output, MANIFEST) as (tmp, _stale):
+        (tmp / ORACLE_DIR).mkdir()
         world = _World(cfg)
         tick("world")
         train = _train_impressions(world)
@@ -790,21 +801,13 @@ def _run(cfg: GenerateConfig, out: Path, verbose: bool) -> tuple[Path, dict[str,
             "rates_test": {a: float(y_te[:, j].mean()) for j, a in enumerate(ACTIONS)},
             "target_rates": cfg.target_rates,
             "intercepts_by_day": intercepts,
-            "files": ["user_action.csv", "feed_info.csv", "feed_embeddings.csv", "test_a.csv",
-                      f"{ORACLE_DIR}/oracle_train.parquet", f"{ORACLE_DIR}/oracle_test_a.parquet"],
+            # size and SHA-256 per file: preprocess checks the files it reads against them
+            "files": file_digests(tmp, ["user_action.csv", "feed_info.csv", "feed_embeddings.csv", "test_a.csv",
+                                        f"{ORACLE_DIR}/oracle_train.parquet", f"{ORACLE_DIR}/oracle_test_a.parquet"]),
         }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
         tick("manifest")
-        # publish: drop any old manifest first, move files into place, write the manifest last
-        (out / MANIFEST).unlink(missing_ok=True)
-        (out / ORACLE_DIR).mkdir(exist_ok=True)
-        for rel in manifest["files"]:
-            os.replace(tmp / rel, out / rel)
-        mtmp = tmp / MANIFEST
-        mtmp.write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
-        os.replace(mtmp, out / MANIFEST)
-        tick("publish")
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    tick("publish")  # the whole folder swapped in at once: never a mix of two datasets
     if verbose:
         print(f"[generate] total: {time.perf_counter() - t0:.2f}s -> {out}", file=sys.stderr, flush=True)
     return out, timings

@@ -21,8 +21,13 @@ What a :class:`pipeline.datasets.DatasetConfig` describes is done in this order:
 8. Ray Data: per block, join the encoded side tables, look up history windows and write
    Parquet (``train/``, ``valid/``, ``test/``);
 9. ``feature_spec.json`` (:class:`mtl.features.FeatureSpec`), ``report.json``, fitted
-   vocabularies/PCA under ``artifacts/``, ``_SUCCESS`` last; built in a temporary directory
-   next to ``--out`` and renamed into place, so partial output never looks complete.
+   vocabularies/PCA under ``artifacts/``, ``_PREPROCESSED.json`` (this tool's mark) and
+   ``_SUCCESS``; built in a temporary directory next to ``--out`` and swapped in under a lock
+   (:mod:`pipeline.publish`), so partial output never looks complete, a second run into the
+   same ``--out`` fails at once, and only a folder this tool wrote is ever replaced.
+
+A raw folder holding the generator's ``_GENERATED.json`` must match it (size and SHA-256 of
+each file read): a folder mixing two generated datasets is an error.
 
 Global statistics (vocabularies, PCA, per-day aggregates) are small and computed with
 vectorised Arrow/NumPy in the driver; the row-parallel work (joins, history lookups,
@@ -34,12 +39,8 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import os
-import shutil
 import sys
 import time
-import uuid
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,10 +55,13 @@ import pyarrow.parquet as pq
 from mtl.features import WEIGHT_SUFFIX, DenseFeature, FeatureSpec, ListFeature, SparseFeature, VectorFeature
 from pipeline.config import dump_config, load_config
 from pipeline.datasets import DatasetConfig, FileConfig, ListConfig, VectorConfig
+from pipeline.errors import ConfigError, DataError
+from pipeline.publish import check_digests, publishing
 from pipeline.ray_runtime import ensure_ray
 
 SPLITS = ("train", "valid", "test")
 SUCCESS = "_SUCCESS"
+GENERATED_MANIFEST = "_GENERATED.json"  # pipeline.generate.MANIFEST (not imported: a heavy module)
 MASK_PREFIX = "_mask__"
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "datasets" / "wechat.yaml"
 _ARROW_TYPES = {"int": pa.int64(), "float": pa.float64(), "str": pa.string()}
@@ -66,20 +70,39 @@ _INT_FLOAT_RE = r"^[+-]?[0-9]+\.0*$"  # "123.0": an integer written by a float w
 _FLOAT_RE = r"^[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?$|^[+-]?(nan|NaN|inf|Inf|infinity|Infinity)$"
 
 
-class DataError(ValueError):
-    """Bad input data; the message names file, column and row."""
-
-
 # --------------------------------------------------------------------------------------------
 # reading
 
 
-def _where(path: Path | str, column: str | None, row: int | None, csv_file: bool = True) -> str:
+def _line_of(path: Path, row: int) -> int | None:
+    """The file line (1-based) of data row ``row`` of a CSV, None if unknown.
+
+    The CSV reader skips empty lines, so after one the line is not ``row + 1``. Only called
+    to word an error message, so scanning the file is affordable."""
+    seen = -1  # data rows seen; -1 until the header
+    try:
+        with path.open("rb") as fh:
+            for line_no, line in enumerate(fh, start=1):
+                if line in (b"\n", b"\r\n"):
+                    continue
+                seen += 1
+                if seen == row:
+                    return line_no
+    except OSError:
+        return None
+    return None
+
+
+def _where(path: Path | str, column: str | None, row: int | None, csv_file: bool | None = None) -> str:
+    """``file: column 'c', row r (line l)``; ``line`` only for CSV files (default: by suffix)."""
+    path = Path(path)
     out = f"{path}"
     if column is not None:
         out += f": column {column!r}"
     if row is not None:
-        out += f", row {row}" + (f" (line {row + 1})" if csv_file else "")
+        out += f", row {row}"
+        line = _line_of(path, row) if (path.suffix != ".parquet" if csv_file is None else csv_file) else None
+        out += f" (line {line})" if line is not None else ""
     return out
 
 
@@ -116,7 +139,15 @@ def _convert_strings(arr: pa.ChunkedArray | pa.Array, kind: str, path: Path, col
         if bad.any():
             _raise_at(path, column, rows, bad, "not an integer", arr.to_pylist())
         arr = pc.replace_substring_regex(arr, r"\.0*$", "")
-        return pc.cast(arr, pa.int64())
+        arr = pc.replace_substring_regex(arr, r"^\+", "")  # "+5" is 5; Arrow's cast rejects the '+'
+        try:
+            return pc.cast(arr, pa.int64())
+        except pa.ArrowInvalid:
+            values = arr.to_pylist()  # an error path: a Python scan is fine
+            big = np.array([v is not None and not -(2**63) <= int(v) < 2**63 for v in values])
+            if not big.any():
+                raise
+            _raise_at(path, column, rows, big, "integer out of the int64 range", values)
     ok = pc.fill_null(pc.match_substring_regex(arr, _FLOAT_RE), False)
     bad = np.asarray(pc.and_(valid, pc.invert(ok)))
     if bad.any():
@@ -124,21 +155,65 @@ def _convert_strings(arr: pa.ChunkedArray | pa.Array, kind: str, path: Path, col
     return pc.cast(arr, pa.float64())
 
 
+def _to_utf8(arr: pa.ChunkedArray | pa.Array, path: Path, column: str) -> pa.Array:
+    """Bytes -> string, or a DataError naming the first row that is not valid UTF-8."""
+    arr = arr.combine_chunks() if isinstance(arr, pa.ChunkedArray) else arr
+    try:
+        return pc.cast(arr, pa.string())
+    except pa.ArrowInvalid:
+        values = arr.to_pylist()  # an error path: a Python scan is fine
+
+        def broken(v: bytes | None) -> bool:
+            try:
+                v is None or v.decode("utf-8")
+            except UnicodeDecodeError:
+                return True
+            return False
+
+        bad = np.array([broken(v) for v in values])
+        if not bad.any():
+            raise
+        _raise_at(path, column, np.arange(1, len(arr) + 1), bad, "not valid UTF-8", values)
+        raise  # unreachable: _raise_at raises
+
+
+def _check_unique_names(path: Path, names: list[str], where: str) -> None:
+    """A name twice in a header: a reader would silently take the first (a stray all-zero
+    label column once replaced a whole task's labels)."""
+    fields: dict[str, list[int]] = {}
+    for i, name in enumerate(names, start=1):
+        fields.setdefault(name, []).append(i)
+    for name, at in fields.items():
+        if len(at) > 1:
+            raise DataError(
+                f"{path}: column {name!r} appears {len(at)} times in the {where} (fields {', '.join(map(str, at))}); "
+                "rename or remove the extra one(s)"
+            )
+
+
 def _csv_header(path: Path) -> list[str]:
-    with path.open("r", newline="", encoding="utf-8-sig") as fh:
-        first = fh.readline()
-    if not first.strip():
+    with path.open("rb") as fh:
+        first = fh.readline()  # bytes: a bad byte further on must not fail the header
+    try:
+        text = first.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: line 1 (header): not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
+    if not text.strip():
         raise DataError(f"{path}: empty file (no header line)")
-    return next(csv.reader([first]))
+    header = next(csv.reader([text]))
+    _check_unique_names(path, header, "header")
+    return header
 
 
 def _locate_parse_error(path: Path, header: list[str], exc: Exception) -> DataError:
-    with path.open("r", newline="", encoding="utf-8-sig") as fh:
+    with path.open("r", newline="", encoding="utf-8-sig", errors="replace") as fh:
+        row = 0
         for line, fields in enumerate(csv.reader(fh), start=1):
-            if line > 1 and len(fields) != len(header):
-                return DataError(
-                    f"{path}: row {line - 1} (line {line}): {len(fields)} fields, header has {len(header)}"
-                )
+            if line == 1 or not fields:  # the header; empty lines, which the reader skips
+                continue
+            row += 1
+            if len(fields) != len(header):
+                return DataError(f"{path}: row {row} (line {line}): {len(fields)} fields, header has {len(header)}")
     return DataError(f"{path}: CSV parse error: {exc}")
 
 
@@ -151,52 +226,70 @@ def read_source(raw: Path, fc: FileConfig) -> pa.Table:
     """
     path = raw / fc.path
     if not path.is_file():
-        raise DataError(f"{path}: file not found (config file entry {fc.path!r})")
+        what = "not a regular file" if path.exists() else "file not found"
+        raise DataError(f"{path}: {what} (config file entry {fc.path!r})")
     if path.stat().st_size == 0:
         raise DataError(f"{path}: empty file")
+    try:
+        table = _read_parquet(path, fc) if path.suffix == ".parquet" else _read_csv(path, fc)
+    except OSError as exc:  # permissions, a truncated file, an I/O error
+        raise DataError(f"{path}: cannot read file: {exc.strerror or exc}") from None
+    return _check_values(path, fc, table)
+
+
+def _read_parquet(path: Path, fc: FileConfig) -> pa.Table:
     wanted = list(fc.columns)
-    if path.suffix == ".parquet":
-        schema = pq.read_schema(path)
-        missing = [c for c in wanted if c not in schema.names]
-        if missing:
-            raise DataError(f"{path}: missing column(s) {missing}; file has {schema.names}")
-        table = pq.read_table(path, columns=wanted)
-        cols = {}
-        for c, kind in fc.columns.items():
-            col = table[c]
-            if kind == "str" or not (pa.types.is_integer(col.type) or pa.types.is_floating(col.type)):
-                col = _convert_strings(pc.cast(col, pa.string()), kind, path, c)
-            cols[c] = col
-        table = pa.table(cols)
-    else:
-        header = _csv_header(path)
-        missing = [c for c in wanted if c not in header]
-        if missing:
-            raise DataError(f"{path}: missing column(s) {missing}; header has {header}")
-        opts = dict(
-            read_options=pacsv.ReadOptions(use_threads=True, block_size=1 << 24),
-            parse_options=pacsv.ParseOptions(newlines_in_values=False),
+    schema = pq.read_schema(path)
+    _check_unique_names(path, schema.names, "schema")
+    missing = [c for c in wanted if c not in schema.names]
+    if missing:
+        raise DataError(f"{path}: missing column(s) {missing}; file has {schema.names}")
+    table = pq.read_table(path, columns=wanted)
+    cols = {}
+    for c, kind in fc.columns.items():
+        col = table[c]
+        if kind == "str" or not (pa.types.is_integer(col.type) or pa.types.is_floating(col.type)):
+            text = _to_utf8(col, path, c) if pa.types.is_binary(col.type) or pa.types.is_large_binary(col.type) else pc.cast(col, pa.string())
+            col = _convert_strings(text, kind, path, c)
+        cols[c] = col
+    return pa.table(cols)
+
+
+def _read_csv(path: Path, fc: FileConfig) -> pa.Table:
+    wanted = list(fc.columns)
+    header = _csv_header(path)
+    missing = [c for c in wanted if c not in header]
+    if missing:
+        raise DataError(f"{path}: missing column(s) {missing}; header has {header}")
+    opts = dict(
+        read_options=pacsv.ReadOptions(use_threads=True, block_size=1 << 24),
+        parse_options=pacsv.ParseOptions(newlines_in_values=False),
+    )
+
+    def convert(types: dict[str, pa.DataType]) -> pacsv.ConvertOptions:
+        return pacsv.ConvertOptions(
+            include_columns=wanted,
+            column_types=types,
+            null_values=[""],
+            strings_can_be_null=True,
+            quoted_strings_can_be_null=True,
         )
 
-        def convert(types: dict[str, pa.DataType]) -> pacsv.ConvertOptions:
-            return pacsv.ConvertOptions(
-                include_columns=wanted,
-                column_types=types,
-                null_values=[""],
-                strings_can_be_null=True,
-                quoted_strings_can_be_null=True,
-            )
-
+    try:
+        table = pacsv.read_csv(path, convert_options=convert({c: _ARROW_TYPES[k] for c, k in fc.columns.items()}), **opts)
+    except pa.ArrowInvalid:
         try:
-            table = pacsv.read_csv(path, convert_options=convert({c: _ARROW_TYPES[k] for c, k in fc.columns.items()}), **opts)
-        except pa.ArrowInvalid:
-            try:
-                table = pacsv.read_csv(path, convert_options=convert({c: pa.string() for c in wanted}), **opts)
-            except pa.ArrowInvalid as exc:
-                raise _locate_parse_error(path, header, exc) from exc
-            cols = {c: _convert_strings(table[c], k, path, c) for c, k in fc.columns.items()}
-            table = pa.table(cols)
-    table = table.select(wanted)
+            # bytes, not strings: a value that is not UTF-8 is then named by column and row
+            table = pacsv.read_csv(path, convert_options=convert({c: pa.binary() for c in wanted}), **opts)
+        except pa.ArrowInvalid as exc:
+            raise _locate_parse_error(path, header, exc) from None
+        cols = {c: _convert_strings(_to_utf8(table[c], path, c), k, path, c) for c, k in fc.columns.items()}
+        table = pa.table(cols)
+    return table.select(wanted)
+
+
+def _check_values(path: Path, fc: FileConfig, table: pa.Table) -> pa.Table:
+    """Typed columns -> checked columns (no NaN/inf/empty where not allowed) plus ``_row``."""
     if table.num_rows == 0:
         raise DataError(f"{path}: no data rows")
     rows = np.arange(1, table.num_rows + 1, dtype=np.int64)
@@ -555,63 +648,80 @@ def _fail_missing_key(key: str, side_path: Path, missing: np.ndarray, values: np
     )
 
 
-def _pid_alive(pid: int) -> bool:
+MARKER = "_PREPROCESSED.json"  # this tool's mark on its output: only such a folder is replaced
+
+
+def _is_preprocess_output(folder: Path) -> bool:
+    """Written by this tool: its marker, or (outputs from before the marker) the spec, the
+    report and ``_SUCCESS`` together; another tool's ``_SUCCESS`` alone does not count."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+        return json.loads((folder / MARKER).read_text()).get("tool") == "pipeline.preprocess"
+    except (OSError, ValueError, AttributeError):
+        return all((folder / name).is_file() for name in ("feature_spec.json", "report.json", SUCCESS))
 
 
-def remove_stale_tmp(out: Path) -> list[str]:
-    """Delete ``.<out>.tmp-<pid>-*`` build folders left by killed runs (their pid is gone);
-    returns their names (reported on stderr and in ``report.json``)."""
-    removed: list[str] = []
-    for d in sorted(out.parent.glob(f".{out.name}.tmp-*")):
-        pid_part = d.name.rsplit(".tmp-", 1)[1].split("-", 1)[0]
-        if not pid_part.isdigit() or int(pid_part) == os.getpid() or _pid_alive(int(pid_part)):
-            continue
-        shutil.rmtree(d, ignore_errors=True)
-        removed.append(d.name)
-    if removed:
-        print(f"preprocess: removed {len(removed)} unfinished build folder(s) of killed runs: {removed}", file=sys.stderr)
-    return removed
+def check_generated_manifest(raw: Path, cfg: DatasetConfig) -> None:
+    """If ``raw`` holds the generator's manifest, the files this config reads must match it
+    (size and SHA-256): a folder mixing two generated datasets is an error, not data."""
+    path = raw / GENERATED_MANIFEST
+    if not path.is_file():
+        return
+    try:
+        recorded = json.loads(path.read_text()).get("files")
+    except (OSError, ValueError, AttributeError) as exc:
+        raise DataError(f"{path}: unreadable manifest ({exc}); delete it to use the files as they are") from None
+    if isinstance(recorded, dict):  # manifests from before digests list bare names: nothing to check
+        fcs = [cfg.main, *cfg.side_tables, *cfg.extra_rows]
+        check_digests(raw, GENERATED_MANIFEST, recorded, [fc.path for fc in fcs])
 
 
-def preprocess(cfg: DatasetConfig, raw: str | Path, out: str | Path, ray_num_cpus: int | None = None) -> dict[str, Any]:
-    """Run the whole stage; returns the report (also written to ``out/report.json``)."""
-    raw, out = Path(raw), Path(out).resolve()
+def preprocess(cfg: DatasetConfig, raw: str | Path, out: str | Path, ray_num_cpus: int | None = None,
+               ray_address: str | None = None) -> dict[str, Any]:
+    """Run the whole stage; returns the report (also written to ``out/report.json``).
+
+    ``out`` is replaced as a whole, and only if this tool wrote it (see :mod:`pipeline.publish`)."""
+    raw = Path(raw)
     if not raw.is_dir():
         raise DataError(f"{raw}: raw data directory not found")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if out.exists() and any(out.iterdir()) and not (out / "feature_spec.json").exists() and not (out / SUCCESS).exists():
-        raise DataError(f"{out}: exists and is not a preprocess output; refusing to replace it")
-    stale = remove_stale_tmp(out)
-    # the pid in the name lets a later run tell a dead run's leftovers from a live run's work
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        report = _build(cfg, raw, tmp, ray_num_cpus)
+    with publishing(out, "preprocess", _is_preprocess_output, MARKER) as (tmp, stale):
+        check_generated_manifest(raw, cfg)
+        report = _build(cfg, raw, tmp, ray_num_cpus, ray_address)
         if stale:
             report["stale_tmp_removed"] = stale
             (tmp / "report.json").write_text(json.dumps(report, indent=2, default=str))
+        (tmp / MARKER).write_text(json.dumps({"tool": "pipeline.preprocess", "dataset": cfg.name}) + "\n")
         (tmp / SUCCESS).write_text("")
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return report
 
 
-def _build(cfg: DatasetConfig, raw: Path, tmp: Path, ray_num_cpus: int | None) -> dict[str, Any]:
+def _check_splits(cfg: DatasetConfig, main_path: Path, split: np.ndarray, labels: np.ndarray,
+                  is_labelled: np.ndarray) -> list[str]:
+    """A configured valid/test split with no rows, or a task with no positive in training, is
+    an error; a task with no positive in validation is a warning (printed, and returned for the
+    report): its validation AUC is undefined, yet small samples of rare actions have none."""
+    sp = cfg.split
+    wanted = {1: sp.valid_days if sp.kind == "day" else sp.valid_fraction,
+              2: sp.test_days if sp.kind == "day" else sp.test_fraction}
+    for code, rule in wanted.items():
+        if rule and not (split == code).any():
+            raise DataError(f"{main_path}: the {SPLITS[code]} split is empty: no row falls in it "
+                            f"(split {sp.model_dump(exclude_defaults=True)})")
+    warnings_: list[str] = []
+    for j, lab in enumerate(cfg.labels):
+        for code in (0, 1):
+            rows = (split == code) & is_labelled
+            if rows.any() and not (labels[rows, j] == 1).any():
+                msg = (f"{main_path}: column {lab.column!r}: label {lab.name!r} has no positive in the "
+                       f"{SPLITS[code]} split ({int(rows.sum())} rows)")
+                if code == 0:
+                    raise DataError(msg + "; the task has nothing to learn")
+                warnings_.append(msg + "; its validation metrics are undefined")
+    for msg in warnings_:
+        print(f"preprocess: warning: {msg}", file=sys.stderr)
+    return warnings_
+
+
+def _build(cfg: DatasetConfig, raw: Path, tmp: Path, ray_num_cpus: int | None, ray_address: str | None) -> dict[str, Any]:
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
     report: dict[str, Any] = {"dataset": cfg.name, "raw": str(raw.resolve()), "attribution": cfg.attribution}
@@ -623,10 +733,24 @@ def _build(cfg: DatasetConfig, raw: Path, tmp: Path, ray_num_cpus: int | None) -
     report["inputs"] = {cfg.main.path: main_t.num_rows}
     main_rows = _np(main_t["_row"])
     labels = np.zeros((main_t.num_rows, len(cfg.labels)), dtype=np.float32)
+    repairs: dict[str, int] = {}
     for j, lab in enumerate(cfg.labels):
         col = main_t[lab.column].combine_chunks()
         if lab.positive is not None:
-            labels[:, j] = np.asarray(pc.is_in(col, value_set=pa.array(lab.positive, type=col.type)), dtype=np.float32)
+            try:
+                pos = np.asarray(pc.is_in(col, value_set=pa.array(lab.positive, type=col.type)))
+                neg = np.asarray(pc.is_in(col, value_set=pa.array(lab.negative or [], type=col.type)))
+            except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError) as exc:
+                raise ConfigError(f"label {lab.name}: positive/negative values do not fit column {lab.column!r} "
+                                  f"of type {col.type}: {exc}") from None
+            other = ~(pos | neg)
+            if other.any():
+                if lab.unlisted == "error":
+                    _raise_at(main_path, lab.column, main_rows, other,
+                              f"label value is neither positive {lab.positive} nor negative {lab.negative}", _np(col))
+                repairs[f"{cfg.main.path}: {lab.column} values neither positive nor negative -> 0 "
+                        f"(label {lab.name}, unlisted: negative)"] = int(other.sum())
+            labels[:, j] = pos.astype(np.float32)
         else:
             v = _np(pc.cast(col, pa.float64()))
             bad = ~np.isin(v, [0.0, 1.0])
@@ -679,7 +803,6 @@ def _build(cfg: DatasetConfig, raw: Path, tmp: Path, ray_num_cpus: int | None) -
     t0 = time.perf_counter()
     sides: list[_Table] = []
     side_pos: list[np.ndarray] = []
-    repairs: dict[str, int] = {}
     for sc in cfg.side_tables:
         st = read_source(raw, sc)
         report["inputs"][sc.path] = st.num_rows
@@ -741,6 +864,7 @@ def _build(cfg: DatasetConfig, raw: Path, tmp: Path, ray_num_cpus: int | None) -
     train = split == 0
     if not train.any():
         raise DataError(f"{main_path}: no training rows under split {sp.model_dump()}")
+    report["warnings"] = _check_splits(cfg, main_path, split, labels, is_labelled)
     report["rows_outside_splits"] = int((split < 0).sum())
     for s_i, s in enumerate(sides):
         p = side_pos[s_i][train]
@@ -935,7 +1059,9 @@ def _build(cfg: DatasetConfig, raw: Path, tmp: Path, ray_num_cpus: int | None) -
     t0 = time.perf_counter()
     import ray
 
-    ensure_ray(num_cpus=ray_num_cpus)
+    ensure_ray(num_cpus=ray_num_cpus, address=ray_address)
+    # which Ray ran the job: a local run must not have joined a head running on the machine
+    report["ray"] = {"gcs_address": ray.get_runtime_context().gcs_address}
     timings["ray_init"] = time.perf_counter() - t0
     meta = [c for c in ("_row", "_user", "_item", "_day") if c in row_cols]
     feature_cols = [f.name for f in spec_sparse]
@@ -1034,16 +1160,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output directory (replaced atomically)")
     parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="dataset config YAML (default: %(default)s)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override, repeatable")
-    parser.add_argument("--num-cpus", type=int, default=None, help="CPUs for a local Ray (default: all)")
+    parser.add_argument("--num-cpus", type=positive_int, default=None, help="CPUs for a local Ray (default: all)")
+    parser.add_argument("--address", default=None,
+                        help="join this Ray cluster (e.g. 'auto', '127.0.0.1:6379'); default: RAY_ADDRESS "
+                             "if set (as under 'ray job submit'), else a private local Ray, even when a "
+                             "head runs on this machine")
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (``--num-cpus 0`` would leave Ray with no CPU to run on)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def run(args: argparse.Namespace) -> int:
     cfg = load_config(DatasetConfig, args.config, args.set)
-    try:
-        report = preprocess(cfg, args.raw, args.out, ray_num_cpus=args.num_cpus)
-    except DataError as exc:
-        print(f"preprocess: error: {exc}", file=sys.stderr)
-        return 2
+    # errors (DataError, ConfigError, OutputError) are reported by pipeline.cli.main
+    report = preprocess(cfg, args.raw, args.out, ray_num_cpus=args.num_cpus, ray_address=args.address)
     summary = {k: report[k] for k in ("splits", "vocab_sizes", "dedup", "rows_outside_splits", "timings_s")}
     print(json.dumps(summary, indent=2))
     print(f"wrote {Path(args.out).resolve()}")

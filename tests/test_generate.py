@@ -4,7 +4,10 @@ properties (rates, oracle, history signal, task relatedness), determinism and at
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
+import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -283,8 +286,7 @@ def test_atomic_write_leaves_nothing_complete(tmp_path: Path, monkeypatch: pytes
     out = tmp_path / "d"
     with pytest.raises(RuntimeError, match="interrupted"):
         gen.generate(out, scale="tiny", seed=0)
-    assert not any(p.name != "oracle" for p in out.iterdir()), list(out.iterdir())
-    assert not (out / gen.MANIFEST).exists()
+    assert not out.exists() and list(tmp_path.iterdir()) == [], list(tmp_path.iterdir())
 
 
 def test_manifest(tiny: Path, frames: dict[str, pd.DataFrame]) -> None:
@@ -295,6 +297,11 @@ def test_manifest(tiny: Path, frames: dict[str, pd.DataFrame]) -> None:
         assert m["rates_train"][a] == pytest.approx(frames["user_action"][a].mean())
         assert len(m["intercepts_by_day"][a]) == 15
     assert m["duplicate_rows"] == int(frames["user_action"].duplicated(["userid", "feedid"]).sum())
+    # every file's size and SHA-256, so a reader can tell this dataset's files from another's
+    assert set(m["files"]) == set(FILES[:-1])
+    for rel, info in m["files"].items():
+        data = (tiny / rel).read_bytes()
+        assert info == {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}, rel
 
 
 def test_yaml_defaults_match_model() -> None:
@@ -332,3 +339,63 @@ def test_toy_sizes_with_empty_days(tmp_path: Path) -> None:
     empty_days = set(range(1, 15)) - set(ua["date_"])
     assert all(m["intercepts_by_day"]["like"][d - 1] is None for d in empty_days)
     assert len(pd.read_csv(out / "test_a.csv")) == 10
+
+
+# ----------------------------------------------------------------------------- publishing --out
+
+TOY = {"n_users": 2, "n_feeds": 20, "n_actions": 10, "n_test": 10}
+
+
+def test_a_failed_publish_keeps_the_previous_dataset_whole(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    out = gen.generate(tmp_path / "d", seed=0, **TOY)
+    before = {rel: (out / rel).read_bytes() for rel in FILES}
+    moves = {"n": 0}
+
+    def second_move_fails(real):
+        def move(*args, **kwargs):
+            moves["n"] += 1
+            if moves["n"] == 2:  # the process dies between two moves of the publish
+                raise OSError("killed while publishing")
+            return real(*args, **kwargs)
+        return move
+
+    monkeypatch.setattr(os, "replace", second_move_fails(os.replace))
+    monkeypatch.setattr(Path, "rename", second_move_fails(Path.rename))
+    with pytest.raises(OSError, match="killed while publishing"):
+        gen.generate(out, seed=1, **TOY)
+    monkeypatch.undo()
+    assert {rel: (out / rel).read_bytes() for rel in FILES} == before  # all of the old dataset, no mix
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]
+
+
+def test_out_must_be_this_generators_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    toy = [f"--set={k}={v}" for k, v in TOY.items()]
+    spark = tmp_path / "spark"
+    spark.mkdir()
+    (spark / "_SUCCESS").write_text("")
+    (spark / "part-00000.parquet").write_text("someone else's data")
+    assert cli.main(["generate", "--out", str(spark), "--quiet", *toy]) == 2
+    assert "was not written by pipeline generate" in capsys.readouterr().err
+    assert sorted(p.name for p in spark.iterdir()) == ["_SUCCESS", "part-00000.parquet"]
+    (tmp_path / "file").write_text("x")
+    assert cli.main(["generate", "--out", str(tmp_path / "file"), "--quiet", *toy]) == 2
+    assert "exists and is not a folder" in capsys.readouterr().err
+
+
+def test_killed_runs_leftovers_are_removed_and_reported(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = gen.generate(tmp_path / "d", seed=0, **TOY)
+    dead = 999_999_999  # no such pid
+    legacy = out / f".tmp-generate-{dead}"  # where older versions built, inside --out
+    leftovers = [tmp_path / f".d.tmp-{dead}-0badc0de", tmp_path / f".d.old-{dead}-0badc0de", legacy]
+    live = tmp_path / f".d.tmp-{os.getppid()}-cafef00d"  # a live process's work: kept
+    for d in [*leftovers, live]:
+        d.mkdir()
+        (d / "user_action.csv").write_text("partial")
+    capsys.readouterr()
+    gen.generate(out, seed=0, **TOY)
+    assert not any(d.exists() for d in leftovers) and live.exists()
+    assert "generate: removed 2 unfinished build folder(s) of killed runs" in capsys.readouterr().err
+    # a first run of an older version, killed, left only its build folder: replaced, not refused
+    shutil.rmtree(out)
+    legacy.mkdir(parents=True)
+    assert (gen.generate(out, seed=0, **TOY) / gen.MANIFEST).exists() and not legacy.exists()

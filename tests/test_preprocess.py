@@ -7,6 +7,8 @@ import json
 import os
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +22,7 @@ from mtl.inputs import InputModule
 from pipeline.config import load_config
 from pipeline.data import load_spec, read_split
 from pipeline.datasets import DatasetConfig
+from pipeline.errors import OutputError
 from pipeline.preprocess import (
     DEFAULT_CONFIG,
     SUCCESS,
@@ -31,8 +34,10 @@ from pipeline.preprocess import (
     preprocess,
 )
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "datasets"
-ADULT = Path("/work/shared/data/adult")
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "configs" / "datasets"
+# the shared data sit next to the repository: <repo>/../shared/data/adult
+ADULT = Path(__file__).resolve().parents[2] / "shared" / "data" / "adult"
 ACTIONS = ["read_comment", "like", "click_avatar", "forward", "favorite", "comment", "follow"]
 
 
@@ -42,13 +47,17 @@ def wechat_cfg(*overrides: str) -> DatasetConfig:
 
 @pytest.fixture(scope="session")
 def small_raw(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A very small generated raw dir (trailing spaces in embeddings, like some real dumps)."""
+    """A very small generated raw dir (trailing spaces in embeddings, like some real dumps).
+
+    Every action at a 10 % rate: at the real rates 600 rows hold no positive of some tasks,
+    which preprocess rejects (a task with nothing to learn)."""
+    from pipeline.generate import ACTIONS as ALL_ACTIONS
     from pipeline.generate import generate
 
     return Path(
         generate(
             tmp_path_factory.mktemp("raw_small") / "d", seed=3, n_users=20, n_feeds=80, n_actions=600,
-            n_test=40, embedding_trailing_space=True,
+            n_test=40, embedding_trailing_space=True, target_rates={a: 0.1 for a in ALL_ACTIONS},
         )
     )
 
@@ -56,7 +65,8 @@ def small_raw(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture()
 def raw_copy(small_raw: Path, tmp_path: Path) -> Path:
     dst = tmp_path / "raw"
-    shutil.copytree(small_raw, dst, ignore=shutil.ignore_patterns("oracle"))
+    # without the manifest: these tests edit the files, which preprocess would reject as not the generated ones
+    shutil.copytree(small_raw, dst, ignore=shutil.ignore_patterns("oracle", "_GENERATED.json"))
     return dst
 
 
@@ -455,7 +465,7 @@ def test_failed_run_keeps_previous_output_and_cli_reports(raw_copy: Path, tmp_pa
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "keep.txt").write_text("user data")
-    with pytest.raises(DataError, match="not a preprocess output"):
+    with pytest.raises(OutputError, match="was not written by pipeline preprocess"):
         preprocess(wechat_cfg(), raw_copy, foreign)
     assert (foreign / "keep.txt").exists()
 
@@ -562,3 +572,195 @@ def test_killed_runs_build_folders_are_removed_and_reported(tiny_raw: Path, tmp_
     assert report["stale_tmp_removed"] == [dead.name]
     assert json.loads((out / "report.json").read_text())["stale_tmp_removed"] == [dead.name]
     assert "removed 1 unfinished build folder" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------
+# reading: header, bytes, numbers, blank lines, permissions
+
+
+def read_bytes_as(tmp_path: Path, data: bytes, columns: dict[str, str], name: str = "t.csv") -> pa.Table:
+    from pipeline.datasets import FileConfig
+    from pipeline.preprocess import read_source
+
+    (tmp_path / name).write_bytes(data)
+    return read_source(tmp_path, FileConfig(path=name, columns=columns))
+
+
+def test_header_naming_a_column_twice(raw_copy: Path, tmp_path: Path) -> None:
+    from pipeline.preprocess import read_source
+
+    # the issue's case: an all-zero `like` column before the real one silently became the labels
+    ua = raw_copy / "user_action.csv"
+    lines = ua.read_text().split("\n")
+    ua.write_text("\n".join(["like," + lines[0]] + ["0," + line if line else line for line in lines[1:]]))
+    with pytest.raises(DataError, match=r"user_action\.csv: column 'like' appears 2 times in the header \(fields 1, 8\)"):
+        read_source(raw_copy, wechat_cfg().main)
+    pq.write_table(pa.Table.from_arrays([pa.array([0, 0]), pa.array([1, 0])], names=["y", "y"]), tmp_path / "t.parquet")
+    from pipeline.datasets import FileConfig
+
+    with pytest.raises(DataError, match=r"t\.parquet: column 'y' appears 2 times in the schema"):
+        read_source(tmp_path, FileConfig(path="t.parquet", columns={"y": "int"}))
+
+
+def test_plus_sign_and_int64_range(tmp_path: Path) -> None:
+    t = read_bytes_as(tmp_path, b"a,b\n+5,1\n-6,+1\n", {"a": "int", "b": "int"})
+    assert t["a"].to_pylist() == [5, -6] and t["b"].to_pylist() == [1, 1]
+    for big in ("99999999999999999999", "-9223372036854775809"):
+        with pytest.raises(DataError, match=rf"t\.csv: column 'a', row 2 \(line 3\): integer out of the int64 range \(value '{big}'\)"):
+            read_bytes_as(tmp_path, f"a,b\n5,1\n{big},1\n".encode(), {"a": "int", "b": "int"})
+
+
+def test_bytes_that_are_not_utf8(tmp_path: Path) -> None:
+    data = b"a,b,c\n5,1,x\n6,1\xff,y\xfe\n"
+    # an unused column is never decoded, so its bytes do not matter
+    assert read_bytes_as(tmp_path, b"a,b,c\n5,1,x\n6,1,\xffy\n", {"a": "int", "b": "int"}).num_rows == 2
+    with pytest.raises(DataError, match=r"t\.csv: column 'c', row 2 \(line 3\): not valid UTF-8"):
+        read_bytes_as(tmp_path, data, {"a": "int", "c": "str"})
+    with pytest.raises(DataError, match=r"t\.csv: column 'b', row 2 \(line 3\): not valid UTF-8"):
+        read_bytes_as(tmp_path, data, {"a": "int", "b": "int"})
+    with pytest.raises(DataError, match=r"t\.csv: line 1 \(header\): not valid UTF-8"):
+        read_bytes_as(tmp_path, b"a,b,\xff\n5,1,x\n", {"a": "int"})
+    pq.write_table(pa.table({"s": pa.array([b"ok", b"\xff"], pa.binary())}), tmp_path / "t.parquet")
+    with pytest.raises(DataError, match=r"t\.parquet: column 's', row 2: not valid UTF-8"):
+        read_bytes_as(tmp_path, (tmp_path / "t.parquet").read_bytes(), {"s": "str"}, name="t.parquet")
+
+
+def test_blank_lines_keep_rows_and_lines_right(tmp_path: Path) -> None:
+    t = read_bytes_as(tmp_path, b"a,b\n5,1\n\n6,2\n", {"a": "int", "b": "int"})
+    assert t["a"].to_pylist() == [5, 6] and t["_row"].to_pylist() == [1, 2]
+    with pytest.raises(DataError, match=r"column 'b', row 2 \(line 4\): not an integer \(value 'x'\)"):
+        read_bytes_as(tmp_path, b"a,b\n5,1\n\n6,x\n", {"a": "int", "b": "int"})
+    # the ragged row is named, not the harmless blank line before it
+    with pytest.raises(DataError, match=r"t\.csv: row 2 \(line 4\): 3 fields, header has 2"):
+        read_bytes_as(tmp_path, b"a,b\n5,1\n\n6,1,3\n", {"a": "int", "b": "int"})
+
+
+def test_unreadable_file_is_one_message(raw_copy: Path, tmp_path: Path) -> None:
+    ua = raw_copy / "user_action.csv"
+    ua.chmod(0)
+    cmd = [sys.executable, "-m", "pipeline", "preprocess", "--raw", str(raw_copy), "--out", str(tmp_path / "out")]
+    if os.geteuid() == 0:  # root reads any file: run without the capabilities that let it
+        if shutil.which("setpriv") is None:
+            pytest.skip("running as root without setpriv: cannot make a file unreadable")
+        cmd = ["setpriv", "--bounding-set", "-dac_override,-dac_read_search", *cmd]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert f"{ua}: cannot read file: Permission denied" in done.stderr
+    assert "Traceback" not in done.stderr and not (tmp_path / "out").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# labels, splits and config values that used to pass silently
+
+
+def test_positive_labels_need_their_negative_values(tmp_path: Path, ray_session) -> None:
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    rows = ["id,x,income"] + [f"{i},{i % 7},{'>50K' if i % 3 == 0 else '<=50K'}" for i in range(1, 81)]
+    rows[11] = "11,4,>50K."  # data row 11 (line 12): how UCI's test file writes a positive
+    (raw / "t.csv").write_text("\n".join(rows) + "\n")
+    base = {"name": "t", "main": {"path": "t.csv", "columns": {"id": "int", "x": "int", "income": "str"}},
+            "labels": [{"name": "income", "positive": [">50K"]}], "sparse": [{"name": "x"}],
+            "split": {"kind": "random", "valid_fraction": 0.25, "test_fraction": 0.0}}
+    with pytest.raises(ValueError, match="list the negative values too"):
+        DatasetConfig.model_validate(base)
+    base["labels"][0]["negative"] = ["<=50K"]
+    with pytest.raises(DataError, match=r"t\.csv: column 'income', row 11 \(line 12\): label value is neither "
+                                        r"positive \['>50K'\] nor negative \['<=50K'\] \(value '>50K\.'\); 1 such row"):
+        preprocess(DatasetConfig.model_validate(base), raw, tmp_path / "out")
+    base["labels"][0]["unlisted"] = "negative"  # the user asks for the repair: counted
+    report = preprocess(DatasetConfig.model_validate(base), raw, tmp_path / "out")
+    key = "t.csv: income values neither positive nor negative -> 0 (label income, unlisted: negative)"
+    assert report["repairs"] == {key: 1}
+    out = pd.concat([read_split(tmp_path / "out", s).to_pandas() for s in ("train", "valid")]).set_index("_row")
+    assert out.loc[11, "income"] == 0 and out.loc[12, "income"] == 1 and out.loc[13, "income"] == 0
+
+
+def test_a_task_without_positives(raw_copy: Path, tmp_path: Path, ray_session, capsys) -> None:
+    path = raw_copy / "user_action.csv"
+    acts = pd.read_csv(path)
+    acts.assign(like=np.where(acts.date_ <= 13, 0, acts.like)).to_csv(path, index=False)
+    expect_error(raw_copy, tmp_path, r"user_action\.csv: column 'like': label 'like' has no positive in the train "
+                                     r"split \(\d+ rows\); the task has nothing to learn")
+    acts.assign(like=np.where(acts.date_ == 14, 0, acts.like)).to_csv(path, index=False)
+    report = preprocess(wechat_cfg(), raw_copy, tmp_path / "out")  # valid without positives: a warning
+    msg = f"{path}: column 'like': label 'like' has no positive in the valid split"
+    assert [w for w in report["warnings"] if w.startswith(msg)]
+    assert f"preprocess: warning: {msg}" in capsys.readouterr().err
+
+
+def test_an_empty_validation_split_is_an_error(raw_copy: Path, tmp_path: Path) -> None:
+    expect_error(raw_copy, tmp_path, r"user_action\.csv: the valid split is empty", wechat_cfg("split.valid_days=[20, 21]"))
+
+
+@pytest.mark.parametrize("windows", ["[-1]", "[0]", "[]", "[3, 3]"])
+def test_history_windows_are_validated(windows: str) -> None:
+    from pipeline.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=rf"--set history\.windows={re.escape(windows)}: history\.windows"):
+        wechat_cfg(f"history.windows={windows}")
+
+
+def test_rows_per_block_must_be_positive() -> None:
+    with pytest.raises(ValueError, match=r"--set rows_per_block=0: rows_per_block: Input should be greater than or equal to 1"):
+        wechat_cfg("rows_per_block=0")
+
+
+# --------------------------------------------------------------------------------------------
+# replacing --out, the lock, the generator's manifest
+
+
+def test_out_is_replaced_only_when_this_tool_wrote_it(raw_copy: Path, tmp_path: Path, capsys) -> None:
+    from pipeline.cli import main
+
+    spark = tmp_path / "spark"  # another tool's output: its _SUCCESS is not ours
+    spark.mkdir()
+    (spark / SUCCESS).write_text("")
+    (spark / "part-00000.parquet").write_text("someone else's data")
+    with pytest.raises(OutputError, match="was not written by pipeline preprocess"):
+        preprocess(wechat_cfg(), raw_copy, spark)
+    assert sorted(p.name for p in spark.iterdir()) == [SUCCESS, "part-00000.parquet"]
+    (tmp_path / "file").write_text("x")
+    assert main(["preprocess", "--raw", str(raw_copy), "--out", str(tmp_path / "file")]) == 2
+    assert f"{tmp_path / 'file'}: exists and is not a folder" in capsys.readouterr().err
+
+
+def test_a_second_run_into_the_same_out_fails_at_once(raw_copy: Path, tmp_path: Path) -> None:
+    import fcntl
+
+    with open(tmp_path / ".out.lock", "w") as held:  # what a run in progress holds
+        fcntl.flock(held, fcntl.LOCK_EX)
+        held.write("4242\n")
+        held.flush()
+        with pytest.raises(OutputError, match=r"out: another run \(pid 4242\) is writing this folder"):
+            preprocess(wechat_cfg(), raw_copy, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_swap_cut_short_gives_the_old_output_back(raw_copy: Path, tmp_path: Path) -> None:
+    old = tmp_path / ".out.old-999999999-0badc0de"  # killed between its two renames: out is missing
+    old.mkdir()
+    for name in ("feature_spec.json", "report.json", SUCCESS):  # an output of this tool
+        (old / name).write_text("{}")
+    (old / "stale.txt").write_text("the previous output")
+    set_field(raw_copy / "user_action.csv", 3, "date_", "x")
+    with pytest.raises(DataError, match="not an integer"):
+        preprocess(wechat_cfg(), raw_copy, tmp_path / "out")
+    assert (tmp_path / "out" / "stale.txt").read_text() == "the previous output" and not old.exists()
+
+
+def test_a_folder_mixing_two_generated_datasets_is_rejected(small_raw: Path, tmp_path: Path) -> None:
+    from pipeline.generate import generate
+
+    raw = tmp_path / "raw"
+    shutil.copytree(small_raw, raw)
+    # the same world (seed, sizes) with other labels: every other check passes such a mix
+    other = generate(tmp_path / "other", seed=3, n_users=20, n_feeds=80, n_actions=600, n_test=40,
+                     embedding_trailing_space=True, target_rates={a: 0.1 for a in ACTIONS}, task_relatedness=0.9)
+    shutil.copy(other / "user_action.csv", raw / "user_action.csv")  # what a killed file-by-file publish left
+    expect_error(raw, tmp_path, rf"{raw / 'user_action.csv'}: (bytes|sha256) .* differs from .* in .*_GENERATED\.json")
+    from pipeline.preprocess import check_generated_manifest
+
+    shutil.copy(small_raw / "user_action.csv", raw / "user_action.csv")
+    check_generated_manifest(raw, wechat_cfg())  # the files as generated pass
