@@ -364,22 +364,13 @@ def resolve_cpus_per_worker(job: TrainJobConfig) -> float:
     return max(0.5, math.floor(2 * (cpus - 1.0) / job.scaling.num_workers) / 2)
 
 
-def run_train(job: TrainJobConfig, data_dir: str | Path, out: str | Path, address: str | None = None,
-              num_cpus: int | None = None) -> TrainOutcome:
-    """Train on Ray Train (``job.scaling.num_workers`` workers) and log to MLflow.
-
-    Checks everything it can before a worker starts: the data folder is a complete preprocess
-    output with labelled ``train`` and ``valid`` splits, the model builds on its feature spec.
-    """
-    import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
+def check_job(job: TrainJobConfig, data_dir: str | Path) -> FeatureSpec:
+    """Everything checkable before a worker starts: the data folder is a complete preprocess
+    output with ``train`` and ``valid`` splits, the model builds on its feature spec, the
+    testing aids name real tasks. Returns the feature spec."""
     from mtl.models import build_model
-    from pipeline.ray_runtime import ensure_ray
-    from pipeline.tracking import RunLogger, resolve_tracking_uri, tracked_run
 
-    data_dir, out = Path(data_dir).resolve(), Path(out).resolve()
+    data_dir = Path(data_dir)
     spec = load_spec(data_dir)
     for split in (job.data.train_split, job.data.valid_split):
         if not split_files(data_dir, split):  # raises if the split is missing
@@ -388,44 +379,76 @@ def run_train(job: TrainJobConfig, data_dir: str | Path, out: str | Path, addres
     nan = job.failure.nan_label_at
     if nan is not None and nan.task not in spec.tasks:
         raise ValueError(f"failure.nan_label_at.task {nan.task!r} is not a task of {data_dir}: {spec.tasks}")
-    out.mkdir(parents=True, exist_ok=True)
-    ensure_ray(num_cpus=num_cpus, address=address)
+    return spec
+
+
+def make_trainer(job: TrainJobConfig, data_dir: str | Path, out: str | Path, spec: FeatureSpec,
+                 run_id: str | None = None, tracking_uri: str | None = None, name: str | None = None,
+                 callbacks: list[Any] | None = None) -> Any:
+    """The ``TorchTrainer`` of a job (Ray must be initialised): workers, storage under ``out``,
+    failure handling, the datasets and their per-rank shards. ``run_id``/``tracking_uri``: the
+    MLflow run rank 0 logs to (none: no MLflow from the workers). ``callbacks``: Ray Train
+    callbacks (e.g. Tune's report callback when the trainer runs inside a Tune trial)."""
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    data_dir, out = Path(data_dir).resolve(), Path(out).resolve()
     cpus = resolve_cpus_per_worker(job)
     use_gpu = bool(ray.cluster_resources().get("GPU", 0)) if job.scaling.use_gpu == "auto" else bool(job.scaling.use_gpu)
+    name = name or job.name or f"train-{(run_id or 'local')[:12]}"
+    return TorchTrainer(
+        train_worker,
+        train_loop_config={
+            "job": job.model_dump(mode="json"), "spec": spec.to_dict(), "run_id": run_id, "tracking_uri": tracking_uri,
+            "raw": job.raw or _raw_from_report(data_dir), "cpus_per_worker": cpus,
+            "fault_marker": str(out / f".fault-injected-{name}"),
+        },
+        scaling_config=ScalingConfig(num_workers=job.scaling.num_workers, use_gpu=use_gpu,
+                                     placement_strategy=job.scaling.placement_strategy,
+                                     resources_per_worker={"CPU": cpus, **({"GPU": 1} if use_gpu else {})}),
+        run_config=RunConfig(
+            name=name, storage_path=job.storage_path or str(out / "ray"),
+            failure_config=FailureConfig(max_failures=job.failure.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=job.checkpoint.num_to_keep),
+            callbacks=callbacks,
+        ),
+        datasets={"train": ray_dataset(data_dir, job.data.train_split), "valid": ray_dataset(data_dir, job.data.valid_split)},
+        dataset_config=RankShards(),
+    )
+
+
+def run_train(job: TrainJobConfig, data_dir: str | Path, out: str | Path, address: str | None = None,
+              num_cpus: int | None = None) -> TrainOutcome:
+    """Train on Ray Train (``job.scaling.num_workers`` workers) and log to MLflow: checks
+    (:func:`check_job`) before any worker starts, one MLflow run (config, params, per-step and
+    per-evaluation metrics, plots, the model), the run's Ray storage under ``out/ray``."""
+    import ray
+
+    from pipeline.ray_runtime import ensure_ray
+    from pipeline.tracking import RunLogger, resolve_tracking_uri, tracked_run
+
+    data_dir, out = Path(data_dir).resolve(), Path(out).resolve()
+    spec = check_job(job, data_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    ensure_ray(num_cpus=num_cpus, address=address)
     uri = resolve_tracking_uri(job.mlflow.tracking_uri, out)
-    storage = job.storage_path or str(out / "ray")
-    raw = job.raw or _raw_from_report(data_dir)
     run_name = job.mlflow.run_name or f"{job.train.model.name}-{job.train.strategy.name}-{job.train.sync}"
     with tracked_run(uri, job.mlflow.experiment, run_name=run_name, artifact_root=out / "mlartifacts") as run_id:
         name = job.name or f"train-{run_id[:12]}"
+        trainer = make_trainer(job, data_dir, out, spec, run_id=run_id, tracking_uri=uri, name=name)
+        use_gpu = bool(trainer.scaling_config.use_gpu)
         logger = RunLogger(uri, run_id)
         logger.text(dump_config(job), "config.yaml")
         logger.params({**_params(job), "data": str(data_dir), "workers": job.scaling.num_workers,
-                       "cpus_per_worker": cpus, "use_gpu": use_gpu, "ray_run_name": name,
-                       "compute_dtype": _resolved_dtype(job, use_gpu)})
-        trainer = TorchTrainer(
-            train_worker,
-            train_loop_config={
-                "job": job.model_dump(mode="json"), "spec": spec.to_dict(), "run_id": run_id, "tracking_uri": uri,
-                "raw": raw, "cpus_per_worker": cpus, "fault_marker": str(out / f".fault-injected-{name}"),
-            },
-            scaling_config=ScalingConfig(num_workers=job.scaling.num_workers, use_gpu=use_gpu,
-                                         placement_strategy=job.scaling.placement_strategy,
-                                         resources_per_worker={"CPU": cpus, **({"GPU": 1} if use_gpu else {})}),
-            run_config=RunConfig(
-                name=name, storage_path=storage,
-                failure_config=FailureConfig(max_failures=job.failure.max_failures),
-                checkpoint_config=CheckpointConfig(num_to_keep=job.checkpoint.num_to_keep),
-            ),
-            datasets={"train": ray_dataset(data_dir, job.data.train_split), "valid": ray_dataset(data_dir, job.data.valid_split)},
-            dataset_config=RankShards(),
-        )
+                       "cpus_per_worker": resolve_cpus_per_worker(job), "use_gpu": use_gpu, "ray_run_name": name,
+                       "compute_dtype": _resolved_dtype(job, use_gpu), "nodes": len(ray.nodes())})
         result = _fit(trainer)
         metrics = {k: float(v) for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))}
         ckpt = result.checkpoint.path if result.checkpoint is not None else None
         if ckpt:
             logger.params({"checkpoint": ckpt})
-    return TrainOutcome(metrics, run_id, uri, ckpt, storage)
+    return TrainOutcome(metrics, run_id, uri, ckpt, job.storage_path or str(out / "ray"))
 
 
 def _fit(trainer: Any) -> Any:
