@@ -221,14 +221,20 @@ class SpecCollateFn(ArrowBatchCollateFn):
         return arrow_to_batch(batch, self.spec)
 
 
-def ray_dataset(out_dir: str | Path, split: str) -> Any:
-    """A Ray Data dataset over a split's Parquet files (in source-row order)."""
+def ray_dataset(out_dir: str | Path, split: str, num_cpus: float | None = None) -> Any:
+    """A Ray Data dataset over a split's Parquet files (in source-row order).
+
+    Args:
+        num_cpus: CPUs per read task (Ray Data's default: 1). Training passes a fraction, so the
+            reads of a split that feeds Train workers never wait for a whole free CPU.
+    """
     import ray
 
     files = split_files(out_dir, split)
     if not files:
         raise FileNotFoundError(f"{out_dir}/{split}: no Parquet files")
-    return ray.data.read_parquet([str(p) for p in files])
+    remote = {"num_cpus": num_cpus} if num_cpus is not None else None
+    return ray.data.read_parquet([str(p) for p in files], ray_remote_args=remote)
 
 
 def iter_ray_batches(ds: Any, spec: FeatureSpec, batch_size: int, *, shuffle_buffer: int | None = None, seed: int | None = None, drop_last: bool = False) -> Iterator[Batch]:

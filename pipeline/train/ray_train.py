@@ -4,11 +4,13 @@
 :func:`~pipeline.train.loop.fit` as the local run.
 
 Each worker reads its shard of the preprocessed Parquet through Ray Data
-(``ray.train.get_dataset_shard``). :class:`RankShards` gives rank ``r`` the rows whose source row
-number ``_row`` is ``r`` modulo the world size: the same rows on every run and after every
-restart (so a resumed run equals an uninterrupted one), spread over all days, nothing dropped.
-The worker materialises its shard as tensors once and reshuffles it every epoch with a seeded
-permutation (:class:`~pipeline.data.MaterializedShard`), so a step pays no ingestion cost.
+(``ray.train.get_dataset_shard``): before the workers start, :func:`rank_shards` reads each split
+with Ray Data and keeps for rank ``r`` the rows whose source row number ``_row`` is ``r`` modulo
+the world size, materialised in Ray's object store (spilling to disk if needed);
+:class:`RankShards` hands each rank its part. The same rows on every run and after every restart (so a resumed run equals an
+uninterrupted one), every day on every rank, nothing dropped. The worker holds its shard as
+tensors and reshuffles it every epoch with a seeded permutation
+(:class:`~pipeline.data.MaterializedShard`), so a step pays no ingestion cost.
 
 Evaluation: each rank scores its shard of the validation split; predictions are gathered so
 per-user AUC sees all of a user's rows; rank 0 computes the scores (and the oracle's on the same
@@ -53,20 +55,47 @@ except ImportError:  # pragma: no cover
 
 # ---------------------------------------------------------------------- data
 
+#: CPUs per Ray Data task feeding the workers: a fraction, so the reads run beside workers that
+#: hold most of a node's CPUs (a whole CPU per read task was seen to hang: stack_notes.md)
+INGEST_CPUS = 0.25
+
 
 class RankShards(DataConfig):  # type: ignore[misc]
-    """Rank ``r`` of ``N`` gets the rows with ``_row % N == r`` of every dataset (deterministic,
-    all days on every rank, nothing dropped; sizes differ by at most a few rows)."""
+    """Hands rank ``r`` its part of each dataset, materialised beforehand by :func:`rank_shards`:
+    ``get_dataset_shard("train")`` on rank ``r`` iterates ``parts["train"][r]``, with no Ray Data
+    task left to schedule beside the workers (reads inside the workers, competing with them for
+    a small cluster's CPUs, were seen to starve and hang).
+
+    Args:
+        parts: split name -> one materialised dataset per rank.
+    """
+
+    def __init__(self, parts: dict[str, list[Any]]) -> None:
+        super().__init__()
+        self.parts = parts
 
     def configure(self, datasets: dict[str, Any], world_size: int, worker_handles: Any, worker_node_ids: Any,
                   **kwargs: Any) -> list[dict[str, Any]]:
         out: list[dict[str, Any]] = [{} for _ in range(world_size)]
-        for name, ds in datasets.items():
+        for name in datasets:
+            parts = self.parts.get(name)
+            if parts is None or len(parts) != world_size:
+                raise ValueError(f"RankShards: no {world_size} parts for dataset {name!r}")
             for r in range(world_size):
-                part = ds.map_batches(_keep_rank, fn_kwargs={"rank": r, "world": world_size},
-                                      batch_format="pyarrow", batch_size=None, zero_copy_batch=True)
-                out[r][name] = part.iterator()
+                out[r][name] = parts[r].iterator()
         return out
+
+
+def rank_shards(ds: Any, world_size: int) -> list[Any]:
+    """Rank ``r``'s rows (``_row % world_size == r``) of ``ds``, materialised in Ray's object
+    store by Ray Data tasks (spilling to disk if needed; the driver holds only references).
+    Deterministic (the same rows on every run and restart), every day on every rank, nothing
+    dropped."""
+    return [
+        ds.map_batches(_keep_rank, fn_kwargs={"rank": r, "world": world_size}, num_cpus=INGEST_CPUS,
+                       batch_format="pyarrow", batch_size=None, zero_copy_batch=True).materialize()
+        for r in range(world_size)
+    ]
 
 
 def _keep_rank(table: pa.Table, rank: int, world: int) -> pa.Table:
@@ -397,6 +426,9 @@ def make_trainer(job: TrainJobConfig, data_dir: str | Path, out: str | Path, spe
     cpus = resolve_cpus_per_worker(job)
     use_gpu = bool(ray.cluster_resources().get("GPU", 0)) if job.scaling.use_gpu == "auto" else bool(job.scaling.use_gpu)
     name = name or job.name or f"train-{(run_id or 'local')[:12]}"
+    datasets = {split: ray_dataset(data_dir, getattr(job.data, f"{split}_split"), num_cpus=INGEST_CPUS)
+                for split in ("train", "valid")}
+    parts = {split: rank_shards(ds, job.scaling.num_workers) for split, ds in datasets.items()}
     return TorchTrainer(
         train_worker,
         train_loop_config={
@@ -413,8 +445,8 @@ def make_trainer(job: TrainJobConfig, data_dir: str | Path, out: str | Path, spe
             checkpoint_config=CheckpointConfig(num_to_keep=job.checkpoint.num_to_keep),
             callbacks=callbacks,
         ),
-        datasets={"train": ray_dataset(data_dir, job.data.train_split), "valid": ray_dataset(data_dir, job.data.valid_split)},
-        dataset_config=RankShards(),
+        datasets=datasets,
+        dataset_config=RankShards(parts),
     )
 
 
