@@ -66,9 +66,13 @@ from torch import Tensor, nn
 class NonFiniteLossError(ValueError):
     """A task's loss is NaN or infinite; ``tasks`` (indices), ``step`` and ``losses`` say where."""
 
-    def __init__(self, message: str, tasks: list[int], step: int, losses: list[float]) -> None:
+    def __init__(self, message: str, tasks: list[int] | None = None, step: int = -1,
+                 losses: list[float] | None = None) -> None:
         super().__init__(message)
-        self.tasks, self.step, self.losses = tasks, step, losses
+        self.tasks, self.step, self.losses = list(tasks or []), step, list(losses or [])
+
+    def __reduce__(self) -> tuple:  # pickles whole (Ray sends a worker's error to the driver)
+        return (type(self), (str(self), self.tasks, self.step, self.losses))
 
 
 @dataclass

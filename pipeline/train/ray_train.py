@@ -268,15 +268,16 @@ class _Hooks:
         else:
             flag, step, losses = rec
             mine = torch.cat([flag.double().reshape(1), step.double().reshape(1), losses.double().reshape(-1)])
-        for r, got in enumerate(self.side.all_gather(mine)):
-            if got[0] > 0:
-                vals = got[2:].tolist()
-                bad = [t for t, v in zip(state.spec.tasks, vals) if not math.isfinite(v)]
-                raise NonFiniteLossError(
-                    f"non-finite loss for task(s) {bad} at step {int(got[1]) + 1} on rank {r} "
-                    f"(losses {dict(zip(state.spec.tasks, vals))})",
-                    tasks=[state.spec.tasks.index(t) for t in bad], step=int(got[1]) + 1, losses=vals,
-                )
+        bad_ranks = [(float(got[1]), r, got) for r, got in enumerate(self.side.all_gather(mine)) if got[0] > 0]
+        if bad_ranks:  # the earliest bad step (its NaN then spreads to every rank through the average)
+            _, r, got = min(bad_ranks, key=lambda x: (x[0], x[1]))
+            vals = got[2:].tolist()
+            bad = [t for t, v in zip(state.spec.tasks, vals) if not math.isfinite(v)]
+            raise NonFiniteLossError(
+                f"non-finite loss for task(s) {bad} at step {int(got[1]) + 1} on rank {r} "
+                f"(losses {dict(zip(state.spec.tasks, vals))})",
+                tasks=[state.spec.tasks.index(t) for t in bad], step=int(got[1]) + 1, losses=vals,
+            )
 
     # -- logging (rank 0) and checkpoints (every rank reports; rank 0 writes)
     def on_log(self, state: TrainState, record: dict[str, Any]) -> None:
@@ -484,16 +485,19 @@ def run_train(job: TrainJobConfig, data_dir: str | Path, out: str | Path, addres
 
 
 def _fit(trainer: Any) -> Any:
-    """``trainer.fit()`` with a worker's own error (a NaN loss, bad data) as the message."""
+    """``trainer.fit()``; a worker's non-finite loss comes back as one
+    :class:`~mtl.strategies.NonFiniteLossError` naming the task, the step and the rank."""
     from ray.train import TrainingFailedError
 
     try:
         return trainer.fit()
     except TrainingFailedError as exc:
-        errors = getattr(exc, "worker_failures", None) or {}
-        for err in errors.values() if isinstance(errors, dict) else []:
-            if isinstance(err, NonFiniteLossError) or isinstance(getattr(err, "cause", None), NonFiniteLossError):
-                raise NonFiniteLossError(str(err).splitlines()[-1] if str(err) else repr(err), [], -1, []) from exc
+        failures = getattr(exc, "worker_failures", None) or {}
+        for err in failures.values() if isinstance(failures, dict) else []:
+            if isinstance(err, NonFiniteLossError):
+                lines = [ln for ln in str(err).splitlines() if "non-finite loss" in ln]
+                message = lines[-1].split("NonFiniteLossError: ", 1)[-1] if lines else str(err)
+                raise NonFiniteLossError(message, err.tasks, err.step, err.losses) from exc
         raise
 
 
