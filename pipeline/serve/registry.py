@@ -116,7 +116,8 @@ def register_model(source: str | Path, processed_dir: str | Path, name: str, tra
             history, the ``valid`` split the promotion rule scores on).
         name: the registered model name; tracking_uri: the MLflow store (also the registry).
         fusion_weights: one per task (default: the challenge's weights); fusion_method: see :mod:`mtl.fusion`.
-        experiment: where the registration run goes; artifact_root: its artifact location when new.
+        experiment: where the registration run goes; artifact_root: its artifact location when new
+            (default for a sqlite store: ``mlartifacts/`` beside the database file).
     """
     import mlflow
 
@@ -127,6 +128,9 @@ def register_model(source: str | Path, processed_dir: str | Path, name: str, tra
     from pipeline.tracking import RunLogger, tracked_run
 
     client = mlflow.MlflowClient(tracking_uri)
+    if artifact_root is None and tracking_uri.startswith("sqlite:///"):
+        # beside the store, as pipeline.tracking does (MLflow's default is ./mlruns of the cwd)
+        artifact_root = Path(tracking_uri[len("sqlite:///"):]).resolve().parent / "mlartifacts"
     with tempfile.TemporaryDirectory() as tmp:
         model_dir, run_source = _model_dir(source, tracking_uri, Path(tmp))
         try:
