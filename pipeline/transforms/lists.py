@@ -11,13 +11,12 @@ Example:
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
+from pipeline.transforms._io import read_table, write_table
 from pipeline.transforms.vocab import Vocabulary
 
 
@@ -72,8 +71,7 @@ class ListEncoder:
         Args:
             path: the file.
         """
-        table = pa.table({"value": self.vocab._fitted()})
-        pq.write_table(table.replace_schema_metadata({"mtlrank": json.dumps({"max_len": self.max_len})}), path)
+        write_table(pa.table({"value": self.vocab._fitted()}), {"max_len": self.max_len}, path)
 
     @classmethod
     def load(cls, path: str | Path) -> "ListEncoder":
@@ -82,6 +80,5 @@ class ListEncoder:
         Args:
             path: the file.
         """
-        table = pq.read_table(path)
-        meta = json.loads((table.schema.metadata or {})[b"mtlrank"])
+        table, meta = read_table(path)
         return cls(int(meta["max_len"]), Vocabulary(table["value"].combine_chunks()))

@@ -11,13 +11,13 @@ Example:
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
+
+from pipeline.transforms._io import read_table, write_table
 
 _KEY = "_key"
 _RAW = "_raw__"
@@ -100,8 +100,7 @@ class SideTable:
         """
         cols = {_KEY: self.keys, **{n: self.features[n] for n in self.features.column_names},
                 **{_RAW + n: self.raw[n] for n in self.raw.column_names}}
-        meta = {"key": self.key, "fill": self.fill}
-        pq.write_table(pa.table(cols).replace_schema_metadata({"mtlrank": json.dumps(meta)}), path)
+        write_table(pa.table(cols), {"key": self.key, "fill": self.fill}, path)
 
     @classmethod
     def load(cls, path: str | Path) -> "SideTable":
@@ -110,8 +109,7 @@ class SideTable:
         Args:
             path: the file.
         """
-        table = pq.read_table(path)
-        meta = json.loads((table.schema.metadata or {})[b"mtlrank"])
+        table, meta = read_table(path)
         feats = [n for n in table.column_names if n != _KEY and not n.startswith(_RAW)]
         raw = {n[len(_RAW):]: table[n].combine_chunks() for n in table.column_names if n.startswith(_RAW)}
         return cls(meta["key"], table[_KEY].combine_chunks(), pa.table({n: table[n].combine_chunks() for n in feats}),
