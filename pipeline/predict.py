@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from pipeline.errors import ConfigError, DataError, OutputError
+from pipeline.errors import ConfigError, OutputError
 
 ROW = "_row"  # input row number carried through scoring to check the order
 DECIMALS = 6
@@ -168,5 +168,3 @@ def run(args: argparse.Namespace) -> int:
     print(json.dumps(report, indent=2))
     return 0
 
-
-__all__ = ["BatchScorer", "DataError", "predict_file", "read_requests"]
