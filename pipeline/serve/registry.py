@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import tempfile
 from dataclasses import asdict, dataclass
 from importlib import metadata
@@ -161,6 +162,13 @@ def register_model(source: str | Path, processed_dir: str | Path, name: str, tra
                 client.set_model_version_tag(name, str(version), "promotion", decision)
                 if run_source:
                     client.set_model_version_tag(name, str(version), "source_run", run_source)
+                    trained_on = client.get_run(run_source).data.params.get("data")
+                    if trained_on:
+                        client.set_model_version_tag(name, str(version), "train_data", trained_on)
+                    if trained_on and Path(trained_on).resolve() != Path(processed_dir).resolve():
+                        print(f"register: warning: run {run_source} trained on {trained_on}, the transforms come from "
+                              f"{Path(processed_dir).resolve()} (same feature spec; vocabularies are not compared)",
+                              file=sys.stderr)
                 if promoted:
                     client.set_registered_model_alias(name, ALIAS, str(version))
                 champ_version = version if promoted else int(champion.version)
