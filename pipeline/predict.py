@@ -45,12 +45,18 @@ class BatchScorer:
         self.keep = keep
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        """One contiguous block of input rows -> one row: its first input row, its row count and
+        its submission lines (formatted here, in parallel, rather than in the driver)."""
+        rows = batch[ROW].to_numpy()
+        if len(rows) and not (np.diff(rows) == 1).all():
+            raise RuntimeError("BatchScorer: a block of non-contiguous input rows")
         pred = self.model.predict(batch.drop(columns=[ROW]))
-        out = batch[[ROW, *self.keep]].reset_index(drop=True)
-        tasks = [c for c in pred.columns if c != "score"]
-        for t in tasks:
-            out[t] = np.round(pred[t].to_numpy(), DECIMALS)
-        return out
+        out = batch[self.keep].reset_index(drop=True)
+        for t in [c for c in pred.columns if c != "score"]:
+            out[t] = pred[t].to_numpy()
+        text = out.to_csv(index=False, header=False, float_format=f"%.{DECIMALS}f")
+        return pd.DataFrame({ROW: [int(rows[0]) if len(rows) else 0], "rows": [len(rows)], "header": [",".join(out.columns)],
+                             "text": [text]})
 
 
 def local_model(model_uri: str, tracking_uri: str | None, dst: str | Path | None = None) -> Path:
@@ -133,18 +139,22 @@ def predict_file(model_uri: str, input_path: str | Path, out_path: str | Path, t
         BatchScorer, fn_constructor_kwargs={"model_path": str(model_path), "keep": keep}, batch_size=None,
         batch_format="pandas", concurrency=actors, num_cpus=1,
     )
-    parts = [b for b in ds.iter_batches(batch_format="pandas", batch_size=None)]
-    result = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
+    chunks = pd.concat(list(ds.iter_batches(batch_format="pandas", batch_size=None)), ignore_index=True)
     timings["score"] = time.perf_counter() - t2
-    if len(result) != n or not np.array_equal(result[ROW].to_numpy(), table[ROW].to_numpy()):
-        raise RuntimeError(f"scored {len(result)} rows out of order or incomplete (input {n} rows)")
+    first = table[ROW][0].as_py() if n else 1
+    starts = np.cumsum(np.r_[first, chunks["rows"].to_numpy()[:-1]]) if len(chunks) else np.zeros(0)
+    if int(chunks["rows"].sum()) != n or not np.array_equal(chunks[ROW].to_numpy(), starts):
+        raise RuntimeError(f"scored blocks out of order or incomplete: {int(chunks['rows'].sum())} of {n} rows")
     t3 = time.perf_counter()
     tmp = out_path.with_name(f".{out_path.name}.tmp")
-    result.drop(columns=[ROW]).to_csv(tmp, index=False, float_format=f"%.{DECIMALS}f")
+    with tmp.open("w") as fh:
+        fh.write(chunks["header"].iloc[0] + "\n")
+        for text in chunks["text"]:
+            fh.write(text)
     tmp.replace(out_path)
     timings["write"] = time.perf_counter() - t3
     timings["total"] = time.perf_counter() - t0
-    return {"rows": n, "actors": actors, "columns": list(result.columns.drop(ROW)), "out": str(out_path.resolve()),
+    return {"rows": n, "actors": actors, "columns": chunks["header"].iloc[0].split(","), "out": str(out_path.resolve()),
             "timings_s": {k: round(v, 3) for k, v in timings.items()}}
 
 

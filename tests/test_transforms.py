@@ -29,6 +29,11 @@ def test_transform_of_raw_rows_equals_preprocess_output(tiny_processed: Path, ti
     assert got.num_rows == out.num_rows
     for name in got.column_names:
         assert got[name].combine_chunks().equals(out[name].combine_chunks()), f"{split}: column {name} differs"
+    if split == "test":  # the served copy (history trimmed to the days day 15 reads) gives the same rows
+        served = t.for_serving().transform(pa.Table.from_pandas(rows, preserve_index=False))
+        assert served.column_names == [c for c in got.column_names if c != "_day"]
+        assert all(served[c].equals(got[c]) for c in served.column_names)
+        assert all(len(a.comb) < len(b.comb) for a, b in zip(t.for_serving().history, t.history))
     spec = load_spec(tiny_processed)
     feature_names = {f.name for f in [*spec.sparse, *spec.lists, *spec.dense, *spec.vectors]}
     assert feature_names <= set(got.column_names)

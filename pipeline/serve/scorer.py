@@ -209,7 +209,7 @@ class Scorer:
         info = {"name": job.train.model.name, "params": dict(job.train.model.params), "precision": job.train.precision}
         model = build_model(info["name"], spec, sparse_gradients=False, compute_dtype=info["precision"], **info["params"])
         load_checkpoint(model_dir / STATE_FILE, model, restore_rng=False)
-        transformer = RowTransformer.load(processed_dir / "artifacts")
+        transformer = RowTransformer.load(processed_dir / "artifacts").for_serving()
         return cls(transformer, spec, model, info, fusion_weights, fusion_method)
 
 

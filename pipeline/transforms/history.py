@@ -81,6 +81,20 @@ class HistoryGroup:
         base = np.where(codes >= 0, codes, 0) * self.day_base
         return np.searchsorted(self.comb, base + np.maximum(days, 0), side="left")
 
+    def since(self, first_day: int) -> "HistoryGroup":
+        """The same table without the days before ``first_day`` (what rows on later days need:
+        a window of ``w`` days on day ``d`` reads from ``d - w``); counts stay exact.
+
+        Args:
+            first_day: the earliest day kept.
+        """
+        keep = self.comb % self.day_base >= first_day
+        sums = np.diff(self.prefix, axis=0)[keep]
+        prefix = np.zeros((len(sums) + 1, self.prefix.shape[1]), dtype=np.float64)
+        np.cumsum(sums, axis=0, out=prefix[1:])
+        return HistoryGroup(self.name, self.keys, self.uniques, self.day_base, self.comb[keep], prefix,
+                            list(self.windows), list(self.stats))
+
     def features_of_codes(self, codes: np.ndarray, days: np.ndarray) -> np.ndarray:
         """:func:`history_features` with this table's windows and stats.
 

@@ -121,6 +121,15 @@ class RowTransformer:
             cols["_day"] = pa.array(days)
         return pa.table({c: cols[c] for c in [*self.meta_columns, *self.columns]})
 
+    def for_serving(self) -> "RowTransformer":
+        """A copy whose history tables keep only the days rows on :attr:`serve_day` read (a
+        served model sees no other day): smaller to ship and to load, same features on that day."""
+        if self.serve_day is None or not self.history:
+            return self
+        first = self.serve_day - max(max(g.windows, default=0) for g in self.history)
+        return RowTransformer(self.inputs, self.sparse, self.dense, self.sides, [g.since(first) for g in self.history],
+                              self.columns, None, self.serve_day, self.user, self.item, self.unsupported)
+
     def save(self, folder: str | Path) -> None:
         """``transformer.json`` plus one file per fitted object in ``folder``.
 
