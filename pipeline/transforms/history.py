@@ -37,6 +37,7 @@ class HistoryGroup:
     prefix: np.ndarray
     windows: list[int] = field(default_factory=list)
     stats: list[str] = field(default_factory=list)
+    _lookups: list[pd.Index] | None = field(default=None, repr=False, compare=False)  # hash tables, built once
 
     @classmethod
     def fit(cls, name: str, keys: list[str], values: list[np.ndarray], days: np.ndarray, actions: np.ndarray,
@@ -58,8 +59,10 @@ class HistoryGroup:
         """Combined key code per row; -1 when any key value never occurs in labelled rows."""
         code = np.zeros(len(values[0]), dtype=np.int64)
         ok = np.ones(len(values[0]), dtype=bool)
-        for uniq, v in zip(self.uniques, values):
-            pos = pd.Index(uniq).get_indexer(v)  # hash lookup; -1 when absent
+        if self._lookups is None:
+            self._lookups = [pd.Index(u) for u in self.uniques]
+        for uniq, index, v in zip(self.uniques, self._lookups, values):
+            pos = index.get_indexer(v)  # hash lookup; -1 when absent
             ok &= pos >= 0
             code = code * len(uniq) + np.maximum(pos, 0)
         return np.where(ok, code, -1)

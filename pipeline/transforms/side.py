@@ -14,6 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -39,6 +40,7 @@ class SideTable:
         self.key, self.keys, self.features = key, keys, features
         self.fill = dict(fill or {})
         self.raw = raw if raw is not None else pa.table({})
+        self._index: pd.Index | None = None
 
     @classmethod
     def fit(cls, key: str, keys: pa.Array, features: dict[str, pa.Array], fill: dict[str, int],
@@ -59,7 +61,10 @@ class SideTable:
         """
         if values.type != self.keys.type:
             values = pc.cast(values, self.keys.type)
-        return pc.index_in(values, value_set=self.keys)
+        if self._index is None:  # a hash table built once (pc.index_in rebuilds it per call: ms per request)
+            self._index = pd.Index(self.keys.to_numpy(zero_copy_only=False))
+        pos = self._index.get_indexer(values.to_numpy(zero_copy_only=False))
+        return pa.array(pos, mask=pos < 0)
 
     def transform(self, values: pa.Array) -> dict[str, pa.Array]:
         """The encoded feature columns of the rows with these keys (missing keys filled).

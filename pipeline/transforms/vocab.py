@@ -13,6 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -27,6 +28,7 @@ class Vocabulary:
 
     def __init__(self, values: pa.Array | None = None) -> None:
         self.values = values
+        self._index: pd.Index | None = None
 
     @property
     def size(self) -> int:
@@ -45,7 +47,7 @@ class Vocabulary:
             values: ids of the training rows.
         """
         uniq = pc.unique(values.drop_null())
-        self.values = uniq.take(pc.sort_indices(uniq))
+        self.values, self._index = uniq.take(pc.sort_indices(uniq)), None
         return self
 
     def transform(self, values: pa.Array) -> np.ndarray:
@@ -57,8 +59,10 @@ class Vocabulary:
         vocab = self._fitted()
         if values.type != vocab.type:
             values = pc.cast(values, vocab.type)
-        idx = pc.fill_null(pc.index_in(values, value_set=vocab), len(vocab))
-        return idx.to_numpy(zero_copy_only=False).astype(np.int64)
+        if self._index is None or len(self._index) != len(vocab):  # a hash table built once, not per call
+            self._index = pd.Index(vocab.to_numpy(zero_copy_only=False))
+        idx = self._index.get_indexer(values.to_numpy(zero_copy_only=False))  # -1: unseen or null
+        return np.where(idx < 0, len(vocab), idx).astype(np.int64)
 
     def save(self, path: str | Path) -> None:
         """Write a Parquet file with one column ``value``.
