@@ -40,9 +40,11 @@ class BatchScorer:
         import mlflow
         import torch
 
+        t0 = time.perf_counter()
         torch.set_num_threads(torch_threads)
         self.model = mlflow.pyfunc.load_model(model_path)
         self.keep = keep
+        self.load_s = time.perf_counter() - t0  # reported with the first block
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         """One contiguous block of input rows -> one row: its first input row, its row count and
@@ -50,13 +52,15 @@ class BatchScorer:
         rows = batch[ROW].to_numpy()
         if len(rows) and not (np.diff(rows) == 1).all():
             raise RuntimeError("BatchScorer: a block of non-contiguous input rows")
+        t0 = time.perf_counter()
         pred = self.model.predict(batch.drop(columns=[ROW]))
         out = batch[self.keep].reset_index(drop=True)
         for t in [c for c in pred.columns if c != "score"]:
             out[t] = pred[t].to_numpy()
         text = out.to_csv(index=False, header=False, float_format=f"%.{DECIMALS}f")
+        load_s, self.load_s = self.load_s, 0.0
         return pd.DataFrame({ROW: [int(rows[0]) if len(rows) else 0], "rows": [len(rows)], "header": [",".join(out.columns)],
-                             "text": [text]})
+                             "text": [text], "load_s": [load_s], "score_s": [time.perf_counter() - t0]})
 
 
 def local_model(model_uri: str, tracking_uri: str | None, dst: str | Path | None = None) -> Path:
@@ -155,7 +159,9 @@ def predict_file(model_uri: str, input_path: str | Path, out_path: str | Path, t
     timings["write"] = time.perf_counter() - t3
     timings["total"] = time.perf_counter() - t0
     return {"rows": n, "actors": actors, "columns": chunks["header"].iloc[0].split(","), "out": str(out_path.resolve()),
-            "timings_s": {k: round(v, 3) for k, v in timings.items()}}
+            "timings_s": {k: round(v, 3) for k, v in timings.items()},
+            "actor_timings_s": {"model_load_max": round(float(chunks["load_s"].max()), 3),
+                                "predict_and_format_sum": round(float(chunks["score_s"].sum()), 3)}}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
