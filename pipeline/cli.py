@@ -18,6 +18,8 @@ STAGES: dict[str, tuple[str, str]] = {
     "generate": ("pipeline.generate", "write WeChat-format synthetic logs with a known oracle"),
     "preprocess": ("pipeline.preprocess", "raw logs -> model-ready Parquet + feature spec (Ray Data)"),
     "train": ("pipeline.train.stage", "data-parallel training on Ray Train with gradient surgery, logged to MLflow"),
+    "register": ("pipeline.serve.registry", "register a trained model as an MLflow pyfunc; promote it to @champion if it scores better"),
+    "predict": ("pipeline.predict", "batch scoring of a request file with a registered model on Ray Data -> submission CSV"),
     "demo": ("pipeline.demo", "generate -> preprocess -> train -> evaluate, end to end"),
 }
 

@@ -58,6 +58,19 @@ from pipeline.datasets import DatasetConfig, FileConfig, ListConfig, VectorConfi
 from pipeline.errors import ConfigError, DataError
 from pipeline.publish import check_digests, publishing
 from pipeline.ray_runtime import ensure_ray
+from pipeline.transforms import (  # noqa: F401  (HistoryGroup, fit_pca, ...: this module's API before the move)
+    PCA,
+    DenseScaler,
+    HistoryGroup,
+    ListEncoder,
+    RowTransformer,
+    SideTable,
+    Vocabulary,
+    build_history_group,
+    fit_pca,
+    history_feature_names,
+    history_features,
+)
 
 SPLITS = ("train", "valid", "test")
 SUCCESS = "_SUCCESS"
@@ -334,17 +347,6 @@ def hash_uniform(seed: int, stream: int, ids: np.ndarray) -> np.ndarray:
     return (x >> np.uint64(11)).astype(np.float64) / float(1 << 53)
 
 
-def _sorted_vocab(values: pa.Array) -> pa.Array:
-    uniq = pc.unique(values.drop_null())
-    return uniq.take(pc.sort_indices(uniq))
-
-
-def _encode(values: pa.Array, vocab: pa.Array) -> np.ndarray:
-    """Ids in ``0..len(vocab)-1``; unseen and null -> ``len(vocab)`` (the OOV row)."""
-    idx = pc.index_in(values, value_set=vocab)
-    return _np(pc.fill_null(idx, len(vocab))).astype(np.int64)
-
-
 @dataclass
 class _Table:
     """A source table with its config: the main rows, or a side table."""
@@ -434,147 +436,17 @@ def _parse_vectors(arr: pa.Array, f: VectorConfig, path: Path, rows: np.ndarray,
     return mat
 
 
-def _one_blas_thread() -> Any:
-    from threadpoolctl import threadpool_limits
-
-    return threadpool_limits(1)
-
-
-def fit_pca(x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """PCA by eigen-decomposition of the covariance: (mean [d], components [d, k], explained
-    variance ratio [k]). Signs fixed so the largest-magnitude loading is positive."""
-    x = x.astype(np.float64)
-    mean = x.mean(axis=0)
-    xc = x - mean
-    # one BLAS thread: on a shared 2-core machine a 2-thread OpenBLAS eigh was measured 6-20x slower
-    with _one_blas_thread():
-        cov = xc.T @ xc / max(len(x) - 1, 1)
-        evals, evecs = np.linalg.eigh(cov)
-    order = np.argsort(evals)[::-1][:k]
-    comps = evecs[:, order]
-    signs = np.sign(comps[np.abs(comps).argmax(axis=0), np.arange(comps.shape[1])])
-    comps = comps * np.where(signs == 0, 1.0, signs)
-    total = evals.clip(min=0).sum()
-    ratio = evals[order].clip(min=0) / total if total > 0 else np.zeros(len(order))
-    return mean, comps, ratio
-
-
-# --------------------------------------------------------------------------------------------
-# history
-
-
-@dataclass
-class HistoryGroup:
-    """Daily sums of one key group, as sorted combined keys plus prefix sums.
-
-    ``comb = key_code * day_base + day`` sorted; ``prefix[i]`` = sums of entries ``< i``;
-    columns of ``prefix``: impressions, then each action's positive count.
-    """
-
-    name: str
-    keys: list[str]
-    uniques: list[np.ndarray]
-    day_base: int
-    comb: np.ndarray
-    prefix: np.ndarray
-
-    def row_codes(self, values: list[np.ndarray]) -> np.ndarray:
-        """Combined key code per row; -1 when any key value never occurs in labelled rows."""
-        code = np.zeros(len(values[0]), dtype=np.int64)
-        ok = np.ones(len(values[0]), dtype=bool)
-        for uniq, v in zip(self.uniques, values):
-            pos = pd.Index(uniq).get_indexer(v)  # hash lookup; -1 when absent
-            ok &= pos >= 0
-            code = code * len(uniq) + np.maximum(pos, 0)
-        return np.where(ok, code, -1)
-
-    def window_sums(self, codes: np.ndarray, days: np.ndarray, w: int, hi: np.ndarray | None = None) -> np.ndarray:
-        """Sums over days ``[day - w, day - 1]`` per row, ``[n, 1 + A]`` (zeros for code -1).
-
-        ``hi`` (optional) is :meth:`upper` for these rows, shared by all windows."""
-        base = np.where(codes >= 0, codes, 0) * self.day_base
-        lo = np.searchsorted(self.comb, base + np.maximum(days - w, 0), side="left")
-        if hi is None:
-            hi = self.upper(codes, days)
-        out = self.prefix[hi] - self.prefix[lo]
-        out[codes < 0] = 0
-        return out
-
-    def upper(self, codes: np.ndarray, days: np.ndarray) -> np.ndarray:
-        """Index of the first entry of (key, day) — everything before it is strictly earlier."""
-        base = np.where(codes >= 0, codes, 0) * self.day_base
-        return np.searchsorted(self.comb, base + np.maximum(days, 0), side="left")
-
-
-def build_history_group(name: str, keys: list[str], values: list[np.ndarray], days: np.ndarray, actions: np.ndarray, day_base: int) -> HistoryGroup:
-    uniques, code = [], np.zeros(len(days), dtype=np.int64)
-    total = 1
-    for v in values:
-        inv, uniq = pd.factorize(v, sort=True)  # hash-based; sorts only the uniques
-        uniq = np.asarray(uniq)
-        uniques.append(uniq)
-        total *= max(len(uniq), 1)
-        code = code * len(uniq) + inv.astype(np.int64)
-    if total * day_base >= 2**62:
-        raise DataError(f"history group {name}: too many key combinations ({total}) to encode")
-    comb = code * day_base + days
-    inv, uc = pd.factorize(comb, sort=True)
-    uc = np.asarray(uc)
-    sums = np.zeros((len(uc), 1 + actions.shape[1]), dtype=np.float64)
-    sums[:, 0] = np.bincount(inv, minlength=len(uc))
-    for a in range(actions.shape[1]):
-        sums[:, 1 + a] = np.bincount(inv, weights=actions[:, a], minlength=len(uc))
-    prefix = np.zeros((len(uc) + 1, sums.shape[1]), dtype=np.float64)
-    np.cumsum(sums, axis=0, out=prefix[1:])
-    return HistoryGroup(name, keys, uniques, day_base, uc, prefix)
-
-
-def history_feature_names(group: str, windows: list[int], actions: list[str], stats: list[str]) -> list[str]:
-    names = []
-    for w in windows:
-        names.append(f"{group}_{w}d_n")
-        for stat in stats:
-            names += [f"{group}_{w}d_{a}_{stat}" for a in actions]
-    return names
-
-
-def history_features(group: HistoryGroup, codes: np.ndarray, days: np.ndarray, windows: list[int], stats: list[str]) -> np.ndarray:
-    """``[n, len(names)]`` float32: per window log1p(impressions), then log1p(action count)
-    and/or rate = count / impressions (0 when no impressions), in :func:`history_feature_names` order."""
-    # queries in key order: searchsorted and the prefix gathers are ~4x faster on sorted keys
-    order = np.argsort(np.where(codes >= 0, codes, 0) * group.day_base + np.maximum(days, 0), kind="stable")
-    codes, days = codes[order], days[order]
-    cols = []
-    hi = group.upper(codes, days)
-    for w in windows:
-        s = group.window_sums(codes, days, w, hi)
-        n = s[:, :1]
-        cols.append(np.log1p(n))
-        for stat in stats:
-            if stat == "count":
-                cols.append(np.log1p(s[:, 1:]))
-            else:
-                cols.append(np.divide(s[:, 1:], n, out=np.zeros_like(s[:, 1:]), where=n > 0))
-    out = np.empty((len(order), sum(c.shape[1] for c in cols)), dtype=np.float32)
-    out[order] = np.concatenate(cols, axis=1)
-    return out
-
-
 # --------------------------------------------------------------------------------------------
 # the per-block assembly (runs in Ray Data tasks)
 
 
 @dataclass
 class AssemblyContext:
-    """Everything a block needs: encoded side tables, history groups, column layout."""
+    """Everything a block needs: the side tables, history tables, column layout."""
 
-    sides: list[tuple[str, pa.Array, pa.Table]]  # (key column, sorted keys, encoded features)
+    sides: list[SideTable]  # joined on their key, held in the block as ``_key__<key>``
     history: list[HistoryGroup]
-    history_windows: list[int]
-    history_stats: list[str]
     column_order: dict[str, list[str]]  # per split name
-    vector_dims: dict[str, int]
-    oov_fill: dict[str, int]  # side sparse features: OOV id for rows missing in the side table
 
 
 _CTX_CACHE: dict[str, AssemblyContext] = {}
@@ -596,27 +468,12 @@ def assemble_block(block: pa.Table, ctx: Any) -> pa.Table:
     """Join the encoded side tables, add history windows, order the output columns."""
     ctx = _resolve_ctx(ctx)
     cols: dict[str, pa.Array] = {name: block[name].combine_chunks() for name in block.column_names}
-    for key, keys, enc in ctx.sides:
-        pos = pc.index_in(cols[key], value_set=keys)
-        taken = enc.take(pos)
-        for name in enc.column_names:
-            col = taken[name].combine_chunks()
-            if col.null_count:
-                if name in ctx.oov_fill:
-                    col = pc.fill_null(col, ctx.oov_fill[name])
-                elif pa.types.is_list(col.type) or pa.types.is_large_list(col.type):
-                    col = pc.fill_null(col, pa.scalar([], col.type))
-                elif pa.types.is_fixed_size_list(col.type):
-                    zero = pa.scalar([0.0] * col.type.list_size, col.type)
-                    col = pc.fill_null(col, zero)
-                else:
-                    col = pc.fill_null(col, 0.0)
-            cols[name] = col
+    for side in ctx.sides:
+        cols.update(side.transform(cols["_key__" + side.key]))
     if ctx.history:
         days = _np(cols["_day"]).astype(np.int64)
         for g in ctx.history:
-            codes = _np(cols[f"_hk_{g.name}"])
-            feats = history_features(g, codes, days, ctx.history_windows, ctx.history_stats)
+            feats = g.features_of_codes(_np(cols[f"_hk_{g.name}"]), days)
             cols[g.name] = pa.FixedSizeListArray.from_arrays(pa.array(feats.reshape(-1)), feats.shape[1])
     split = SPLITS[int(_np(cols["_split"])[0])] if "_split" in cols else SPLITS[0]
     return pa.table({name: cols[name] for name in ctx.column_order[split]})
@@ -883,6 +740,9 @@ def _build(cfg: DatasetConfig, raw: Path, tmp: Path, ray_num_cpus: int | None, r
     row_cols: dict[str, pa.Array] = {"_row": rows_t["_row"].combine_chunks(), "_source": rows_t["_source"].combine_chunks()}
     side_enc: list[dict[str, pa.Array]] = [dict() for _ in sides]
     oov_fill: dict[str, int] = {}
+    main_sparse: dict[str, tuple[str, Vocabulary]] = {}  # the fitted objects a RowTransformer holds
+    main_dense: dict[str, tuple[str, DenseScaler]] = {}
+    main_unsupported: list[str] = []
     missing_oov: dict[str, dict[str, int]] = {}
 
     def count_oov(name: str, per_row_oov: np.ndarray) -> None:
@@ -892,31 +752,32 @@ def _build(cfg: DatasetConfig, raw: Path, tmp: Path, ray_num_cpus: int | None, r
         si, _ = locate(f.column)
         if si is None:
             values = rows_t[f.column].combine_chunks()
-            vocab = _sorted_vocab(values.filter(pa.array(train)))
-            enc = _encode(values, vocab)
+            vocab = Vocabulary().fit(values.filter(pa.array(train)))
+            enc = vocab.transform(values)
             row_cols[f.name] = pa.array(enc)
+            main_sparse[f.name] = (f.column, vocab)
             row_null = np.asarray(pc.is_null(values))
-            count_oov(f.name, ~row_null & (enc == len(vocab)))
+            count_oov(f.name, ~row_null & (enc == vocab.size))
             if row_null.any():
                 missing_oov[f.name] = {s: int(row_null[split == k].sum()) for k, s in enumerate(SPLITS)}
         else:
             s = sides[si]
             values = s.table[f.column].combine_chunks()
-            vocab = _sorted_vocab(values.filter(pa.array(s.train_mask)))
-            enc = _encode(values, vocab)
+            vocab = Vocabulary().fit(values.filter(pa.array(s.train_mask)))
+            enc = vocab.transform(values)
             side_enc[si][f.name] = pa.array(enc)
-            oov_fill[f.name] = len(vocab)
+            oov_fill[f.name] = vocab.size
             p = side_pos[si]
             null_side = np.asarray(pc.is_null(values))
             row_null = (p < 0) | null_side[np.maximum(p, 0)]
-            count_oov(f.name, ~row_null & (enc[np.maximum(p, 0)] == len(vocab)))
+            count_oov(f.name, ~row_null & (enc[np.maximum(p, 0)] == vocab.size))
             if row_null.any():
                 missing_oov[f.name] = {s: int(row_null[split == k].sum()) for k, s in enumerate(SPLITS)}
-        if len(vocab) == 0:
+        if vocab.size == 0:
             raise DataError(f"sparse feature {f.name!r} (column {f.column!r}): no values in training rows")
-        vocab_sizes[f.name] = len(vocab)
-        pq.write_table(pa.table({"value": vocab}), artifacts / f"vocab_{f.name}.parquet")
-        spec_sparse.append(SparseFeature(f.name, vocab_size=len(vocab), embedding_dim=f.embedding_dim))
+        vocab_sizes[f.name] = vocab.size
+        vocab.save(artifacts / f"vocab_{f.name}.parquet")
+        spec_sparse.append(SparseFeature(f.name, vocab_size=vocab.size, embedding_dim=f.embedding_dim))
 
     dense_stats: dict[str, dict[str, float]] = {}
     for f in cfg.dense:
@@ -928,23 +789,18 @@ def _build(cfg: DatasetConfig, raw: Path, tmp: Path, ray_num_cpus: int | None, r
         if nulls.any():
             repairs[f"{fpath}: {f.column} empty -> 0 (before scaling)"] = int(nulls.sum())
             v = np.where(nulls, 0.0, v)
-        if f.transform.startswith("log1p"):
-            neg = v < 0
-            if neg.any():
-                rws = row_no if si is None else _np(tbl["_row"])
-                _raise_at(raw / fpath, f.column, rws, neg, "log1p needs values >= 0", v)
-            v = np.log1p(v)
-        stats = {}
-        if f.transform.endswith("standard"):
-            tr = v[train] if si is None else v[side_pos[si][train & (side_pos[si] >= 0)]]
-            mean, std = float(tr.mean()), float(tr.std())
-            std = std if std > 0 else 1.0
-            v = (v - mean) / std
-            stats = {"mean": mean, "std": std}
-        dense_stats[f.name] = {"transform": f.transform, **stats}
-        arr = pa.array(v.astype(np.float32))
+        scaler = DenseScaler(f.transform)
+        neg = scaler.invalid(v)
+        if neg.any():
+            rws = row_no if si is None else _np(tbl["_row"])
+            _raise_at(raw / fpath, f.column, rws, neg, "log1p needs values >= 0", v)
+        # side columns: fitted per training impression (a side row counts once per row joined to it)
+        scaler.fit(v[train] if si is None else v[side_pos[si][train & (side_pos[si] >= 0)]])
+        dense_stats[f.name] = scaler.to_dict()
+        arr = pa.array(scaler.transform(v))
         if si is None:
             row_cols[f.name] = arr
+            main_dense[f.name] = (f.column, scaler)
         else:
             side_enc[si][f.name] = arr
         spec_dense.append(DenseFeature(f.name))
@@ -957,43 +813,42 @@ def _build(cfg: DatasetConfig, raw: Path, tmp: Path, ray_num_cpus: int | None, r
         ids, weights = _parse_list(tbl[f.column].combine_chunks(), f, raw / fpath, _np(tbl["_row"]), not fpath.endswith(".parquet"))
         lengths = _np(pc.list_value_length(ids))
         trunc = lengths > f.max_len
-        if trunc.any():
-            ids = pc.list_slice(ids, 0, f.max_len)
-            weights = pc.list_slice(weights, 0, f.max_len) if weights is not None else None
-        flat = pc.list_flatten(ids)
-        vocab = _sorted_vocab(pc.list_flatten(ids.filter(pa.array(tmask))))
-        if len(vocab) == 0:
+        encoder = ListEncoder(f.max_len).fit(ids.filter(pa.array(tmask)))
+        if encoder.size == 0:
             raise DataError(f"list feature {f.name!r} (column {f.column!r}): no ids in training rows")
-        enc_flat = _encode(flat, vocab)
-        enc = pa.ListArray.from_arrays(ids.offsets, pa.array(enc_flat))
-        parents = _np(pc.list_parent_indices(ids)) if len(flat) else np.zeros(0, np.int64)
-        oov_entries = np.bincount(parents, weights=(enc_flat == len(vocab)), minlength=len(ids)).astype(np.int64)
+        enc, weights = encoder.transform(ids, weights)
+        enc_flat = _np(pc.list_flatten(enc))
+        parents = _np(pc.list_parent_indices(enc)) if len(enc_flat) else np.zeros(0, np.int64)
+        oov_entries = np.bincount(parents, weights=(enc_flat == encoder.size), minlength=len(ids)).astype(np.int64)
         per_row_lists_oov = oov_entries if si is None else np.where(side_pos[si] >= 0, oov_entries[np.maximum(side_pos[si], 0)], 0)
         oov[f.name] = {s: int(per_row_lists_oov[split == k].sum()) for k, s in enumerate(SPLITS)}
         truncated[f.name] = int(trunc.sum())
         list_info[f.name] = {"empty_lists": int((lengths == 0).sum()), "truncated": int(trunc.sum()), "max_len": f.max_len, "table_rows": len(lengths)}
-        vocab_sizes[f.name] = len(vocab)
-        pq.write_table(pa.table({"value": vocab}), artifacts / f"vocab_{f.name}.parquet")
+        vocab_sizes[f.name] = encoder.size
+        encoder.save(artifacts / f"vocab_{f.name}.parquet")
+        if si is None:
+            main_unsupported.append(f.name)
         target = row_cols if si is None else side_enc[si]
         target[f.name] = enc
         if f.weighted:
             target[f.name + WEIGHT_SUFFIX] = weights
-        spec_lists.append(ListFeature(f.name, vocab_size=len(vocab), max_len=f.max_len, embedding_dim=f.embedding_dim, pooling=f.pooling, weighted=f.weighted))
+        spec_lists.append(ListFeature(f.name, vocab_size=encoder.size, max_len=f.max_len, embedding_dim=f.embedding_dim, pooling=f.pooling, weighted=f.weighted))
 
     pca_info: dict[str, Any] = {}
-    vector_dims: dict[str, int] = {}
     for f in cfg.vectors:
         si, fpath = locate(f.column)
         tbl = rows_t if si is None else sides[si].table
         tmask = train if si is None else sides[si].train_mask
         mat = _parse_vectors(tbl[f.column].combine_chunks(), f, raw / fpath, _np(tbl["_row"]), not fpath.endswith(".parquet"))
+        if si is None:
+            main_unsupported.append(f.name)
         if f.pca_dim is not None:
-            mean, comps, ratio = fit_pca(mat[tmask], f.pca_dim)
-            mat = ((mat - mean) @ comps).astype(np.float32)
-            np.savez(artifacts / f"pca_{f.name}.npz", mean=mean, components=comps, explained_variance_ratio=ratio)
-            pca_info[f.name] = {"fit_rows": int(tmask.sum()), "dim": f.pca_dim, "explained_variance": float(ratio.sum())}
+            pca = PCA(f.pca_dim).fit(mat[tmask])
+            mat = pca.transform(mat)
+            pca.save(artifacts / f"pca_{f.name}.npz")
+            pca_info[f.name] = {"fit_rows": int(tmask.sum()), "dim": f.pca_dim,
+                                "explained_variance": float(pca.explained_variance_ratio.sum())}
         dim = mat.shape[1]
-        vector_dims[f.name] = dim
         arr = pa.FixedSizeListArray.from_arrays(pa.array(mat.reshape(-1).astype(np.float32)), dim)
         (row_cols if si is None else side_enc[si])[f.name] = arr
         spec_vectors.append(VectorFeature(f.name, dim=dim))
@@ -1018,7 +873,8 @@ def _build(cfg: DatasetConfig, raw: Path, tmp: Path, ray_num_cpus: int | None, r
                         f"{_where(sources[src[i]], k, int(row_no[i]))}: history key {k!r} is missing "
                         f"(side table on_missing=null); {int(miss.sum())} such labelled row(s)"
                     )
-            g = build_history_group(name, keys, [v[hist_rows] for v in vals], days[hist_rows], labels[hist_rows][:, actions_idx], day_base)
+            g = HistoryGroup.fit(name, keys, [v[hist_rows] for v in vals], days[hist_rows], labels[hist_rows][:, actions_idx],
+                                 day_base, cfg.history.windows, cfg.history.stats)
             groups.append(g)
             row_cols[f"_hk_{name}"] = pa.array(g.row_codes(vals))
             hist_names[name] = history_feature_names(name, cfg.history.windows, cfg.history_actions, cfg.history.stats)
@@ -1071,11 +927,14 @@ def _build(cfg: DatasetConfig, raw: Path, tmp: Path, ray_num_cpus: int | None, r
             feature_cols.append(f.name + WEIGHT_SUFFIX)
     feature_cols += [f.name for f in spec_dense] + [f.name for f in spec_vectors]
     side_keys = []
-    ctx_sides = []
+    side_tables: list[SideTable] = []
+    hist_keys = {k for keys in (cfg.history.keys if cfg.history else []) for k in keys}
     for si, s in enumerate(sides):
-        if side_enc[si]:
+        raw_keep = {k: s.table[k].combine_chunks() for k in sorted(hist_keys) if locate(k)[0] == si}
+        if side_enc[si] or raw_keep:
+            fill = {name: v for name, v in oov_fill.items() if name in side_enc[si]}
+            side_tables.append(SideTable.fit(s.key, s.table[s.key].combine_chunks(), side_enc[si], fill, raw_keep))
             # raw join key under a reserved name: a feature may share the key's name (feedid)
-            ctx_sides.append(("_key__" + s.key, s.table[s.key].combine_chunks(), pa.table(side_enc[si])))
             side_keys.append("_key__" + s.key)
             row_cols["_key__" + s.key] = rows_t[s.key].combine_chunks()
     hk_cols = [f"_hk_{g.name}" for g in groups]
@@ -1101,10 +960,15 @@ def _build(cfg: DatasetConfig, raw: Path, tmp: Path, ray_num_cpus: int | None, r
             b = part.slice(start, cfg.rows_per_block)
             b = b.append_column("_split", pa.array(np.full(b.num_rows, code, np.int8)))
             blocks.append(b.append_column("_part", pa.array(np.full(b.num_rows, k, np.int32))))
-    ctx = AssemblyContext(
-        ctx_sides, groups, cfg.history.windows if cfg.history else [], cfg.history.stats if cfg.history else [],
-        orders, vector_dims, oov_fill,
+    ctx = AssemblyContext(side_tables, groups, orders)
+    main_inputs = [c for c in cfg.main.columns if c not in {lab.column for lab in cfg.labels}]
+    transformer = RowTransformer(
+        {c: cfg.main.columns[c] for c in main_inputs if not (cfg.time and c == cfg.time)},
+        main_sparse, main_dense, side_tables, groups, feature_cols, time=cfg.time,
+        serve_day=int(days[is_labelled].max()) + 1 if days is not None else None,
+        user=cfg.user, item=cfg.item, unsupported=main_unsupported,
     )
+    transformer.save(artifacts)
     files: list[dict[str, Any]] = []
     if blocks:
         ctx_ref = ray.put(ctx)
