@@ -113,12 +113,18 @@ class Collectives:
         dist.all_gather(out, t.contiguous(), group=self.group)
         return out
 
-    def all_gather_varying(self, t: Tensor) -> list[Tensor]:
-        """Every rank's ``t`` whose first dimension may differ between ranks (padded gather)."""
+    def all_gather_varying(self, t: Tensor, sizes: list[int] | None = None) -> list[Tensor]:
+        """Every rank's ``t`` whose first dimension may differ between ranks (padded gather).
+
+        Args:
+            sizes: every rank's first dimension, when the caller knows them already (saves one
+                collective and one host read).
+        """
         if self.world_size == 1:
             return [t]
-        n = torch.tensor([t.shape[0]], dtype=torch.long, device=t.device)
-        sizes = [int(s) for s in torch.cat(self.all_gather(n)).tolist()]
+        if sizes is None:
+            n = torch.tensor([t.shape[0]], dtype=torch.long, device=t.device)
+            sizes = [int(s) for s in torch.cat(self.all_gather(n)).tolist()]
         padded = t.new_zeros((max(sizes), *t.shape[1:]))
         padded[: t.shape[0]] = t
         return [g[:s] for g, s in zip(self.all_gather(padded), sizes)]
@@ -239,16 +245,18 @@ class GradientSync:
         ids = torch.cat([g.indices()[0] for g in coalesced])
         dtype = coalesced[0].values().dtype
         values = torch.cat([g.values().reshape(-1).to(dtype) for g in coalesced])
-        all_counts = self.comm.all_gather(counts)
-        all_ids = self.comm.all_gather_varying(ids)
-        all_values = self.comm.all_gather_varying(values)
+        widths = [_row_width(p) for p in params]
+        # one host read: every rank's row count per table gives both gathers' sizes
+        all_counts = [c.tolist() for c in self.comm.all_gather(counts)]
+        all_ids = self.comm.all_gather_varying(ids, [sum(c) for c in all_counts])
+        all_values = self.comm.all_gather_varying(values, [sum(n * w for n, w in zip(c, widths)) for c in all_counts])
         n = self.world_size
         per_table_ids: list[list[Tensor]] = [[] for _ in params]
         per_table_vals: list[list[Tensor]] = [[] for _ in params]
         for r in range(n):
-            id_cut = all_counts[r].tolist()
+            id_cut = all_counts[r]
             id_parts = torch.split(all_ids[r], id_cut)
-            val_cut = [c * _row_width(p) for c, p in zip(id_cut, params)]
+            val_cut = [c * w for c, w in zip(id_cut, widths)]
             val_parts = torch.split(all_values[r], val_cut)
             for i, p in enumerate(params):
                 per_table_ids[i].append(id_parts[i])
