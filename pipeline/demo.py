@@ -100,70 +100,30 @@ def run_demo(cfg: DemoConfig, out: str | Path) -> dict[str, float]:
 
 
 def _log_loss_curves(history: list[dict[str, float]], tasks: list[str]) -> None:
-    if not history:
-        return
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import mlflow
 
-    fig, ax = plt.subplots(figsize=(7, 4))
-    steps = [h["step"] for h in history]
-    for t in tasks:
-        ax.plot(steps, [h[f"train/loss_{t}"] for h in history], label=t)
-    ax.set_xlabel("step")
-    ax.set_ylabel("train BCE")
-    ax.set_yscale("log")
-    ax.legend(fontsize=8)
-    ax.set_title("per-task training loss")
-    fig.tight_layout()
-    mlflow.log_figure(fig, "loss_curves.png")
-    plt.close(fig)
+    from pipeline.train import plots
 
-
-def mean_routing(model: Any, data_dir: Path, spec: Any, max_rows: int = 32768) -> dict[str, np.ndarray]:
-    """Per-task mean gate/routing weights ``[K, E]`` over (up to ``max_rows``) validation rows:
-    how much each task uses each expert."""
-    import torch
-
-    from pipeline.data import iter_local_batches
-
-    model.eval()
-    sums: dict[str, np.ndarray] = {}
-    rows = 0
-    with torch.no_grad():
-        for batch in iter_local_batches(data_dir, "valid", 8192, spec=spec):
-            for name, weights in model.routing_weights(batch.features).items():
-                if weights.dim() == 3:  # [B, K, E]
-                    sums[name] = sums.get(name, 0) + weights.sum(0).double().numpy()
-            rows += len(batch)
-            if rows >= max_rows:
-                break
-    return {name: total / rows for name, total in sums.items()}
+    figures = plots.loss_curves(history, tasks)
+    for path, fig in figures.items():
+        mlflow.log_figure(fig, path)
+    plots.close_all(figures)
 
 
 def _log_routing_heatmaps(model: Any, data_dir: Path, spec: Any) -> None:
-    """One heatmap per routing tensor (tasks x experts) as an MLflow artifact."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """One heatmap per routing tensor (tasks x experts) as an MLflow artifact, with its numbers."""
     import mlflow
 
-    for name, mean in mean_routing(model, data_dir, spec).items():
-        fig, ax = plt.subplots(figsize=(1.2 + 0.6 * mean.shape[1], 1.0 + 0.4 * mean.shape[0]))
-        im = ax.imshow(mean, cmap="viridis", vmin=0.0, aspect="auto")
-        ax.set_yticks(range(len(spec.tasks)), spec.tasks, fontsize=8)
-        ax.set_xticks(range(mean.shape[1]))
-        ax.set_xlabel("expert")
-        ax.set_title(f"mean {name} weight per task (validation)", fontsize=9)
-        for (i, j), v in np.ndenumerate(mean):
-            ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7, color="w")
-        fig.colorbar(im, ax=ax)
-        fig.tight_layout()
-        mlflow.log_figure(fig, f"routing_{name}.png")
-        plt.close(fig)
+    from pipeline.data import iter_local_batches
+    from pipeline.train import plots
+    from pipeline.train.evaluate import mean_routing
+
+    routing = mean_routing(model, iter_local_batches(data_dir, "valid", 8192, spec=spec))
+    figures = plots.routing_heatmaps(routing, spec.tasks)
+    for path, fig in figures.items():
+        mlflow.log_figure(fig, path)
+    plots.close_all(figures)
+    for name, mean in routing.items():
         mlflow.log_dict({"tasks": spec.tasks, "mean": mean.tolist()}, f"routing_{name}.json")
 
 

@@ -8,24 +8,14 @@ subprocesses; about 40 s on 2 cores."""
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-RAY = Path(sys.executable).parent / "ray"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _ray_head import RAY, REPO, ray_head, cli_env  # noqa: E402
 
 
 def _preprocess(env: dict[str, str], raw: Path, out: Path, *flags: str) -> dict:
@@ -42,25 +32,8 @@ def _gcs_port(report: dict) -> int:
 
 @pytest.mark.skipif(not RAY.exists(), reason="no ray CLI next to this Python")
 def test_local_run_does_not_join_a_running_head(tiny_raw: Path, tmp_path: Path) -> None:
-    port = _free_port()
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env.update(RAY_USAGE_STATS_ENABLED="0", PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    head = subprocess.Popen(
-        [str(RAY), "start", "--head", "--block", "--port", str(port), "--num-cpus", "1",
-         "--node-ip-address", "127.0.0.1", "--disable-usage-stats", "--include-dashboard", "false"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
-    )
-    try:
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:  # the head is up once its GCS port accepts connections
-            if head.poll() is not None:
-                pytest.skip(f"ray start --head failed here: {head.stdout.read()[-2000:]}")
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", port)) == 0:
-                    break
-            time.sleep(0.5)
-        else:
-            pytest.skip("the Ray head did not come up within 90 s on this machine")
+    env = cli_env()
+    with ray_head(1, env, tmp_path) as port:
         local = _preprocess(env, tiny_raw, tmp_path / "local", "--num-cpus", "1")
         assert _gcs_port(local) != port
         # the head made a token (Ray's default); a driver joining it must look for the token
@@ -68,10 +41,3 @@ def test_local_run_does_not_join_a_running_head(tiny_raw: Path, tmp_path: Path) 
                              "--address", f"127.0.0.1:{port}")
         assert _gcs_port(joined) == port  # the check tells joining from not joining
         assert joined["splits"] == local["splits"]
-    finally:
-        os.killpg(head.pid, signal.SIGTERM)  # the head and what it started: our own process group
-        try:
-            head.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
-            head.wait(timeout=10)

@@ -12,7 +12,7 @@ Example:
 from __future__ import annotations
 
 import inspect
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -26,34 +26,43 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class ModelConfig(Strict):
+class _Registered(Strict):
+    """A name from a registry and the keyword arguments of what it names (both checked here)."""
+
+    name: str
+    params: dict[str, Any] = Field(default_factory=dict)
+
+    _kind: ClassVar[str]
+    _skip: ClassVar[set[str]]
+    _registry: ClassVar[dict[str, Any]]
+
+    @model_validator(mode="after")
+    def _known(self) -> "_Registered":
+        registry = self._registry
+        if self.name not in registry:
+            raise ValueError(f"{self._kind}.name {self.name!r} unknown; registered: {sorted(registry)}")
+        if "compute_dtype" in self.params:
+            raise ValueError("set the body's precision with train.precision, not model.params.compute_dtype")
+        _check_kwargs(registry[self.name], self.params, f"{self._kind}.params of {self.name!r}", skip=self._skip)
+        return self
+
+
+class ModelConfig(_Registered):
     """An architecture from :data:`mtl.models.MODELS` and its keyword arguments."""
 
     name: str = "mmoe"
-    params: dict[str, Any] = Field(default_factory=dict)
-
-    @model_validator(mode="after")
-    def _known(self) -> "ModelConfig":
-        if self.name not in MODELS:
-            raise ValueError(f"model.name {self.name!r} unknown; registered: {sorted(MODELS)}")
-        if "compute_dtype" in self.params:
-            raise ValueError("set the body's precision with train.precision, not model.params.compute_dtype")
-        _check_kwargs(MODELS[self.name], self.params, f"model.params of {self.name!r}", skip={"spec", "sparse_gradients"})
-        return self
+    _kind: ClassVar[str] = "model"
+    _skip: ClassVar[set[str]] = {"spec", "sparse_gradients"}
+    _registry: ClassVar[dict[str, Any]] = MODELS
 
 
-class StrategyConfig(Strict):
+class StrategyConfig(_Registered):
     """A strategy from :data:`mtl.strategies.STRATEGIES` and its keyword arguments."""
 
     name: str = "equal"
-    params: dict[str, Any] = Field(default_factory=dict)
-
-    @model_validator(mode="after")
-    def _known(self) -> "StrategyConfig":
-        if self.name not in STRATEGIES:
-            raise ValueError(f"strategy.name {self.name!r} unknown; registered: {sorted(STRATEGIES)}")
-        _check_kwargs(STRATEGIES[self.name], self.params, f"strategy.params of {self.name!r}", skip={"num_tasks"})
-        return self
+    _kind: ClassVar[str] = "strategy"
+    _skip: ClassVar[set[str]] = {"num_tasks"}
+    _registry: ClassVar[dict[str, Any]] = STRATEGIES
 
 
 class OptimizerConfig(Strict):
@@ -198,7 +207,7 @@ def _check_kwargs(factory: Any, params: dict[str, Any], where: str, skip: set[st
                 continue
     else:
         accepted = set(sig.parameters)
-    accepted -= {"self", "kw", "kwargs"} | skip
+    accepted -= {"self", "args", "kw", "kwargs"} | skip
     unknown = sorted(set(params) - accepted)
     if unknown:
         raise ValueError(f"{where}: unknown parameter(s) {unknown}; accepted: {sorted(accepted)}")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import math
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -102,22 +103,29 @@ def _at_max(state: TrainState) -> bool:
 
 def _log_record(state: TrainState, running: list[Tensor], hooks: LoopHooks) -> dict[str, Any]:
     mean = hooks.mean_over_ranks(torch.stack(running).mean(0)).tolist()
+    now = time.perf_counter()
     record: dict[str, Any] = {"step": state.step, "epoch": state.epoch}
+    last = state.extra.get("_last_log_time")
+    if last is not None:  # wall time per step since the last record (evaluations excluded)
+        record["perf/step_s"] = (now - last - state.extra.pop("_eval_time", 0.0)) / len(running)
     record.update({f"train/loss_{t}": float(v) for t, v in zip(state.spec.tasks, mean)})
     grams = state.monitor.read()
     if grams is not None:
         record["gradients"] = grams
     hooks.on_log(state, record)
+    state.extra["_last_log_time"] = time.perf_counter()
     return record
 
 
 def _evaluate(state: TrainState, hooks: LoopHooks, stop: "_EarlyStop", result: FitResult) -> None:
+    started = time.perf_counter()
     metrics = dict(hooks.evaluate(state))
     metrics["step"], metrics["epoch"] = float(state.step), float(state.epoch)
     is_best = stop.update(state, metrics)
     state.extra["last_eval_step"] = state.step
     result.evaluations.append(metrics)
     hooks.on_eval(state, metrics, is_best)
+    state.extra["_eval_time"] = state.extra.get("_eval_time", 0.0) + time.perf_counter() - started
 
 
 class _EarlyStop:

@@ -357,7 +357,7 @@ def _broadcast(metrics: dict[str, float]) -> dict[str, float]:
 
 
 def _flat_log(record: dict[str, Any], tasks: list[str]) -> dict[str, float]:
-    out = {k: v for k, v in record.items() if k.startswith("train/")}
+    out = {k: v for k, v in record.items() if k.startswith(("train/", "perf/"))}
     g = record.get("gradients")
     if g:
         k = len(tasks)
