@@ -19,13 +19,16 @@ import os
 import warnings
 
 
-def ensure_ray(num_cpus: int | None = None, address: str | None = None) -> None:
+def ensure_ray(num_cpus: int | None = None, address: str | None = None,
+               object_store_memory: int | None = None) -> None:
     """Start or join Ray unless it is already initialised in this process; quiet Ray Data.
 
     Args:
         num_cpus: CPUs of a local Ray (default: all); must be positive.
         address: a cluster address (``"auto"``, ``"ray://host:10001"``, ``"127.0.0.1:6379"``);
             default ``RAY_ADDRESS`` or, if unset, a new local Ray.
+        object_store_memory: bytes of a local Ray's object store (default: Ray's, ~30 % of
+            RAM); smaller makes large datasets spill to disk sooner instead of filling memory.
     """
     import ray
 
@@ -40,7 +43,7 @@ def ensure_ray(num_cpus: int | None = None, address: str | None = None) -> None:
         else:
             ray.init(
                 address="local", num_cpus=num_cpus, include_dashboard=False,
-                log_to_driver=False, _node_ip_address="127.0.0.1",
+                log_to_driver=False, _node_ip_address="127.0.0.1", object_store_memory=object_store_memory,
             )
     quiet_ray_data()
 

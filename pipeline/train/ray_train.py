@@ -106,13 +106,35 @@ def _keep_rank(table: pa.Table, rank: int, world: int) -> pa.Table:
 
 
 def materialize_shard(iterator: Any, spec: FeatureSpec) -> Batch | None:
-    """A worker's whole shard as one :class:`Batch`, in source-row order (None if empty)."""
-    parts = [b for b in iterator.iter_batches(batch_format="pyarrow", batch_size=None) if b.num_rows]
+    """A worker's whole shard as one :class:`Batch`, in source-row order (None if empty).
+
+    Each Arrow block is converted to tensors as it arrives and dropped, and the columns are
+    joined one at a time, so the peak is about the tensors plus one block and one column
+    (not the Arrow shard and its tensors side by side)."""
+    parts: list[Batch] = []
+    for block in iterator.iter_batches(batch_format="pyarrow", batch_size=None):
+        if block.num_rows:
+            parts.append(arrow_to_batch(block, spec))
     if not parts:
         return None
-    table = pa.concat_tables(parts)
-    table = table.take(pa.array(np.argsort(table.column("_row").to_numpy(), kind="stable")))
-    return arrow_to_batch(table, spec)
+    whole = _concat_freeing(parts)
+    rows = whole.meta["_row"].numpy()
+    if len(rows) > 1 and not bool(np.all(rows[1:] > rows[:-1])):  # blocks arrived out of order
+        whole = take_rows(whole, torch.from_numpy(np.argsort(rows, kind="stable")))
+    return whole
+
+
+def _concat_freeing(parts: list[Batch]) -> Batch:
+    """``parts`` joined column by column, each part's column released once copied."""
+    features: dict[str, torch.Tensor] = {}
+    meta: dict[str, torch.Tensor] = {}
+    for key in list(parts[0].features):
+        features[key] = torch.cat([p.features.pop(key) for p in parts])
+    for key in list(parts[0].meta):
+        meta[key] = torch.cat([p.meta.pop(key) for p in parts])
+    labels = None if parts[0].labels is None else torch.cat([p.labels for p in parts])  # type: ignore[misc]
+    mask = None if parts[0].mask is None else torch.cat([p.mask for p in parts])  # type: ignore[misc]
+    return Batch(features, labels, mask, meta)
 
 
 def split_rows(batch: Batch | None, size: int) -> list[Batch]:
@@ -452,7 +474,7 @@ def make_trainer(job: TrainJobConfig, data_dir: str | Path, out: str | Path, spe
 
 
 def run_train(job: TrainJobConfig, data_dir: str | Path, out: str | Path, address: str | None = None,
-              num_cpus: int | None = None) -> TrainOutcome:
+              num_cpus: int | None = None, object_store_memory: int | None = None) -> TrainOutcome:
     """Train on Ray Train (``job.scaling.num_workers`` workers) and log to MLflow: checks
     (:func:`check_job`) before any worker starts, one MLflow run (config, params, per-step and
     per-evaluation metrics, plots, the model), the run's Ray storage under ``out/ray``."""
@@ -464,7 +486,7 @@ def run_train(job: TrainJobConfig, data_dir: str | Path, out: str | Path, addres
     data_dir, out = Path(data_dir).resolve(), Path(out).resolve()
     spec = check_job(job, data_dir)
     out.mkdir(parents=True, exist_ok=True)
-    ensure_ray(num_cpus=num_cpus, address=address)
+    ensure_ray(num_cpus=num_cpus, address=address, object_store_memory=object_store_memory)
     uri = resolve_tracking_uri(job.mlflow.tracking_uri, out)
     run_name = job.mlflow.run_name or f"{job.train.model.name}-{job.train.strategy.name}-{job.train.sync}"
     with tracked_run(uri, job.mlflow.experiment, run_name=run_name, artifact_root=out / "mlartifacts") as run_id:

@@ -20,13 +20,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override, repeatable")
     parser.add_argument("--address", default=None, help="Ray cluster to join (default: RAY_ADDRESS, else a new local Ray)")
     parser.add_argument("--num-cpus", type=int, default=None, help="CPUs of a new local Ray (default: all)")
+    parser.add_argument("--object-store-gb", type=float, default=None,
+                        help="object store of a new local Ray in GB (default: Ray's); smaller spills large shards to disk sooner")
 
 
 def run(args: argparse.Namespace) -> int:
     from pipeline.train.ray_train import run_train
 
     job = load_config(TrainJobConfig, _resolve(args.config), args.set)
-    outcome = run_train(job, args.data, args.out, address=args.address, num_cpus=args.num_cpus)
+    store = int(args.object_store_gb * 2**30) if args.object_store_gb else None
+    outcome = run_train(job, args.data, args.out, address=args.address, num_cpus=args.num_cpus, object_store_memory=store)
     keys = sorted(k for k in outcome.metrics if k.endswith("/score") or "/uauc_" in k)
     width = max((len(k) for k in keys), default=0)
     for k in keys:
