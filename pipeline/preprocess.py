@@ -565,7 +565,8 @@ def ordered_split(times: np.ndarray, valid_fraction: float, test_fraction: float
 
     The last ``test_fraction`` of the rows by time go to test, the ``valid_fraction`` before
     them to valid. Rows sharing a time are never split apart: the rows at a boundary time all
-    go to the side that brings the split's size nearer its fraction (the later side on a tie).
+    go to the side that brings the split's size nearer its fraction (the later side on a tie),
+    except that a split asked for rows is not left empty when that time's rows can fill it.
 
     Example:
         >>> codes, bounds = ordered_split(np.array([5, 1, 2, 2, 3, 4, 4, 4, 6, 7]), 0.2, 0.2)
@@ -588,6 +589,8 @@ def ordered_split(times: np.ndarray, valid_fraction: float, test_fraction: float
         t = ordered[cut]
         lo = int(np.searchsorted(ordered, t, side="left"))  # the time's rows go later
         hi = int(np.searchsorted(ordered[:rows_before], t, side="right"))  # ...or earlier
+        if hi == rows_before:  # the nearer choice would leave the asked-for split empty
+            return lo
         return lo if cut - lo <= hi - cut else hi
 
     test_at = start(n, int(round(test_fraction * n)))

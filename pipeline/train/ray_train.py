@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 import os
 import signal
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,9 +41,9 @@ from mtl.distributed import Collectives
 from mtl.features import FeatureSpec
 from mtl.strategies import NonFiniteLossError
 from pipeline.config import dump_config
-from pipeline.data import Batch, MaterializedShard, arrow_to_batch, load_spec, ray_dataset, split_files, take_rows
+from pipeline.data import Batch, MaterializedShard, arrow_to_batch, load_spec, ray_dataset, read_split, split_files, take_rows
 from pipeline.train import plots
-from pipeline.train.config import TrainJobConfig
+from pipeline.train.config import TrainJobConfig, steps_warning
 from pipeline.train.evaluate import mean_routing, oracle_metrics, predict_batches, score_predictions
 from pipeline.train.loop import FitResult, LoopHooks, fit
 from pipeline.train.step import TrainState, build
@@ -409,6 +410,12 @@ def check_job(job: TrainJobConfig, data_dir: str | Path) -> FeatureSpec:
     nan = job.failure.nan_label_at
     if nan is not None and nan.task not in spec.tasks:
         raise ValueError(f"failure.nan_label_at.task {nan.task!r} is not a task of {data_dir}: {spec.tasks}")
+    # issue 12: too few optimiser steps for the data is a warning (stderr) with the numbers
+    world = job.scaling.num_workers
+    row_ids = read_split(data_dir, job.data.train_split, columns=["_row"])["_row"].to_numpy()
+    warning = steps_warning(job.train, np.bincount(row_ids % world, minlength=world).tolist())  # rank r: _row % world == r
+    if warning:
+        print(f"train: {warning}", file=sys.stderr)
     return spec
 
 
