@@ -145,7 +145,8 @@ def _brute_history(fed: pd.DataFrame, rows: pd.DataFrame, key: str, window: int)
 
 @pytest.mark.slow
 @pytest.mark.parametrize("protocol", ["online", "train_only"])
-def test_movielens_config_on_a_synthetic_log(synthetic_ml: Path, tmp_path: Path, ray_session, protocol: str) -> None:
+def test_movielens_config_on_a_synthetic_log(synthetic_ml: Path, tmp_path: Path, ray_session, protocol: str,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
     cfg = load_config(DatasetConfig, MOVIELENS, [f"history.protocol={protocol}"])
     report = preprocess(cfg, synthetic_ml, tmp_path / "out")
     ratings = pd.read_csv(synthetic_ml / "ratings.csv")
@@ -187,3 +188,12 @@ def test_movielens_config_on_a_synthetic_log(synthetic_ml: Path, tmp_path: Path,
         np.testing.assert_allclose(got[:, names.index("hist_movieId_2592000s_n")], np.log1p(want[:, 0]), rtol=1e-6)
         np.testing.assert_allclose(got[:, names.index("hist_movieId_2592000s_liked_count")], np.log1p(want[:, 1]), rtol=1e-6)
     assert re.search(r"MovieLens", report["attribution"])
+    if protocol == "online":  # the train stage's check: the computed steps, per rank as the workers split rows
+        from pipeline.train.config import TrainJobConfig
+        from pipeline.train.ray_train import check_job
+
+        capsys.readouterr()
+        check_job(TrainJobConfig(train={"batch_size": 256, "epochs": 3}, scaling={"num_workers": 2}), tmp_path / "out")
+        per_rank = np.bincount(parts["train"]._row.to_numpy() % 2, minlength=2)
+        steps = -(-per_rank.max() // 256) * 3
+        assert f"train: warning: this run takes {steps} optimiser steps, fewer than 300" in capsys.readouterr().err

@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 import torch.distributed as dist
 
@@ -411,12 +412,21 @@ def check_job(job: TrainJobConfig, data_dir: str | Path) -> FeatureSpec:
     if nan is not None and nan.task not in spec.tasks:
         raise ValueError(f"failure.nan_label_at.task {nan.task!r} is not a task of {data_dir}: {spec.tasks}")
     # issue 12: too few optimiser steps for the data is a warning (stderr) with the numbers
-    world = job.scaling.num_workers
-    row_ids = read_split(data_dir, job.data.train_split, columns=["_row"])["_row"].to_numpy()
-    warning = steps_warning(job.train, np.bincount(row_ids % world, minlength=world).tolist())  # rank r: _row % world == r
+    warning = steps_warning(job.train, _rows_per_rank(data_dir, job.data.train_split, job.scaling.num_workers))
     if warning:
         print(f"train: {warning}", file=sys.stderr)
     return spec
+
+
+def _rows_per_rank(data_dir: Path, split: str, world: int) -> list[int]:
+    """Training rows of each rank: rank ``r`` keeps the rows with ``_row % world == r``
+    (:func:`rank_shards`); an even split where the files have no ``_row``."""
+    try:
+        row_ids = read_split(data_dir, split, columns=["_row"])["_row"].to_numpy()
+    except (KeyError, pa.ArrowInvalid):
+        n = sum(pq.read_metadata(p).num_rows for p in split_files(data_dir, split))
+        return [n // world + (r < n % world) for r in range(world)]
+    return np.bincount(row_ids % world, minlength=world).tolist()
 
 
 def make_trainer(job: TrainJobConfig, data_dir: str | Path, out: str | Path, spec: FeatureSpec,
