@@ -26,25 +26,27 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 ColumnType = Literal["int", "float", "str"]
+TimeUnit = Literal["days", "seconds"]
+#: the suffix of a history window in feature names: ``hist_userid_7d_n``, ``hist_userId_86400s_n``
+TIME_UNIT_SUFFIX: dict[str, str] = {"days": "d", "seconds": "s"}
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # a string literal under a field is its description: docs/dataset_config.md is generated
+    # from these (scripts/dataset_config_doc.py), and a test fails on a field without one
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
 
 class FileConfig(_Strict):
-    """A source file under ``--raw``.
-
-    Args:
-        path: path relative to the raw directory (``.csv`` or ``.parquet``).
-        columns: the columns read and their expected types; every listed column must exist.
-            Other columns of the file are ignored (never read).
-        nullable: columns that may be empty; anything else empty/NaN is an error.
-    """
+    """A source file under ``--raw`` (``.csv`` with a header line, or ``.parquet``)."""
 
     path: str
+    """Path relative to the raw directory (``.csv`` or ``.parquet``)."""
     columns: dict[str, ColumnType]
+    """The columns read and their types (``int``, ``float``, ``str``); every listed column must
+    exist. Other columns of the file are ignored (never read)."""
     nullable: list[str] = Field(default_factory=list)
+    """Columns that may be empty; anything else empty/NaN is an error naming file, column and row."""
 
     @model_validator(mode="after")
     def _check(self) -> "FileConfig":
@@ -55,30 +57,24 @@ class FileConfig(_Strict):
 
 
 class SideTableConfig(FileConfig):
-    """A table joined to the main rows on ``key`` (one row per key value).
-
-    Args:
-        key: the key column; it must exist in the main rows and be unique here.
-        on_missing: a main row whose key is absent here: ``error`` (default) or ``null``
-            (its side columns become missing; counted in the report).
-    """
+    """A table joined to the main rows on ``key`` (one row per key value), e.g. item metadata."""
 
     key: str
+    """The key column; it must exist in the main rows and be unique here."""
     on_missing: Literal["error", "null"] = "error"
+    """A main row whose key is absent here: ``error``, or ``null`` (its side columns become
+    missing: OOV / 0 / empty list; counted under ``repairs`` in ``report.json``)."""
 
 
 class ExtraRowsConfig(FileConfig):
-    """Unlabelled rows appended to the main rows (e.g. WeChat ``test_a.csv`` = day 15).
-
-    Args:
-        assign: constant values for columns the file lacks (e.g. ``{date_: 15}``).
-    """
+    """Unlabelled rows appended to the main rows (e.g. WeChat ``test_a.csv`` = day 15)."""
 
     assign: dict[str, Any] = Field(default_factory=dict)
+    """Constant values for main columns the file lacks (e.g. ``{date_: 15}``)."""
 
 
 class LabelConfig(_Strict):
-    """A task label.
+    """A task label, 0/1 per main row.
 
     Without ``positive`` the column must hold only 0 and 1. With ``positive`` the label is 1
     for those values and 0 for the ``negative`` values; any other value (UCI's test file writes
@@ -87,10 +83,15 @@ class LabelConfig(_Strict):
     """
 
     name: str
+    """The task name (the label column in the output, the model's task)."""
     column: str | None = None
+    """The source column (default: ``name``)."""
     positive: list[Any] | None = None
+    """Values that make the label 1 (of the column's type: ``[4.0, 4.5, 5.0]`` for a float rating)."""
     negative: list[Any] | None = None
+    """Values that make the label 0; required with ``positive`` unless ``unlisted: negative``."""
     unlisted: Literal["error", "negative"] = "error"
+    """A value in neither list: ``error``, or ``negative`` (taken as 0, counted in the report)."""
 
     @model_validator(mode="after")
     def _default_column(self) -> "LabelConfig":
@@ -114,11 +115,15 @@ class LabelConfig(_Strict):
 
 
 class SparseConfig(_Strict):
-    """A categorical id: vocabulary = values seen in training rows; others -> OOV (``V``)."""
+    """A categorical id (int or str): vocabulary = values seen in training rows; any other
+    value, and an empty one, -> the OOV id ``V`` (counted per split in the report)."""
 
     name: str
+    """The feature name."""
     column: str | None = None
+    """The source column, in the main file or a side table (default: ``name``)."""
     embedding_dim: int = 16
+    """Width of the feature's embedding."""
 
     @model_validator(mode="after")
     def _default_column(self) -> "SparseConfig":
@@ -128,12 +133,16 @@ class SparseConfig(_Strict):
 
 
 class DenseConfig(_Strict):
-    """A number. ``transform``: ``none``, ``log1p`` (values must be >= 0), ``standard``
-    (z-score with training mean/std) or ``log1p_standard``."""
+    """A number, scaled with statistics of the training rows (an empty value -> 0 before
+    scaling, counted under ``repairs``)."""
 
     name: str
+    """The feature name."""
     column: str | None = None
+    """The source column (default: ``name``)."""
     transform: Literal["none", "log1p", "standard", "log1p_standard"] = "none"
+    """``none``, ``log1p`` (values must be >= 0), ``standard`` (z-score with the training
+    mean/std) or ``log1p_standard``."""
 
     @model_validator(mode="after")
     def _default_column(self) -> "DenseConfig":
@@ -143,23 +152,30 @@ class DenseConfig(_Strict):
 
 
 class ListConfig(_Strict):
-    """A multi-hot id list stored as a string, e.g. ``"12;7;33"``.
-
-    Args:
-        sep: separator between entries.
-        weighted: entries are ``"id<pair_sep>weight"`` pairs (e.g. machine tags with their
-            probability); the weights become the ``<name>__weight`` column.
-        max_len: kept entries (longer lists are truncated, counted in the report).
-    """
+    """A multi-hot list stored as one string, e.g. ``"12;7;33"`` or ``"Comedy|Romance"``: the
+    entries are mapped by a vocabulary of the training rows' entries (unseen -> OOV ``V``)."""
 
     name: str
+    """The feature name."""
     column: str | None = None
+    """The source column (default: ``name``); an empty value is an empty list."""
     sep: str = ";"
+    """Separator between entries (a literal string, not a pattern)."""
+    tokens: Literal["int", "str"] = "int"
+    """Entry type: ``int`` (every entry must be an integer id; anything else is an error naming
+    file, column and row) or ``str`` (any non-empty token, e.g. genre names)."""
     weighted: bool = False
+    """Entries are ``"id<pair_sep>weight"`` pairs (e.g. machine tags with their probability);
+    the weights become the ``<name>__weight`` column."""
     pair_sep: str = " "
+    """Separator between id and weight of a weighted entry."""
     max_len: int = 8
+    """Entries kept per row (longer lists are truncated before the vocabulary is fitted,
+    counted in the report)."""
     embedding_dim: int = 16
+    """Width of the entries' embedding."""
     pooling: Literal["mean", "sum"] = "mean"
+    """How a row's entry embeddings are pooled."""
 
     @model_validator(mode="after")
     def _default_column(self) -> "ListConfig":
@@ -169,19 +185,19 @@ class ListConfig(_Strict):
 
 
 class VectorConfig(_Strict):
-    """A fixed-width vector stored as a ``sep``-joined string of ``width`` floats.
-
-    Args:
-        width: the expected number of floats in the source (e.g. 512).
-        pca_dim: reduce to this many dimensions by PCA fitted on the rows of training
-            items only (None: keep all ``width``).
-    """
+    """A fixed-width vector stored as a ``sep``-joined string of ``width`` floats."""
 
     name: str
+    """The feature name."""
     column: str | None = None
+    """The source column (default: ``name``)."""
     sep: str = " "
+    """Separator between the floats (``" "``: any run of white space)."""
     width: int
+    """The expected number of floats in the source (e.g. 512); another count is an error."""
     pca_dim: int | None = None
+    """Reduce to this many dimensions by PCA fitted on the rows of training items only
+    (None: keep all ``width``)."""
 
     @model_validator(mode="after")
     def _default_column(self) -> "VectorConfig":
@@ -191,20 +207,32 @@ class VectorConfig(_Strict):
 
 
 class HistoryConfig(_Strict):
-    """Per-key action statistics over the ``w`` days strictly before a row's day.
+    """Per-key action statistics over a window of time strictly before a row's time.
 
     For every key group (e.g. ``[userid]``, ``[userid, authorid]``) one dense feature
     ``hist_<keys>`` of width ``len(windows) * (1 + len(stats) * len(actions))``: per window
-    ``w``, log1p(impressions in days d-w..d-1), then per stat and action either
-    ``count`` = log1p(positives) or ``rate`` = positives / impressions (0 when none).
+    ``w``, log1p(impressions at times t-w..t-1), then per stat and action either
+    ``count`` = log1p(positives) or ``rate`` = positives / impressions (0 when none). Rows at
+    the row's own time (the same day, or the same second) never count.
     """
 
     keys: list[list[str]]
-    # a window w covers days d-w..d-1: w <= 0 would reach into the row's own day (a label leak)
-    # or beyond (NaN/-inf features), so every window is a whole number of days >= 1
+    """Key groups; each key a column of the main file or a side table."""
+    # a window w covers times t-w..t-1: w <= 0 would reach into the row's own time (a label
+    # leak) or beyond (NaN/-inf features), so every window is a whole number >= 1
     windows: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [1, 3, 7], min_length=1)
+    """Window lengths in the time column's units (``time_unit``: days, or seconds: 86400 is
+    one day); feature names carry the unit (``hist_userid_7d_n``, ``hist_userId_86400s_n``)."""
     stats: list[Literal["count", "rate"]] = Field(default_factory=lambda: ["count", "rate"])
-    actions: list[str] | None = None  # label names; default: all labels
+    """Per action: ``count`` (log1p of positives) and/or ``rate`` (positives / impressions)."""
+    actions: list[str] | None = None
+    """Label names counted (default: all labels)."""
+    protocol: Literal["online", "train_only"] = "online"
+    """Which labelled rows feed history: ``online`` — every labelled row, whatever its split,
+    feeds the features of later rows (as a deployed system that sees each outcome as it
+    happens: validation/test rows read earlier validation labels); ``train_only`` — rows of the
+    valid and test splits never feed history (training rows and rows outside every split do),
+    so no evaluation label reaches any feature. Recorded in ``report.json`` (``history``)."""
 
     @field_validator("windows")
     @classmethod
@@ -215,79 +243,110 @@ class HistoryConfig(_Strict):
 
 
 class DedupConfig(_Strict):
-    """Duplicate main rows on ``keys``: keep the ``last`` or ``first`` in file order, or keep
-    ``all``. The count of duplicates is always reported."""
+    """Duplicate main rows (equal on ``keys``); the count of duplicates is always reported."""
 
     keys: list[str]
+    """Main columns whose equal values make rows duplicates."""
     keep: Literal["last", "first", "all"] = "last"
+    """Keep the ``last`` or ``first`` in file order (the others are dropped, counted), or ``all``."""
 
 
 class SplitConfig(_Strict):
-    """``day``: rows by the ``time`` column into inclusive day ranges (train, valid, test;
-    rows in none of them feed history features only, counted). ``random``: a seeded
-    fraction of rows to valid and test."""
+    """Which rows are train, valid and test.
 
-    kind: Literal["day", "random"]
+    ``day``: rows by the ``time`` column into inclusive ranges (train, valid, test; in the
+    time column's units; rows in none of them feed history features only, counted).
+    ``random``: a seeded fraction of rows to valid and test. ``ordered``: by time — the last
+    ``test_fraction`` of labelled rows to test, the ``valid_fraction`` before them to valid;
+    rows sharing a time stay on one side (the later one), so the fractions are met as closely
+    as ties allow and the boundary times are reported (``split_boundaries``). Unlabelled
+    (extra) rows go to test under ``random`` and ``ordered``.
+    """
+
+    kind: Literal["day", "random", "ordered"]
+    """``day`` (time ranges), ``random`` (seeded fractions) or ``ordered`` (fractions of time)."""
     train_days: tuple[int, int] | None = None
+    """``day``: inclusive ``[first, last]`` time of training rows (needed)."""
     valid_days: tuple[int, int] | None = None
+    """``day``: inclusive time range of validation rows (None: no valid split)."""
     test_days: tuple[int, int] | None = None
+    """``day``: inclusive time range of test rows (None: no test split)."""
     valid_fraction: float = 0.1
+    """``random``/``ordered``: the fraction of labelled rows for validation."""
     test_fraction: float = 0.1
+    """``random``/``ordered``: the fraction of labelled rows for test."""
     seed: int = 0
+    """``random``: the seed of the row draw."""
 
     @model_validator(mode="after")
     def _check(self) -> "SplitConfig":
         if self.kind == "day" and self.train_days is None:
             raise ValueError("split.kind=day needs train_days")
-        if self.kind == "random" and not (0 <= self.valid_fraction + self.test_fraction < 1):
-            raise ValueError("split: valid_fraction + test_fraction must be in [0, 1)")
+        if self.kind != "day" and not (
+            self.valid_fraction >= 0 and self.test_fraction >= 0 and self.valid_fraction + self.test_fraction < 1
+        ):
+            raise ValueError(f"split: valid_fraction and test_fraction must be >= 0 with a sum below 1 (kind={self.kind})")
         return self
 
 
 class NegativeSamplingConfig(_Strict):
     """Per-action negative down-sampling of training rows: for action ``a`` a negative row is
     kept with probability ``rates[a]``; a row is written if it is kept for any action and
-    ``_mask__<task>`` columns say for which (missing actions: rate 1). Seeded by ``seed``
-    and the source row number, so it does not depend on batching."""
+    ``_mask__<task>`` columns say for which. Seeded by ``seed`` and the source row number, so
+    it does not depend on batching."""
 
     rates: dict[str, float]
+    """Label name -> keep probability of its negatives (labels not listed: 1)."""
     seed: int = 0
+    """The seed of the draw."""
 
 
 class DatasetConfig(_Strict):
-    """A raw dataset: files and column roles.
-
-    Args:
-        name: dataset name (recorded in the report).
-        main: the file with one row per example (impression).
-        side_tables: tables joined on a key column of the main rows.
-        extra_rows: unlabelled rows appended (test impressions).
-        user: raw user id column (kept as ``_user`` for per-user metrics), optional.
-        item: raw item id column (kept as ``_item``), optional.
-        time: day column (integer days), needed by ``split.kind=day`` and history.
-        labels, sparse, dense, lists, vectors: column roles.
-        drop: columns that must not be used as features (checked), e.g. label leaks.
-    """
+    """A raw dataset: its files and the role each column plays (the top level of a
+    ``configs/datasets/*.yaml`` file)."""
 
     name: str
+    """Dataset name (recorded in the report)."""
     attribution: str | None = None
+    """Citation and licence of the data (recorded in the report)."""
     main: FileConfig
+    """The file with one row per example (an impression, a rating)."""
     side_tables: list[SideTableConfig] = Field(default_factory=list)
+    """Tables joined on a key column of the main rows (item or user metadata)."""
     extra_rows: list[ExtraRowsConfig] = Field(default_factory=list)
+    """Unlabelled rows appended to the main rows (test impressions)."""
     user: str | None = None
+    """Raw user id column, kept as ``_user`` (per-user metrics such as uAUC); optional."""
     item: str | None = None
+    """Raw item id column, kept as ``_item``; optional."""
     time: str | None = None
+    """Time column (integers >= 0, in ``time_unit``), kept as ``_day``; needed by
+    ``split.kind`` ``day`` and ``ordered`` and by history features."""
+    time_unit: TimeUnit = "days"
+    """Unit of the time column: ``days`` (day numbers, as WeChat's ``date_``) or ``seconds``
+    (e.g. Unix timestamps). History windows and ``split.*_days`` ranges are in this unit."""
     labels: list[LabelConfig]
+    """The tasks (at least one)."""
     sparse: list[SparseConfig] = Field(default_factory=list)
+    """Categorical id features."""
     dense: list[DenseConfig] = Field(default_factory=list)
+    """Numeric features."""
     lists: list[ListConfig] = Field(default_factory=list)
+    """Multi-hot list features (ids or string tokens in one string column)."""
     vectors: list[VectorConfig] = Field(default_factory=list)
+    """Fixed-width float vector features (optionally PCA-reduced)."""
     drop: list[str] = Field(default_factory=list)
+    """Columns that must not be used as features (checked), e.g. label leaks."""
     history: HistoryConfig | None = None
+    """Per-key history features from strictly earlier rows (None: none)."""
     dedup: DedupConfig | None = None
+    """De-duplication of the main rows (None: rows kept as they are)."""
     split: SplitConfig
+    """The train/valid/test rule."""
     negative_sampling: NegativeSamplingConfig | None = None
+    """Per-action negative down-sampling of training rows (None: none)."""
     rows_per_block: int = Field(200_000, ge=1)
+    """Rows per Ray Data block (and per output Parquet file); a performance knob only."""
 
     @model_validator(mode="after")
     def _check_roles(self) -> "DatasetConfig":
@@ -314,8 +373,8 @@ class DatasetConfig(_Strict):
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
             raise ValueError(f"duplicate feature/label names {dup}")
-        if self.split.kind == "day" and self.time is None:
-            raise ValueError("split.kind=day needs the time column (time:)")
+        if self.split.kind in ("day", "ordered") and self.time is None:
+            raise ValueError(f"split.kind={self.split.kind} needs the time column (time:)")
         if self.history is not None:
             if self.time is None:
                 raise ValueError("history features need the time column (time:)")

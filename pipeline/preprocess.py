@@ -11,12 +11,14 @@ What a :class:`pipeline.datasets.DatasetConfig` describes is done in this order:
 2. check labels (0/1 only, or derived from ``positive`` values), de-duplicate main rows
    (``keep`` last/first/all, count reported), append extra unlabelled rows (``test_a.csv``);
 3. join side tables on their key (a key missing there is an error unless ``on_missing: null``);
-4. assign splits (by day ranges or seeded random fractions);
+4. assign splits (by time ranges, seeded random fractions, or fractions ordered by time);
 5. fit on training rows only: vocabularies (ids to ``0..V-1``; anything else -> ``V``, the
    OOV row of :class:`mtl.inputs.InputModule`, counted per split), dense standardisation,
    PCA of vectors (on the distinct training items), list vocabularies;
-6. history features from strictly earlier days: per key group and window ``w`` the
-   impressions and action counts/rates over days ``d-w .. d-1`` (labelled rows only);
+6. history features from strictly earlier times (days or seconds: ``time_unit``): per key group
+   and window ``w`` the impressions and action counts/rates over times ``t-w .. t-1``, from the
+   labelled rows the ``history.protocol`` allows (``online``: all; ``train_only``: none of the
+   valid/test rows), recorded in ``report.json``;
 7. optional per-action negative down-sampling of training rows (seeded, row-hash based);
 8. Ray Data: per block, join the encoded side tables, look up history windows and write
    Parquet (``train/``, ``valid/``, ``test/``);
@@ -54,7 +56,7 @@ import pyarrow.parquet as pq
 
 from mtl.features import WEIGHT_SUFFIX, DenseFeature, FeatureSpec, ListFeature, SparseFeature, VectorFeature
 from pipeline.config import dump_config, load_config
-from pipeline.datasets import DatasetConfig, FileConfig, ListConfig, VectorConfig
+from pipeline.datasets import TIME_UNIT_SUFFIX, DatasetConfig, FileConfig, ListConfig, VectorConfig
 from pipeline.errors import ConfigError, DataError
 from pipeline.publish import check_digests, publishing
 from pipeline.ray_runtime import ensure_ray
@@ -364,7 +366,8 @@ class _Table:
 
 
 def _parse_list(arr: pa.Array, f: ListConfig, path: Path, rows: np.ndarray, csv_file: bool) -> tuple[pa.Array, pa.Array | None]:
-    """``"1;2;3"`` -> list<int64> (and list<float32> weights for ``"id w;id w"``)."""
+    """``"1;2;3"`` -> list<int64>, or with ``tokens: str`` ``"Comedy|Romance"`` -> list<string>
+    (and list<float32> weights for ``"id w;id w"``). An empty entry is an error either way."""
     arr = pc.fill_null(pc.utf8_trim_whitespace(arr), "")
     empty = np.asarray(pc.equal(arr, ""))
     tokens = pc.split_pattern(arr, f.sep)
@@ -389,10 +392,16 @@ def _parse_list(arr: pa.Array, f: ListConfig, path: Path, rows: np.ndarray, csv_
         w_s = pc.list_element(pairs, 1)
     else:
         ids_s, w_s = flat, None
-    ok = np.asarray(pc.fill_null(pc.match_substring_regex(ids_s, _INT_RE), False))
-    if not ok.all():
-        fail(~ok, "id is not an integer")
-    ids = pc.cast(ids_s, pa.int64())
+    if f.tokens == "str":
+        empty_entry = np.asarray(pc.fill_null(pc.equal(ids_s, ""), True))
+        if empty_entry.any():
+            fail(empty_entry, f"empty entry: two separators {f.sep!r} in a row, or one at an end")
+        ids = ids_s
+    else:
+        ok = np.asarray(pc.fill_null(pc.match_substring_regex(ids_s, _INT_RE), False))
+        if not ok.all():
+            fail(~ok, "id is not an integer; for string tokens set tokens: str")
+        ids = pc.cast(ids_s, pa.int64())
     offsets = tokens.offsets
     id_lists = pa.ListArray.from_arrays(offsets, ids)
     if w_s is None:
@@ -551,6 +560,58 @@ def preprocess(cfg: DatasetConfig, raw: str | Path, out: str | Path, ray_num_cpu
     return report
 
 
+def ordered_split(times: np.ndarray, valid_fraction: float, test_fraction: float) -> tuple[np.ndarray, dict[str, Any]]:
+    """Split codes (0 train, 1 valid, 2 test) of rows by time, and the boundaries.
+
+    The last ``test_fraction`` of the rows by time go to test, the ``valid_fraction`` before
+    them to valid. Rows sharing a time are never split apart: the rows at a boundary time all
+    go to the side that brings the split's size nearer its fraction (the later side on a tie),
+    except that a split asked for rows is not left empty when that time's rows can fill it.
+
+    Example:
+        >>> codes, bounds = ordered_split(np.array([5, 1, 2, 2, 3, 4, 4, 4, 6, 7]), 0.2, 0.2)
+        >>> codes.tolist()  # valid: time 5 only (1 row; with the three 4s it would be 4 rows)
+        [1, 0, 0, 0, 0, 0, 0, 0, 2, 2]
+        >>> bounds["valid_from"], bounds["test_from"]
+        (5, 6)
+    """
+    n = len(times)
+    ordered = np.sort(times, kind="stable")
+    codes = np.zeros(n, dtype=np.int8)
+    boundaries: dict[str, Any] = {}
+
+    def start(rows_before: int, wanted: int) -> int:
+        """The sorted position where the last ``wanted`` of the first ``rows_before`` rows begin,
+        moved to a change of time (whichever is nearer; ties: earlier position = larger split)."""
+        cut = max(rows_before - wanted, 0)
+        if wanted == 0 or cut >= rows_before:
+            return rows_before
+        t = ordered[cut]
+        lo = int(np.searchsorted(ordered, t, side="left"))  # the time's rows go later
+        hi = int(np.searchsorted(ordered[:rows_before], t, side="right"))  # ...or earlier
+        if hi == rows_before:  # the nearer choice would leave the asked-for split empty
+            return lo
+        return lo if cut - lo <= hi - cut else hi
+
+    test_at = start(n, int(round(test_fraction * n)))
+    valid_at = start(test_at, int(round(valid_fraction * n)))
+    order = np.argsort(times, kind="stable")
+    codes[order[valid_at:test_at]] = 1
+    codes[order[test_at:]] = 2
+    for name, at in (("valid_from", valid_at), ("test_from", test_at)):
+        boundaries[name] = _py(ordered[at]) if at < n else None
+    boundaries["fractions"] = {s: round(float((codes == k).mean()), 6) if n else 0.0 for k, s in enumerate(SPLITS)}
+    return codes, boundaries
+
+
+def history_rows(protocol: str, is_labelled: np.ndarray, split: np.ndarray) -> np.ndarray:
+    """Rows whose labels feed history features: ``online`` every labelled row; ``train_only``
+    the labelled rows outside the valid and test splits (training rows, history-only rows)."""
+    if protocol == "online":
+        return is_labelled
+    return is_labelled & (split != 1) & (split != 2)
+
+
 def _check_splits(cfg: DatasetConfig, main_path: Path, split: np.ndarray, labels: np.ndarray,
                   is_labelled: np.ndarray) -> list[str]:
     """A configured valid/test split with no rows, or a task with no positive in training, is
@@ -703,11 +764,15 @@ def _build(cfg: DatasetConfig, raw: Path, tmp: Path, ray_num_cpus: int | None, r
         days = joined(cfg.time).astype(np.int64)
         if days.min() < 0:
             i = _first_bad(days < 0)
-            raise DataError(f"{_where(sources[src[i]], cfg.time, int(row_no[i]))}: negative day {_py(days[i])}")
+            raise DataError(f"{_where(sources[src[i]], cfg.time, int(row_no[i]))}: negative time {_py(days[i])} "
+                            f"(time_unit {cfg.time_unit}: times must be >= 0)")
     if sp.kind == "day":
         for code, rng in enumerate((sp.train_days, sp.valid_days, sp.test_days)):
             if rng is not None:
                 split[(days >= rng[0]) & (days <= rng[1]) & (split < 0)] = code
+    elif sp.kind == "ordered":
+        split[:] = 2  # unlabelled (extra) rows: test, as under random
+        split[is_labelled], report["split_boundaries"] = ordered_split(days[is_labelled], sp.valid_fraction, sp.test_fraction)
     else:
         u = hash_uniform(sp.seed, 0, src.astype(np.int64) * (1 << 40) + row_no)
         split[:] = 0
@@ -858,10 +923,17 @@ def _build(cfg: DatasetConfig, raw: Path, tmp: Path, ray_num_cpus: int | None, r
     t0 = time.perf_counter()
     groups: list[HistoryGroup] = []
     hist_names: dict[str, list[str]] = {}
+    report["history"] = None
     if cfg.history is not None:
         actions_idx = [lab_names.index(a) for a in cfg.history_actions]
         day_base = int(days.max()) + 2
-        hist_rows = is_labelled
+        hist_rows = history_rows(cfg.history.protocol, is_labelled, split)
+        report["history"] = {
+            "protocol": cfg.history.protocol, "time_unit": cfg.time_unit, "windows": cfg.history.windows,
+            "rows_fed": int(hist_rows.sum()),
+            "rows_fed_by_split": {name: int((hist_rows & (split == code)).sum()) for code, name in enumerate(SPLITS)}
+                                 | {"outside_splits": int((hist_rows & (split < 0)).sum())},
+        }
         for keys in cfg.history.keys:
             name = "hist_" + "_".join(keys)
             vals = [joined(k) for k in keys]
@@ -877,7 +949,8 @@ def _build(cfg: DatasetConfig, raw: Path, tmp: Path, ray_num_cpus: int | None, r
                                  day_base, cfg.history.windows, cfg.history.stats)
             groups.append(g)
             row_cols[f"_hk_{name}"] = pa.array(g.row_codes(vals))
-            hist_names[name] = history_feature_names(name, cfg.history.windows, cfg.history_actions, cfg.history.stats)
+            hist_names[name] = history_feature_names(name, cfg.history.windows, cfg.history_actions, cfg.history.stats,
+                                                     TIME_UNIT_SUFFIX[cfg.time_unit])
             spec_dense.append(DenseFeature(name, dim=len(hist_names[name])))
     timings["history_aggregates"] = time.perf_counter() - t0
 

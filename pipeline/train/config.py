@@ -211,3 +211,44 @@ def _check_kwargs(factory: Any, params: dict[str, Any], where: str, skip: set[st
     unknown = sorted(set(params) - accepted)
     if unknown:
         raise ValueError(f"{where}: unknown parameter(s) {unknown}; accepted: {sorted(accepted)}")
+
+
+# ---- steps check (issue 12, "a training set-up that fits the data") ---------------------------
+
+#: a run with fewer optimiser steps than this gets a warning: the model barely leaves its
+#: initialisation (small logs trained with WeChat-sized batches take a few dozen steps)
+MIN_STEPS = 300
+
+
+def planned_steps(cfg: TrainConfig, rows_per_rank: list[int]) -> tuple[int, int]:
+    """``(steps per epoch, steps of the run)``: every rank runs ``ceil(max_r rows_r /
+    batch_size)`` steps an epoch (as the Ray workers agree), for ``epochs`` epochs, capped by
+    ``max_steps``.
+
+    Example:
+        >>> planned_steps(TrainConfig(batch_size=100, epochs=2), [1000, 950])
+        (10, 20)
+    """
+    per_epoch = -(-max(rows_per_rank, default=0) // cfg.batch_size)
+    total = per_epoch * cfg.epochs
+    return per_epoch, (min(total, cfg.max_steps) if cfg.max_steps is not None else total)
+
+
+def steps_warning(cfg: TrainConfig, rows_per_rank: list[int], min_steps: int = MIN_STEPS) -> str | None:
+    """A warning when the run would take fewer than ``min_steps`` optimiser steps, with the
+    computed numbers and the epochs that would reach ``min_steps``; None otherwise.
+
+    Args:
+        cfg: the run's config; rows_per_rank: training rows of each worker (one entry locally).
+    """
+    per_epoch, total = planned_steps(cfg, rows_per_rank)
+    if total >= min_steps or per_epoch == 0:
+        return None
+    if cfg.max_steps is not None and total == cfg.max_steps:
+        hint = f"raise train.max_steps (now {cfg.max_steps})"
+    else:
+        hint = f"set train.epochs={-(-min_steps // per_epoch)} or a smaller train.batch_size"
+    return (f"warning: this run takes {total} optimiser steps, fewer than {min_steps}: "
+            f"{sum(rows_per_rank)} training rows on {len(rows_per_rank)} worker(s), batch_size {cfg.batch_size} "
+            f"per worker = {per_epoch} steps per epoch x {cfg.epochs} epoch(s)"
+            f"{f', max_steps {cfg.max_steps}' if cfg.max_steps is not None else ''}; {hint}")

@@ -10,6 +10,7 @@ Example:
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +21,7 @@ import torch
 from mtl.features import FeatureSpec
 from mtl.models import MultiTaskModel
 from pipeline.data import MaterializedShard, arrow_to_batch, iter_local_batches, load_spec, read_split
-from pipeline.train.config import TrainConfig
+from pipeline.train.config import TrainConfig, steps_warning
 from pipeline.train.evaluate import predict_batches, score_predictions
 from pipeline.train.loop import FitResult, LoopHooks, fit
 from pipeline.train.step import TrainState, build
@@ -59,6 +60,9 @@ def train_local(cfg: TrainConfig, data_dir: str | Path, on_log: Callable[[int, d
     if table.num_rows == 0:
         raise ValueError(f"{data_dir}/train: no training rows")
     shard = MaterializedShard(arrow_to_batch(table, spec), cfg.batch_size, seed=cfg.seed)
+    warning = steps_warning(cfg, [table.num_rows])  # issue 12: too few steps for the data
+    if warning:
+        print(f"train_local: {warning}", file=sys.stderr)
     del table
     valid = list(iter_local_batches(data_dir, valid_split, cfg.eval_batch_size, spec=spec))
 

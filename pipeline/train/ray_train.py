@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 import os
 import signal
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 import torch.distributed as dist
 
@@ -40,9 +42,9 @@ from mtl.distributed import Collectives
 from mtl.features import FeatureSpec
 from mtl.strategies import NonFiniteLossError
 from pipeline.config import dump_config
-from pipeline.data import Batch, MaterializedShard, arrow_to_batch, load_spec, ray_dataset, split_files, take_rows
+from pipeline.data import Batch, MaterializedShard, arrow_to_batch, load_spec, ray_dataset, read_split, split_files, take_rows
 from pipeline.train import plots
-from pipeline.train.config import TrainJobConfig
+from pipeline.train.config import TrainJobConfig, steps_warning
 from pipeline.train.evaluate import mean_routing, oracle_metrics, predict_batches, score_predictions
 from pipeline.train.loop import FitResult, LoopHooks, fit
 from pipeline.train.step import TrainState, build
@@ -431,7 +433,22 @@ def check_job(job: TrainJobConfig, data_dir: str | Path) -> FeatureSpec:
     nan = job.failure.nan_label_at
     if nan is not None and nan.task not in spec.tasks:
         raise ValueError(f"failure.nan_label_at.task {nan.task!r} is not a task of {data_dir}: {spec.tasks}")
+    # issue 12: too few optimiser steps for the data is a warning (stderr) with the numbers
+    warning = steps_warning(job.train, _rows_per_rank(data_dir, job.data.train_split, job.scaling.num_workers))
+    if warning:
+        print(f"train: {warning}", file=sys.stderr)
     return spec
+
+
+def _rows_per_rank(data_dir: Path, split: str, world: int) -> list[int]:
+    """Training rows of each rank: rank ``r`` keeps the rows with ``_row % world == r``
+    (:func:`rank_shards`); an even split where the files have no ``_row``."""
+    try:
+        row_ids = read_split(data_dir, split, columns=["_row"])["_row"].to_numpy()
+    except (KeyError, pa.ArrowInvalid):
+        n = sum(pq.read_metadata(p).num_rows for p in split_files(data_dir, split))
+        return [n // world + (r < n % world) for r in range(world)]
+    return np.bincount(row_ids % world, minlength=world).tolist()
 
 
 def make_trainer(job: TrainJobConfig, data_dir: str | Path, out: str | Path, spec: FeatureSpec,

@@ -1,5 +1,6 @@
-"""History tables: per key group, daily impressions and action counts as prefix sums, so the
-features of a row on day ``d`` read only days ``d-w .. d-1`` (never the row's own day).
+"""History tables: per key group, impressions and action counts per time value (a day, or a
+second: the time column's unit) as prefix sums, so the features of a row at time ``d`` read only
+times ``d-w .. d-1`` (never the row's own time). "Day" below means one value of the time column.
 
 Example:
     >>> import numpy as np
@@ -163,13 +164,14 @@ def build_history_group(name: str, keys: list[str], values: list[np.ndarray], da
     return HistoryGroup(name, keys, uniques, day_base, uc, prefix)
 
 
-def history_feature_names(group: str, windows: list[int], actions: list[str], stats: list[str]) -> list[str]:
-    """Column names of a group's features, in :func:`history_features` order."""
+def history_feature_names(group: str, windows: list[int], actions: list[str], stats: list[str], unit: str = "d") -> list[str]:
+    """Column names of a group's features, in :func:`history_features` order; ``unit`` is the
+    time unit's suffix after a window (``d``: ``hist_u_7d_n``; ``s``: ``hist_u_86400s_n``)."""
     names = []
     for w in windows:
-        names.append(f"{group}_{w}d_n")
+        names.append(f"{group}_{w}{unit}_n")
         for stat in stats:
-            names += [f"{group}_{w}d_{a}_{stat}" for a in actions]
+            names += [f"{group}_{w}{unit}_{a}_{stat}" for a in actions]
     return names
 
 

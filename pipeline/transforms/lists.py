@@ -1,12 +1,16 @@
-"""Id lists (``"12;7;33"``, parsed to ``list<int64>``): truncated to ``max_len`` entries, then
-encoded with a :class:`~pipeline.transforms.vocab.Vocabulary` fitted on the truncated lists of
-training rows; weights (``"id w;id w"`` lists) are truncated alike.
+"""Lists of ids or string tokens (``"12;7;33"`` parsed to ``list<int64>``, ``"Comedy|Romance"``
+to ``list<string>``): truncated to ``max_len`` entries, then encoded with a
+:class:`~pipeline.transforms.vocab.Vocabulary` fitted on the truncated lists of training rows
+(unseen entries -> ``V``); weights (``"id w;id w"`` lists) are truncated alike.
 
 Example:
     >>> import pyarrow as pa
     >>> enc = ListEncoder(max_len=2).fit(pa.array([[5, 6, 7], [6]]))
     >>> enc.transform(pa.array([[6, 5, 9], []]))[0].to_pylist()
     [[1, 0], []]
+    >>> genres = ListEncoder(max_len=3).fit(pa.array([["Comedy", "Romance"], ["Drama"]]))
+    >>> genres.transform(pa.array([["Romance", "Horror"]]))[0].to_pylist()
+    [[2, 3]]
 """
 
 from __future__ import annotations
@@ -49,7 +53,7 @@ class ListEncoder:
         """Learn the ids of the (truncated) training rows' lists.
 
         Args:
-            ids: ``list<int64>`` of the training rows.
+            ids: ``list<int64>`` or ``list<string>`` of the training rows.
         """
         self.vocab.fit(pc.list_flatten(self.truncate(ids)))
         return self
@@ -58,7 +62,7 @@ class ListEncoder:
         """Truncated, encoded ids (unseen -> ``V``) and the truncated weights.
 
         Args:
-            ids: ``list<int64>`` per row.
+            ids: ``list<int64>`` or ``list<string>`` per row, of the fitted entries' kind.
             weights: ``list<float32>`` of the same shape, or None.
         """
         ids = self.truncate(ids)

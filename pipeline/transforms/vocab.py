@@ -58,7 +58,11 @@ class Vocabulary:
         """
         vocab = self._fitted()
         if values.type != vocab.type:
-            values = pc.cast(values, vocab.type)
+            try:
+                values = pc.cast(values, vocab.type)
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+                raise ValueError(f"values of type {values.type} do not fit a vocabulary of {vocab.type} "
+                                 f"(e.g. string tokens for an id list fitted with integer ids)") from None
         if self._index is None or len(self._index) != len(vocab):  # a hash table built once, not per call
             self._index = pd.Index(vocab.to_numpy(zero_copy_only=False))
         idx = self._index.get_indexer(values.to_numpy(zero_copy_only=False))  # -1: unseen or null
