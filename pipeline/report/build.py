@@ -44,7 +44,7 @@ class Comparison:
     run: RunData
     differences: dict[str, outcome.TaskDifference]  # tasks with a baseline and predictions
     baseline: dict[str, str]  # task -> baseline run id
-    missing: list[str]  # tasks with no baseline to compare with
+    missing: list[str]  # tasks not compared: no baseline, or no user with both classes
     outcome: str | None  # None: nothing to compare
     reason: str = ""  # why there is no outcome
 
@@ -99,7 +99,9 @@ def compare(run: RunData, baselines: dict[str, RunData], cfg: ReportConfig) -> C
         base = baselines[task]
         assert base.predictions is not None
         labels, p, pb, users = paired_task(run, base, task)
-        diffs[task] = outcome.paired_bootstrap_uauc(labels, p, pb, users, cfg.n_boot, cfg.level, cfg.seed)
+        d = outcome.paired_bootstrap_uauc(labels, p, pb, users, cfg.n_boot, cfg.level, cfg.seed)
+        if d.users:  # else no user has both classes: uAUC is undefined, nothing to compare
+            diffs[task] = d
     missing = [t for t in run.tasks if t not in diffs]
     if not diffs:
         return Comparison(run, {}, {}, missing, None, "no single-task baseline run among the runs")
@@ -254,6 +256,10 @@ def render(report: Report, plot_dir: str = "report_plots") -> str:
     if rows:
         lines += _table(["model", "strategy", "run", "outcome"] + tasks, rows) + [""]
         used = sorted({(t, rid) for c in report.comparisons for t, rid in c.baseline.items()})
+        skipped = {t for c in report.comparisons if c.differences for t in c.missing}
+        if skipped:
+            lines += [f"Not compared (–): {', '.join(sorted(skipped))}: no single-task run for the task, or no "
+                      "validation user with both classes (uAUC undefined). The outcome is over the other tasks.", ""]
         if used:
             by_run: dict[str, list[str]] = {}
             for t, rid in used:
