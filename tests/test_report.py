@@ -83,9 +83,12 @@ def test_report_from_mlflow_runs(runs: tuple[str, dict[str, str]], tmp_path: Pat
     # outcome of every multi-task model: one of the classes, the one its per-task verdicts give
     assert [c.run.model for c in report.comparisons] == ["mmoe", "shared_bottom"]
     for c in report.comparisons:
-        # tasks with no validation user having both classes (tiny's "comment") are left out
-        assert c.outcome in OUTCOMES and c.missing == [t for t in c.run.tasks if t not in c.run.metrics["uauc"]]
-        assert set(c.differences) == set(c.run.metrics["uauc"]) and c.differences
+        # tasks where fewer than 10 validation users have both classes are left out (tiny's
+        # "comment" has none, "favorite" a handful)
+        assert c.outcome in OUTCOMES and c.differences and c.too_few
+        assert all(d.users >= 10 for d in c.differences.values()) and all(d.users < 10 for d in c.too_few.values())
+        assert set(c.differences) | set(c.too_few) == set(c.run.metrics["uauc"])
+        assert c.missing == [t for t in c.run.tasks if t not in c.differences]
         assert c.outcome == classify({t: d.verdict for t, d in c.differences.items()})
         assert set(c.baseline.values()) == {ids["single_task"]}
         assert f"| {c.run.model} | {c.run.strategy} | {c.run.name} | **{c.outcome}** |" in text

@@ -103,6 +103,17 @@ def test_model_outcome_with_noise_tolerance() -> None:
     assert compare(seesaw, single_task_baselines([single]), cfg).outcome == "seesaw"
 
 
+def test_tasks_with_too_few_users_are_not_compared() -> None:
+    """A bootstrap over a handful of users has an interval of no width: such a task is shown but
+    left out of the outcome."""
+    labels, base, users = _data()
+    single = _run("single_task", ["a"], base[:, None], labels[:, None], users, "single")
+    model = _run("mmoe", ["a"], _sharper(labels, base, 0.3, 1)[:, None], labels[:, None], users, "mmoe")
+    c = compare(model, single_task_baselines([single]), ReportConfig(n_boot=50, min_users=USERS + 1))
+    assert c.outcome is None and c.differences == {} and c.missing == ["a"] and c.too_few["a"].users == USERS - 1
+    assert compare(model, single_task_baselines([single]), ReportConfig(n_boot=50, min_users=USERS - 1)).outcome == "well done"
+
+
 def test_per_task_single_task_runs_are_baselines() -> None:
     """Runs that learnt one task each replace the joint single-task run, task by task; two
     candidates for one task are an error."""

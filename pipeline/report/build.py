@@ -35,6 +35,9 @@ class ReportConfig(BaseModel):
     level: float = Field(0.95, gt=0, lt=1)
     seed: int = 0
     split: str = "valid"
+    #: a task with fewer validation users having both classes is not compared (a bootstrap
+    #: over a handful of users gives an interval of no width, not a tolerance)
+    min_users: int = Field(10, ge=1)
 
 
 @dataclass
@@ -44,9 +47,10 @@ class Comparison:
     run: RunData
     differences: dict[str, outcome.TaskDifference]  # tasks with a baseline and predictions
     baseline: dict[str, str]  # task -> baseline run id
-    missing: list[str]  # tasks not compared: no baseline, or no user with both classes
+    missing: list[str]  # tasks not compared: no baseline, or fewer than min_users users with both classes
     outcome: str | None  # None: nothing to compare
     reason: str = ""  # why there is no outcome
+    too_few: dict[str, outcome.TaskDifference] = field(default_factory=dict)  # left out: too few users
 
 
 @dataclass
@@ -93,6 +97,7 @@ def compare(run: RunData, baselines: dict[str, RunData], cfg: ReportConfig) -> C
     if run.predictions is None:
         return Comparison(run, {}, {}, list(run.tasks), None, "the run logged no validation predictions")
     diffs: dict[str, outcome.TaskDifference] = {}
+    too_few: dict[str, outcome.TaskDifference] = {}
     for task in run.tasks:
         if task not in baselines:
             continue
@@ -100,13 +105,17 @@ def compare(run: RunData, baselines: dict[str, RunData], cfg: ReportConfig) -> C
         assert base.predictions is not None
         labels, p, pb, users = paired_task(run, base, task)
         d = outcome.paired_bootstrap_uauc(labels, p, pb, users, cfg.n_boot, cfg.level, cfg.seed)
-        if d.users:  # else no user has both classes: uAUC is undefined, nothing to compare
+        if d.users >= cfg.min_users:
             diffs[task] = d
+        elif d.users:  # none: uAUC is undefined, nothing to show
+            too_few[task] = d
     missing = [t for t in run.tasks if t not in diffs]
     if not diffs:
-        return Comparison(run, {}, {}, missing, None, "no single-task baseline run among the runs")
+        has_base = any(t in baselines for t in run.tasks)
+        reason = f"no task with {cfg.min_users}+ users to compare" if has_base else "no single-task baseline run among the runs"
+        return Comparison(run, {}, {}, missing, None, reason, too_few)
     verdicts = {t: d.verdict for t, d in diffs.items()}
-    return Comparison(run, diffs, {t: baselines[t].run_id for t in diffs}, missing, outcome.classify(verdicts))
+    return Comparison(run, diffs, {t: baselines[t].run_id for t in diffs}, missing, outcome.classify(verdicts), too_few=too_few)
 
 
 def paired_task(run: RunData, base: RunData, task: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -158,7 +167,7 @@ def _uauc_figure(report: Report) -> dict[str, Any]:
     if not tasks:
         return {}
     plt = plots._plt()
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.2 * len(tasks) + 2), 4))
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.2 * len(tasks) + 2) + 3, 4))
     width = 0.8 / len(report.runs)
     x = np.arange(len(tasks))
     for i, run in enumerate(report.runs):
@@ -170,7 +179,7 @@ def _uauc_figure(report: Report) -> dict[str, Any]:
     ax.set_ylim(max(0.0, min(values) - 0.05), min(1.0, max(values) + 0.03))
     ax.set_xticks(x, tasks, rotation=30, ha="right")
     ax.set(ylabel=f"{report.config.split} uAUC", title="uAUC per task")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     return {"uauc_per_task.png": fig}
 
@@ -182,7 +191,7 @@ def _difference_figure(report: Report) -> dict[str, Any]:
         return {}
     tasks = list(dict.fromkeys(t for c in compared for t in c.differences))
     plt = plots._plt()
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.2 * len(tasks) + 2), 4))
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.2 * len(tasks) + 2) + 3, 4))
     x = np.arange(len(tasks))
     step = 0.8 / len(compared)
     for i, c in enumerate(compared):
@@ -194,7 +203,7 @@ def _difference_figure(report: Report) -> dict[str, Any]:
     ax.set_xticks(x, tasks, rotation=30, ha="right")
     level = int(round(report.config.level * 100))
     ax.set(ylabel="uAUC - single-task uAUC", title=f"against the single-task baseline ({level}% bootstrap intervals over users)")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     return {"vs_single_task.png": fig}
 
@@ -239,7 +248,8 @@ def render(report: Report, plot_dir: str = "report_plots") -> str:
     level = int(round(cfg.level * 100))
     lines += ["## Against the single-task baseline", "",
               f"Per task, Δ = uAUC(model) − uAUC(single task) on the same validation rows, with its {level}% "
-              f"percentile interval from a paired bootstrap over users ({cfg.n_boot} resamples, seed {cfg.seed}). "
+              f"percentile interval from a paired bootstrap over users ({cfg.n_boot} resamples, seed {cfg.seed}), on "
+              f"tasks where at least {cfg.min_users} users have both classes. "
               "A task counts as better (▲) or worse (▼) only when the interval excludes 0; otherwise as equal (=). "
               "Outcome: every task better: *well done*; none worse and some better: *good*; some better and some "
               "worse: *seesaw*; every task worse: *negative transfer*; all equal: *no difference*; none better and "
@@ -250,16 +260,20 @@ def render(report: Report, plot_dir: str = "report_plots") -> str:
     for c in report.comparisons:
         cells = []
         for t in tasks:
-            d = c.differences.get(t)
-            cells.append("–" if d is None else f"{_ARROW[d.verdict]} {d.diff:+.4f} [{d.low:+.4f}, {d.high:+.4f}]")
+            d, few = c.differences.get(t), c.too_few.get(t)
+            if d is not None:
+                cells.append(f"{_ARROW[d.verdict]} {d.diff:+.4f} [{d.low:+.4f}, {d.high:+.4f}]")
+            else:
+                cells.append("–" if few is None else f"({few.diff:+.4f}, {few.users} user{'s' * (few.users > 1)})")
         rows.append([c.run.model, c.run.strategy, c.run.name, f"**{c.outcome}**" if c.outcome else c.reason] + cells)
     if rows:
         lines += _table(["model", "strategy", "run", "outcome"] + tasks, rows) + [""]
         used = sorted({(t, rid) for c in report.comparisons for t, rid in c.baseline.items()})
         skipped = {t for c in report.comparisons if c.differences for t in c.missing}
         if skipped:
-            lines += [f"Not compared (–): {', '.join(sorted(skipped))}: no single-task run for the task, or no "
-                      "validation user with both classes (uAUC undefined). The outcome is over the other tasks.", ""]
+            lines += [f"Not compared: {', '.join(sorted(skipped))}: no single-task run for the task, no validation "
+                      f"user with both classes (–, uAUC undefined), or fewer than {cfg.min_users} such users (in "
+                      "parentheses: Δ and the users). The outcome is over the other tasks.", ""]
         if used:
             by_run: dict[str, list[str]] = {}
             for t, rid in used:

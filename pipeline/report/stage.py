@@ -18,6 +18,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="report.md", help="the Markdown report to write (default: %(default)s)")
     parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples of the users (default: %(default)s)")
     parser.add_argument("--level", type=float, default=0.95, help="bootstrap interval coverage (default: %(default)s)")
+    parser.add_argument("--min-users", type=int, default=10,
+                        help="compare a task only when this many validation users have both classes (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="bootstrap seed (default: %(default)s)")
     parser.add_argument("--experiment", default=None, help="MLflow experiment of the report run (default: the first run's)")
     parser.add_argument("--no-log", action="store_true", help="do not log the report to MLflow")
@@ -31,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
     from pipeline.report.build import ReportConfig, build_report, close, log_report, write_report
 
     try:
-        cfg = ReportConfig(n_boot=args.bootstrap, level=args.level, seed=args.seed)
+        cfg = ReportConfig(n_boot=args.bootstrap, level=args.level, seed=args.seed, min_users=args.min_users)
     except ValidationError as exc:
         raise ConfigError(f"report options: {exc.errors()[0]['loc'][0]}: {exc.errors()[0]['msg']}") from None
     out = Path(args.out)
