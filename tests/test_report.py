@@ -35,7 +35,7 @@ def _train_and_log(uri: str, root: Path, data: Path, raw: Path, model: str, para
         log = RunLogger(uri, run_id)
         log.params({"model": model, "strategy": strategy, "sync": cfg.sync, "workers": 1})
         result = train_local(cfg, data, on_log=lambda s, rec: log.metrics({k: v for k, v in rec.items() if k.startswith("train/")}, s),
-                             on_eval=log.metrics and (lambda s, m: log.metrics(m, s)))
+                             on_eval=lambda s, m: log.metrics(m, s))
         tasks = result.spec.tasks
         probs, labels, meta = predict(result.model, data, "valid", result.spec)
         log.metrics(oracle_metrics(raw, meta, labels, tasks), step=cfg.max_steps)

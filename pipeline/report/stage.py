@@ -5,6 +5,7 @@ the multi-task report rebuilt from MLflow runs, printed, written to ``--out`` (p
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 from pipeline.errors import OutputError
@@ -26,6 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per artifact read
     import mlflow
     from pydantic import ValidationError
 
