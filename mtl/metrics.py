@@ -102,9 +102,18 @@ def user_auc(labels: np.ndarray, preds: np.ndarray, users: np.ndarray, decimals:
         decimals: round predictions to this many decimals first (the official scorer uses 6).
 
     Returns ``nan`` when no user has both classes."""
-    labels, preds = _prepare(labels, preds, decimals)
-    _, aucs = _per_group_auc(labels, preds, np.asarray(users))
+    _, aucs = per_user_auc(labels, preds, users, decimals)
     return float(aucs.mean()) if len(aucs) else float("nan")
+
+
+def per_user_auc(labels: np.ndarray, preds: np.ndarray, users: np.ndarray,
+                 decimals: int | None = 6) -> tuple[np.ndarray, np.ndarray]:
+    """The AUC of every user whose labels contain both classes: ``(user_ids, aucs)``, sorted by
+    user id; their mean is :func:`user_auc` (arguments as there)."""
+    labels, preds = _prepare(labels, preds, decimals)
+    users = np.asarray(users)
+    ids, aucs = _per_group_auc(labels, preds, users)
+    return np.unique(users)[ids], aucs
 
 
 def weighted_score(

@@ -20,6 +20,7 @@ STAGES: dict[str, tuple[str, str]] = {
     "train": ("pipeline.train.stage", "data-parallel training on Ray Train with gradient surgery, logged to MLflow"),
     "register": ("pipeline.serve.registry", "register a trained model as an MLflow pyfunc; promote it to @champion if it scores better"),
     "predict": ("pipeline.predict", "batch scoring of a request file with a registered model on Ray Data -> submission CSV"),
+    "report": ("pipeline.report.stage", "the multi-task report (scores, outcome against single-task baselines, gradient and gate plots) from MLflow runs"),
     "demo": ("pipeline.demo", "generate -> preprocess -> train -> evaluate, end to end"),
 }
 
