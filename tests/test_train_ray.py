@@ -54,7 +54,7 @@ def test_two_workers_train_and_log_to_mlflow(uninterrupted):
     assert conflict and all(0.0 <= c.value <= 1.0 for c in conflict)
     arts = {a.path for a in client.list_artifacts(outcome.run_id)}
     assert {"config.yaml", "loss_curves.png", "validation_curves.png", "gradient_cosine.png",
-            "gradient_conflict.png", "routing_gate.png", "model"} <= arts
+            "gradient_conflict.png", "routing_gate.png", "valid_predictions.parquet", "model"} <= arts
     model_files = {a.path for a in client.list_artifacts(outcome.run_id, "model")}
     assert model_files == {"model/state.pt", "model/feature_spec.json", "model/config.yaml"}
     # everything the run wrote is under its --out folder

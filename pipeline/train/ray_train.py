@@ -247,6 +247,10 @@ class _Hooks:
         self.job, self.config, self.state, self.side = job, config, state, side
         self.valid, self.record, self.logger, self.rank = valid, record, logger, rank
         self.oracle: dict[str, float] | None = None
+        # rank 0: the gathered validation predictions of the last evaluation and of the one the
+        # run ends with (the best one under early stopping), logged for the multi-task report
+        self.last_predictions: tuple[np.ndarray, ...] | None = None
+        self.kept_predictions: tuple[np.ndarray, ...] | None = None
 
     def loop_hooks(self) -> LoopHooks:
         return LoopHooks(
@@ -274,6 +278,7 @@ class _Hooks:
             split = self.job.data.valid_split
             metrics = score_predictions(p, y, u, state.spec.tasks, split)
             metrics.update(self._oracle(y, u, r))
+            self.last_predictions = (p, y, u, r)
         return _broadcast(metrics)
 
     def _oracle(self, labels: np.ndarray, users: np.ndarray, rows: np.ndarray) -> dict[str, float]:
@@ -314,6 +319,8 @@ class _Hooks:
 
     def on_eval(self, state: TrainState, metrics: dict[str, float], is_best: bool) -> None:
         if self.rank == 0:
+            if is_best or not state.cfg.early_stopping.patience:
+                self.kept_predictions = self.last_predictions
             assert self.record.evaluations is not None
             self.record.evaluations.append(metrics)
             if self.logger is not None:
@@ -364,6 +371,11 @@ class _Hooks:
         if grads:
             log.dict({"tasks": tasks, "history": [{"step": h["step"], **h["gradients"]} for h in self.record.history if "gradients" in h]},
                      "gradient_diagnostics.json")
+        if self.kept_predictions is not None:
+            from pipeline.report import log_validation_predictions
+
+            p, y, u, r = self.kept_predictions
+            log_validation_predictions(log, log.run_id, p, y, u, tasks, rows=r)
         with tempfile.TemporaryDirectory() as d:
             save_checkpoint(Path(d) / STATE_FILE, state.model)
             state.spec.save(Path(d) / "feature_spec.json")
