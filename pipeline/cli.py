@@ -18,6 +18,8 @@ STAGES: dict[str, tuple[str, str]] = {
     "generate": ("pipeline.generate", "write WeChat-format synthetic logs with a known oracle"),
     "preprocess": ("pipeline.preprocess", "raw logs -> model-ready Parquet + feature spec (Ray Data)"),
     "train": ("pipeline.train.stage", "data-parallel training on Ray Train with gradient surgery, logged to MLflow"),
+    "tune": ("pipeline.tune.stage", "Ray Tune search over architectures, experts, lr, batch size and strategies (ASHA, Optuna)"),
+    "fuse": ("pipeline.fuse", "tune the fusion weights of the ranking score on saved validation predictions"),
     "demo": ("pipeline.demo", "generate -> preprocess -> train -> evaluate, end to end"),
 }
 
