@@ -24,6 +24,16 @@ STAGES: dict[str, tuple[str, str]] = {
 }
 
 
+def add_run_arguments(parser: argparse.ArgumentParser, config: str, out: str, what: str) -> None:
+    """The options every Ray stage shares: its config with ``--set`` overrides, the run folder
+    ``--out`` (``what`` it holds), and where Ray comes from."""
+    parser.add_argument("--config", default=config, help="config YAML (default: %(default)s)")
+    parser.add_argument("--out", default=out, help=f"run folder: {what} (default: %(default)s)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override, repeatable")
+    parser.add_argument("--address", default=None, help="Ray cluster to join (default: RAY_ADDRESS, else a new local Ray)")
+    parser.add_argument("--num-cpus", type=int, default=None, help="CPUs of a new local Ray (default: all)")
+
+
 def build_parser(stage: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__.splitlines()[0])
     debug_help = "on an error in the input, config or output, show the traceback too"

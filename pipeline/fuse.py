@@ -149,12 +149,13 @@ def load_predictions(path: str | Path) -> Predictions:
 
 
 def evaluate_weights(preds: Predictions, weights: list[float] | np.ndarray, cfg: FuseConfig) -> dict[str, float]:
-    """The fused score's uAUC per action (``uauc/<task>``), the business ``objective``,
-    ``feasible`` (every floor met) and the searched ``score``."""
+    """The fused score's uAUC per action (``uauc/<task>``), the business ``objective`` (over the
+    actions some user has both labels of; the others have no uAUC), ``feasible`` (every floor
+    met) and the searched ``score``."""
     scores = fuse(preds.probs, weights, cfg.method)
     uaucs = {t: user_auc(preds.labels[:, k], scores, preds.users, decimals=None) for k, t in enumerate(preds.tasks)}
-    business = {t: cfg.business_weights[t] for t in preds.tasks}
-    objective = weighted_score(uaucs, business)
+    scored = {t: u for t, u in uaucs.items() if not math.isnan(u)}
+    objective = weighted_score(scored, {t: cfg.business_weights[t] for t in scored}) if scored else float("nan")
     shortfall = sum(max(0.0, floor - uaucs[a]) for a, floor in cfg.floors.items())
     return {"objective": objective, "feasible": float(shortfall == 0.0), "shortfall": shortfall,
             METRIC: objective - cfg.penalty * shortfall, **{f"uauc/{t}": u for t, u in uaucs.items()}}
@@ -232,6 +233,10 @@ def run_fusion(preds: Predictions, cfg: FuseConfig, out: str | Path, tracking_ur
     from pipeline.tracking import RunLogger, resolve_tracking_uri, tracked_run
 
     cfg.check_tasks(preds.tasks)
+    unscored = [t for t in preds.tasks if math.isnan(evaluate_weights(preds, [1.0] * len(preds.tasks), cfg)[f"uauc/{t}"])]
+    if len(unscored) == len(preds.tasks) or set(cfg.floors) & set(unscored):
+        raise DataError(f"no user has both labels of {unscored} in the predictions: their uAUC is undefined "
+                        + ("(and they have floors)" if set(cfg.floors) & set(unscored) else "(every action)"))
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     uri = tracking_uri or resolve_tracking_uri(cfg.mlflow.tracking_uri, out)
@@ -244,6 +249,7 @@ def run_fusion(preds: Predictions, cfg: FuseConfig, out: str | Path, tracking_ur
         log = RunLogger(uri, run_id)
         log.params({"method": cfg.method, "algorithm": cfg.search.algorithm, "num_samples": cfg.search.num_samples,
                     "seed": cfg.search.seed, "rows": len(preds.users), "tasks": ",".join(preds.tasks),
+                    "unscored": ",".join(unscored) or "-",
                     **{f"c.{t}": cfg.business_weights[t] for t in preds.tasks},
                     **{f"floor.{a}": f for a, f in cfg.floors.items()}})
         tuner = tune.Tuner(
@@ -301,20 +307,18 @@ DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "fuse" / "def
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--predictions", required=True, help="validation predictions Parquet (python -m pipeline tune writes <out>/predictions/valid.parquet)")
-    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="fusion config YAML (default: %(default)s)")
-    parser.add_argument("--out", default="runs/fuse", help="run folder: MLflow store, artifacts, Tune storage (default: %(default)s)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override, repeatable")
-    parser.add_argument("--address", default=None, help="Ray cluster to join (default: RAY_ADDRESS, else a new local Ray)")
-    parser.add_argument("--num-cpus", type=int, default=None, help="CPUs of a new local Ray (default: all)")
+    from pipeline.cli import add_run_arguments
+
+    parser.add_argument("--predictions", required=True,
+                        help="validation predictions Parquet (python -m pipeline tune writes <out>/predictions/valid.parquet)")
+    add_run_arguments(parser, str(DEFAULT_CONFIG), "runs/fuse", "MLflow store, artifacts, Tune storage")
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipeline.config import load_config
+    from pipeline.config import load_config, resolve_config_path
     from pipeline.ray_runtime import ensure_ray
-    from pipeline.train.stage import _resolve
 
-    cfg = load_config(FuseConfig, _resolve(args.config), args.set)
+    cfg = load_config(FuseConfig, resolve_config_path(args.config), args.set)
     preds = load_predictions(args.predictions)
     cfg.check_tasks(preds.tasks)  # before Ray starts
     ensure_ray(num_cpus=args.num_cpus, address=args.address)

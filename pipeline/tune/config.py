@@ -119,8 +119,10 @@ class SchedulerSection(Strict):
 
 class TrialSection(Strict):
     #: CPUs of a trial's own process (it only waits on its TorchTrainer, whose workers get
-    #: base.scaling's CPUs); must be positive
-    cpus: float = Field(0.05, gt=0)
+    #: base.scaling's CPUs). 0 (the default) reserves none: a CPU fraction held by the trial
+    #: process on one node and the workers' on another can leave no node a whole CPU for Ray
+    #: Data's file listing, and every trial then waits for its data forever
+    cpus: float = Field(0.0, ge=0)
     #: Tune's restarts of a failed trial (a lost worker is the Train run's business:
     #: base.failure.max_failures)
     max_failures: int = Field(0, ge=0)

@@ -29,9 +29,9 @@ import yaml
 
 from mtl.features import FeatureSpec
 from pipeline.config import dump_config
-from pipeline.errors import ConfigError, OutputError
+from pipeline.errors import ConfigError, OutputError, UserError
 from pipeline.fuse import FuseOutcome, Predictions, run_fusion, save_predictions
-from pipeline.tune.config import GROUPS, TuneConfig, trial_job
+from pipeline.tune.config import TuneConfig, trial_job
 from pipeline.tune.space import make_searcher
 
 STATE_FILE = "search.yaml"
@@ -58,12 +58,12 @@ def check_search(cfg: TuneConfig, data_dir: str | Path) -> FeatureSpec:
             spec = check_job(job, data_dir)
             build_strategy(job.train.strategy.name, num_tasks=spec.num_tasks, **job.train.strategy.params)
         except ValueError as exc:  # a model or strategy that does not build at this corner
-            if isinstance(exc, ConfigError) or type(exc).__name__ == "DataError":
+            if isinstance(exc, UserError):
                 raise
             raise ConfigError(f"space: {job.train.model.name} / {job.train.strategy.name} at {flat}: {exc}") from None
+    assert spec is not None  # the space has at least its two corners
     if cfg.fuse is not None:
         cfg.fuse.check_tasks(spec.tasks)
-    assert spec is not None
     return spec
 
 
@@ -116,26 +116,21 @@ def child_runs(uri: str, parent_run_id: str) -> dict[str, str]:
     return {r.data.tags[TRIAL_TAG]: r.info.run_id for r in runs if TRIAL_TAG in r.data.tags}
 
 
-class _InterruptAfter:
-    """Testing aid: send this process SIGUSR1 (Tune's graceful interrupt, like Ctrl-C) once
-    ``n`` trials have ended; once per output folder (a marker file)."""
+def _interrupt_after(n: int, marker: Path) -> Any:
+    """Testing aid: a Tune callback that sends this process SIGUSR1 (Tune's graceful interrupt,
+    as Ctrl-C) once ``n`` trials have ended; once per output folder (a marker file)."""
+    from ray.tune import Callback
 
-    def __init__(self, n: int, marker: Path) -> None:
-        self.n, self.marker = n, marker
+    class InterruptAfter(Callback):
+        ended = 0
 
-    def callback(self) -> Any:
-        from ray.tune import Callback
+        def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+            self.ended += 1
+            if self.ended >= n and not marker.exists():
+                marker.write_text(f"interrupted after {self.ended} trial(s)\n")
+                os.kill(os.getpid(), signal.SIGUSR1)
 
-        aid = self
-
-        class InterruptAfter(Callback):
-            def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
-                ended = sum(t.status in ("TERMINATED", "ERROR") for t in trials) + 1
-                if ended >= aid.n and not aid.marker.exists():
-                    aid.marker.write_text(f"interrupted after {ended} trial(s)\n")
-                    os.kill(os.getpid(), signal.SIGUSR1)
-
-        return InterruptAfter()
+    return InterruptAfter()
 
 
 # ---------------------------------------------------------------------- the driver
@@ -146,6 +141,7 @@ class SearchOutcome:
     parent_run_id: str
     tracking_uri: str
     results: Any  # pandas.DataFrame, one row per trial
+    configs: dict[str, dict[str, Any]]  # trial id -> the drawn flat config
     best: dict[str, Any] | None  # the best row
     best_config_path: Path | None
     predictions_path: Path | None
@@ -177,13 +173,16 @@ def run_search(cfg: TuneConfig, data_dir: str | Path, out: str | Path, address: 
                 _log_search(log, cfg, data_dir)
             ctx = TrialContext(cfg, str(data_dir), str(out), spec, uri, parent)
             path = _fit(cfg, ctx, out)
-            results = _results(cfg, path, child_runs(uri, parent))
+            results, configs = _results(cfg, path, child_runs(uri, parent))
             _close_children(uri, results)
+            outcome = SearchOutcome(parent, uri, results, configs, None, None, None, None, False, path)
             if len(results) < cfg.search.num_samples or (results["status"] == "unfinished").any():
+                outcome.interrupted = True
                 raise SearchInterrupted(f"{len(results)} of {cfg.search.num_samples} trials started, not all ended")
-            return _finish(cfg, ctx, log, results, out, path)
+            _finish(cfg, ctx, log, outcome, out)
     except SearchInterrupted:
-        return SearchOutcome(state["parent_run_id"], uri, None, None, None, None, None, True, str(out / "tune" / cfg.name))
+        pass  # the parent run ends KILLED; the same command resumes the search
+    return outcome
 
 
 def _open_state(cfg: TuneConfig, out: Path) -> dict[str, Any]:
@@ -241,7 +240,8 @@ def _fit(cfg: TuneConfig, ctx: TrialContext, out: Path) -> str:
 
     storage = out / "tune"
     path = storage / cfg.name
-    trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), {"cpu": cfg.trial.cpus})
+    # Tune rejects an empty request: a trial process that reserves no CPU asks for 1 byte of memory
+    trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), {"cpu": cfg.trial.cpus, "memory": 1})
     if tune.Tuner.can_restore(str(path)):
         tune.Tuner.restore(str(path), trainable, resume_unfinished=True).fit()
         return str(path)
@@ -255,7 +255,7 @@ def _fit(cfg: TuneConfig, ctx: TrialContext, out: Path) -> str:
         scheduler = FIFOScheduler()
     callbacks = []
     if cfg.interrupt_after_trials is not None:
-        callbacks.append(_InterruptAfter(cfg.interrupt_after_trials, out / ".interrupted").callback())
+        callbacks.append(_interrupt_after(cfg.interrupt_after_trials, out / ".interrupted"))
     tuner = tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(metric=cfg.metric, mode="max", scheduler=scheduler,
@@ -270,7 +270,7 @@ def _fit(cfg: TuneConfig, ctx: TrialContext, out: Path) -> str:
     return str(path)
 
 
-def _results(cfg: TuneConfig, path: str, runs: dict[str, str]) -> Any:
+def _results(cfg: TuneConfig, path: str, runs: dict[str, str]) -> tuple[Any, dict[str, dict[str, Any]]]:
     """One row per trial, from the experiment state Tune saved (on an interrupt it is saved
     before the running trials are stopped, so they read as unfinished): the outcome (finished,
     stopped by ASHA, error, unfinished), the drawn config, the last reported metrics, the
@@ -278,8 +278,9 @@ def _results(cfg: TuneConfig, path: str, runs: dict[str, str]) -> Any:
     import pandas as pd
     from ray.tune import ExperimentAnalysis
 
-    rows = []
+    rows, configs = [], {}
     for trial in ExperimentAnalysis(path).trials:
+        configs[trial.trial_id] = dict(trial.config or {})
         metrics = trial.last_result or {}
         if trial.status == "ERROR":
             status = "error"
@@ -294,7 +295,7 @@ def _results(cfg: TuneConfig, path: str, runs: dict[str, str]) -> Any:
         row.update({f"config/{k}": v for k, v in (trial.config or {}).items()})
         rows.append(row)
     columns = ["trial_id", "status", cfg.metric, "mlflow_run_id", "checkpoint_path"]
-    return pd.DataFrame(rows, columns=None if rows else columns).sort_values("trial_id", ignore_index=True)
+    return pd.DataFrame(rows, columns=None if rows else columns).sort_values("trial_id", ignore_index=True), configs
 
 
 def _tasks(metrics: dict[str, Any], cfg: TuneConfig) -> list[str]:
@@ -303,22 +304,23 @@ def _tasks(metrics: dict[str, Any], cfg: TuneConfig) -> list[str]:
 
 
 def _close_children(uri: str, results: Any) -> None:
-    """Nested runs whose trial was ended by Tune (ASHA, an interrupt) are left RUNNING by the
-    killed trial process: end them as their trial ended, and tag the outcome."""
+    """End every nested run as its trial ended, and tag the outcome: Tune kills the process of a
+    trial it stops (ASHA, an interrupt), which leaves its run RUNNING or, when the stop reached
+    the trainer first, FAILED; a trial ASHA stopped is a normal end (FINISHED)."""
     import mlflow
 
     client = mlflow.MlflowClient(uri)
     ends = {"finished": "FINISHED", "stopped": "FINISHED", "error": "FAILED", "unfinished": "KILLED"}
     for row in results.itertuples():
-        if not isinstance(row.mlflow_run_id, str):
-            continue
-        client.set_tag(row.mlflow_run_id, "tune.outcome", row.status)
-        if client.get_run(row.mlflow_run_id).info.status == "RUNNING":
+        if isinstance(row.mlflow_run_id, str):
+            client.set_tag(row.mlflow_run_id, "tune.outcome", row.status)
             client.set_terminated(row.mlflow_run_id, status=ends[row.status])
 
 
-def _finish(cfg: TuneConfig, ctx: TrialContext, log: Any, results: Any, out: Path, path: str) -> SearchOutcome:
-    """The results table, the best trial's config, metrics and predictions, the fusion step."""
+def _finish(cfg: TuneConfig, ctx: TrialContext, log: Any, outcome: SearchOutcome, out: Path) -> None:
+    """The results table, the best trial's config, metrics and predictions, the fusion step
+    (filled into ``outcome``)."""
+    results = outcome.results
     with tempfile.TemporaryDirectory() as d:
         results.to_csv(Path(d) / "results.csv", index=False)
         log.artifact(Path(d) / "results.csv")
@@ -326,9 +328,9 @@ def _finish(cfg: TuneConfig, ctx: TrialContext, log: Any, results: Any, out: Pat
     log.metrics({f"trials/{k}": float(v) for k, v in counts.items()}, step=0)
     scored = results[results[cfg.metric].notna() & results["checkpoint_path"].notna()]
     if scored.empty:
-        return SearchOutcome(ctx.parent_run_id, ctx.tracking_uri, results, None, None, None, None, False, path)
+        return
     best = scored.loc[scored[cfg.metric].idxmax()].to_dict()
-    flat = {k.removeprefix("config/"): v for k, v in best.items() if k.startswith("config/")}
+    flat = outcome.configs[best["trial_id"]]
     job = trial_job(cfg, flat)
     best_config = out / "best_config.yaml"
     best_config.write_text(f"# best trial {best['trial_id']} of the search in {out}\n{dump_config(job)}")
@@ -339,11 +341,10 @@ def _finish(cfg: TuneConfig, ctx: TrialContext, log: Any, results: Any, out: Pat
     preds = best_predictions(job, ctx.spec, ctx.data_dir, best["checkpoint_path"])
     predictions = save_predictions(preds, out / "predictions" / f"{job.data.valid_split}.parquet")
     log.artifact(predictions, "predictions")
-    fusion = None
+    outcome.best, outcome.best_config_path, outcome.predictions_path = best, best_config, predictions
     if cfg.fuse is not None:
-        fusion = run_fusion(preds, cfg.fuse, out / "fuse", tracking_uri=ctx.tracking_uri,
-                            parent_run_id=ctx.parent_run_id, experiment=cfg.mlflow.experiment)
-    return SearchOutcome(ctx.parent_run_id, ctx.tracking_uri, results, best, best_config, predictions, fusion, False, path)
+        outcome.fusion = run_fusion(preds, cfg.fuse, out / "fuse", tracking_uri=ctx.tracking_uri,
+                                    parent_run_id=ctx.parent_run_id, experiment=cfg.mlflow.experiment)
 
 
 def _finite(v: Any) -> bool:
@@ -367,4 +368,4 @@ def best_predictions(job: Any, spec: FeatureSpec, data_dir: str | Path, checkpoi
     return Predictions(list(spec.tasks), probs, labels, meta["_user"], meta.get("_row", np.arange(len(probs))))
 
 
-__all__ = ["GROUPS", "SearchOutcome", "check_search", "run_search", "run_trial"]
+__all__ = ["SearchOutcome", "check_search", "run_search", "run_trial"]

@@ -9,28 +9,25 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from pipeline.config import load_config
+from pipeline.config import load_config, resolve_config_path
 from pipeline.tune.config import TuneConfig
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "tune" / "tiny.yaml"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="tune config YAML (default: %(default)s)")
+    from pipeline.cli import add_run_arguments
+
     parser.add_argument("--data", required=True, help="a preprocess output folder (has _SUCCESS, train/, valid/)")
-    parser.add_argument("--out", default="runs/tune", help="search folder: MLflow store, artifacts, Tune and Train storage; "
-                        "an interrupted search in it is resumed (default: %(default)s)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override, repeatable")
-    parser.add_argument("--address", default=None, help="Ray cluster to join (default: RAY_ADDRESS, else a new local Ray)")
-    parser.add_argument("--num-cpus", type=int, default=None, help="CPUs of a new local Ray (default: all)")
+    add_run_arguments(parser, str(DEFAULT_CONFIG), "runs/tune", "MLflow store, artifacts, Tune and Train storage; "
+                      "an interrupted search in it is resumed")
 
 
 def run(args: argparse.Namespace) -> int:
     from pipeline.fuse import report_lines
-    from pipeline.train.stage import _resolve
     from pipeline.tune.search import run_search
 
-    cfg = load_config(TuneConfig, _resolve(args.config), args.set)
+    cfg = load_config(TuneConfig, resolve_config_path(args.config), args.set)
     outcome = run_search(cfg, args.data, args.out, address=args.address, num_cpus=args.num_cpus)
     if outcome.interrupted:
         print(f"search interrupted; run the same command again to resume it ({outcome.experiment_path})")
