@@ -3,7 +3,7 @@ resumed with the same command runs to the end without rerunning what had ended; 
 some trials; every trial is a nested MLflow run with its params and per-epoch metrics; the
 best trial's config and validation predictions are saved. Config errors fail before any trial.
 
-One search serves the Ray tests (module fixture, about a minute and a half on 2 cores): 4
+One search serves the Ray tests (module fixture, about two minutes on 2 busy cores): 3
 trials drawn by random search (seed 0), one at a time (so ASHA's decisions and the interrupt
 point are the same on every run), 1 worker of 0.5 CPU each, 3 epochs."""
 
@@ -25,7 +25,7 @@ from pipeline.tune.search import child_runs, run_search
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "tune" / "tiny.yaml"
-SAMPLES, EPOCHS = 4, 3
+SAMPLES, EPOCHS = 3, 3
 OVERRIDES = [
     f"search.num_samples={SAMPLES}", "search.algorithm=random", "search.seed=0", "search.max_concurrent=1",
     "base.scaling.num_workers=1", "base.scaling.cpus_per_worker=0.5", f"base.train.epochs={EPOCHS}",
