@@ -159,7 +159,7 @@ def run_search(cfg: TuneConfig, data_dir: str | Path, out: str | Path, address: 
 
     data_dir, out = Path(data_dir).resolve(), Path(out).resolve()
     spec = check_search(cfg, data_dir)
-    state = _open_state(cfg, out)
+    state = _open_state(cfg, data_dir, out)
     ensure_ray(num_cpus=num_cpus, address=address, state_api=True)
     uri = resolve_tracking_uri(cfg.mlflow.tracking_uri, out)
     cfg = _resolve_cpus(cfg)
@@ -185,17 +185,18 @@ def run_search(cfg: TuneConfig, data_dir: str | Path, out: str | Path, address: 
     return outcome
 
 
-def _open_state(cfg: TuneConfig, out: Path) -> dict[str, Any]:
-    """``<out>/search.yaml`` (the config and the parent run); a folder holding another search fails."""
+def _open_state(cfg: TuneConfig, data_dir: Path, out: Path) -> dict[str, Any]:
+    """``<out>/search.yaml`` (the config, the data and the parent run); a folder holding another
+    search fails."""
     out.mkdir(parents=True, exist_ok=True)
     path = out / STATE_FILE
-    config = cfg.model_dump(mode="json")
+    mine = {"config": cfg.model_dump(mode="json"), "data": str(data_dir)}
     if not path.is_file():
-        return {"config": config}
+        return mine
     state = yaml.safe_load(path.read_text()) or {}
-    if state.get("config") != config:
-        raise OutputError(f"{out} holds a search with another config ({path}); resume it with that config "
-                          "or give another --out")
+    if {k: state.get(k) for k in mine} != mine:
+        raise OutputError(f"{out} holds a search with another config or data ({path}); resume it with "
+                          "those or give another --out")
     return state
 
 
