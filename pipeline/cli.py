@@ -21,8 +21,20 @@ STAGES: dict[str, tuple[str, str]] = {
     "register": ("pipeline.serve.registry", "register a trained model as an MLflow pyfunc; promote it to @champion if it scores better"),
     "predict": ("pipeline.predict", "batch scoring of a request file with a registered model on Ray Data -> submission CSV"),
     "report": ("pipeline.report.stage", "the multi-task report (scores, outcome against single-task baselines, gradient and gate plots) from MLflow runs"),
+    "tune": ("pipeline.tune.stage", "Ray Tune search over architectures, experts, lr, batch size and strategies (ASHA, Optuna)"),
+    "fuse": ("pipeline.fuse", "tune the fusion weights of the ranking score on saved validation predictions"),
     "demo": ("pipeline.demo", "generate -> preprocess -> train -> evaluate, end to end"),
 }
+
+
+def add_run_arguments(parser: argparse.ArgumentParser, config: str, out: str, what: str) -> None:
+    """The options every Ray stage shares: its config with ``--set`` overrides, the run folder
+    ``--out`` (``what`` it holds), and where Ray comes from."""
+    parser.add_argument("--config", default=config, help="config YAML (default: %(default)s)")
+    parser.add_argument("--out", default=out, help=f"run folder: {what} (default: %(default)s)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override, repeatable")
+    parser.add_argument("--address", default=None, help="Ray cluster to join (default: RAY_ADDRESS, else a new local Ray)")
+    parser.add_argument("--num-cpus", type=int, default=None, help="CPUs of a new local Ray (default: all)")
 
 
 def build_parser(stage: str | None = None) -> argparse.ArgumentParser:

@@ -138,6 +138,15 @@ def load_config(cls: type[ConfigT], path: str | Path | None, overrides: list[str
         raise ConfigError(f"invalid {cls.__name__} config:\n{_describe(exc, source, overrides)}") from None
 
 
+def resolve_config_path(path: str | Path) -> Path:
+    """``path`` as given when it exists (or is absolute), else relative to the project: configs
+    named ``configs/...`` are found from any working directory (``ray job submit`` runs in a copy)."""
+    p = Path(path)
+    if p.is_absolute() or p.exists():
+        return p
+    return Path(__file__).resolve().parents[1] / p
+
+
 def dump_config(config: BaseModel) -> str:
     """The resolved config as YAML (what is logged with a run)."""
     return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

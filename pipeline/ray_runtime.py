@@ -19,7 +19,7 @@ import os
 import warnings
 
 
-def ensure_ray(num_cpus: int | None = None, address: str | None = None,
+def ensure_ray(num_cpus: int | None = None, address: str | None = None, state_api: bool = False,
                object_store_memory: int | None = None) -> None:
     """Start or join Ray unless it is already initialised in this process; quiet Ray Data.
 
@@ -27,6 +27,11 @@ def ensure_ray(num_cpus: int | None = None, address: str | None = None,
         num_cpus: CPUs of a local Ray (default: all); must be positive.
         address: a cluster address (``"auto"``, ``"ray://host:10001"``, ``"127.0.0.1:6379"``);
             default ``RAY_ADDRESS`` or, if unset, a new local Ray.
+        state_api: a local Ray gets the dashboard (which serves Ray's State API) and every
+            process of the job is told its address. Ray Train's placement-group cleaner asks the
+            State API whether a controller is alive: without it, the workers' CPUs of a trial
+            that Tune stops (ASHA) are never given back. Told explicitly because, with other
+            Ray instances on the machine, the State API client would pick the latest one.
         object_store_memory: bytes of a local Ray's object store (default: Ray's, ~30 % of
             RAM); smaller makes large datasets spill to disk sooner instead of filling memory.
     """
@@ -41,11 +46,23 @@ def ensure_ray(num_cpus: int | None = None, address: str | None = None,
         if address:
             ray.init(address=address, log_to_driver=False)
         else:
-            ray.init(
-                address="local", num_cpus=num_cpus, include_dashboard=False,
-                log_to_driver=False, _node_ip_address="127.0.0.1", object_store_memory=object_store_memory,
-            )
+            extra: dict[str, object] = {"include_dashboard": False}
+            if state_api:
+                port = free_port()
+                extra = {"include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": port,
+                         "runtime_env": {"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}}}
+            ray.init(address="local", num_cpus=num_cpus, log_to_driver=False, _node_ip_address="127.0.0.1",
+                     object_store_memory=object_store_memory, **extra)
     quiet_ray_data()
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def quiet_ray_data() -> None:

@@ -43,18 +43,22 @@ def ensure_experiment(uri: str, name: str, artifact_root: str | Path | None) -> 
 
 @contextlib.contextmanager
 def tracked_run(uri: str, experiment: str, run_name: str | None = None, artifact_root: str | Path | None = None,
-                tags: dict[str, str] | None = None, parent_run_id: str | None = None) -> Iterator[str]:
+                tags: dict[str, str] | None = None, parent_run_id: str | None = None,
+                run_id: str | None = None) -> Iterator[str]:
     """A run that ends FINISHED on success, FAILED on an error and KILLED on Ctrl-C or SIGTERM
-    (never left RUNNING); yields its id. Nothing global is set, so it nests freely."""
+    (never left RUNNING); yields its id. Nothing global is set, so it nests freely.
+    ``run_id``: continue that existing run (a resumed search) instead of creating one."""
     import mlflow
 
     client = mlflow.MlflowClient(uri)
-    exp_id = ensure_experiment(uri, experiment, artifact_root)
-    all_tags = dict(tags or {})
-    if parent_run_id:
-        all_tags["mlflow.parentRunId"] = parent_run_id
-    run = client.create_run(exp_id, run_name=run_name, tags=all_tags)
-    run_id = run.info.run_id
+    if run_id is not None:
+        client.update_run(run_id, status="RUNNING")
+    else:
+        exp_id = ensure_experiment(uri, experiment, artifact_root)
+        all_tags = dict(tags or {})
+        if parent_run_id:
+            all_tags["mlflow.parentRunId"] = parent_run_id
+        run_id = client.create_run(exp_id, run_name=run_name, tags=all_tags).info.run_id
     previous = _sigterm_as_interrupt()
     status = "FAILED"
     try:

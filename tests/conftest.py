@@ -21,19 +21,26 @@ warnings.filterwarnings("ignore", category=FutureWarning, module=r"ray(\..*)?")
 @pytest.fixture(scope="session")
 def ray_session():
     """Ray for the whole test session on a simulated two-node cluster (``ray.cluster_utils``:
-    a head and a worker node, one CPU each, 127.0.0.1, no dashboard), so that nothing a test
+    a head and a worker node, one CPU each, 127.0.0.1, the head's dashboard for the State API), so that nothing a test
     checks can depend on work happening on the driver's node; shut down at the end."""
     import ray
     from ray.cluster_utils import Cluster
+
+    from pipeline.ray_runtime import free_port
 
     cluster = None
     if not ray.is_initialized():
         os.environ["RAY_NODE_IP_ADDRESS"] = "127.0.0.1"  # Cluster's own node_ip_address breaks its address
         node = {"num_cpus": 1, "include_dashboard": False}
-        cluster = Cluster(initialize_head=True, head_node_args=dict(node))
+        # the head serves Ray's State API, and the job's processes are told where (Ray Train's
+        # placement-group cleaner needs it when Tune stops a trial: see pipeline.ray_runtime)
+        port = free_port()
+        head = {**node, "include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": port}
+        cluster = Cluster(initialize_head=True, head_node_args=head)
         cluster.add_node(**node)
         cluster.wait_for_nodes()
-        ray.init(address=cluster.address, log_to_driver=False)
+        ray.init(address=cluster.address, log_to_driver=False,
+                 runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}})
     logging.getLogger("ray.data").setLevel(logging.WARNING)  # keep failure reports readable
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False

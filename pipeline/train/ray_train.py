@@ -515,7 +515,8 @@ def run_train(job: TrainJobConfig, data_dir: str | Path, out: str | Path, addres
     data_dir, out = Path(data_dir).resolve(), Path(out).resolve()
     spec = check_job(job, data_dir)
     out.mkdir(parents=True, exist_ok=True)
-    ensure_ray(num_cpus=num_cpus, address=address, object_store_memory=object_store_memory)
+    # the State API lets Ray Train's cleaner confirm the controller's end (else it waits it out)
+    ensure_ray(num_cpus=num_cpus, address=address, state_api=True, object_store_memory=object_store_memory)
     uri = resolve_tracking_uri(job.mlflow.tracking_uri, out)
     run_name = job.mlflow.run_name or f"{job.train.model.name}-{job.train.strategy.name}-{job.train.sync}"
     with tracked_run(uri, job.mlflow.experiment, run_name=run_name, artifact_root=out / "mlartifacts") as run_id:
