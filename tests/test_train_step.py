@@ -5,6 +5,7 @@ out, DWA's formula from the logged per-epoch losses. Tiny synthetic specs; no Ra
 
 from __future__ import annotations
 
+import copy
 import itertools
 import math
 
@@ -24,7 +25,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 K = 3
 MODEL_PARAMS = {
-    "mmoe": {"num_experts": 2, "expert_hidden": [8], "tower_hidden": [4]},
+    "mmoe": {"num_experts": 2, "expert_hidden": [8], "tower_hidden": [8]},
     "shared_bottom": {"bottom_hidden": [8], "tower_hidden": [4]},
     "snr": {"variant": "trans", "num_lower": 2, "lower_hidden": [8], "upper_hidden": [4]},
     "soft_sharing": {"hidden": [8]},
@@ -57,9 +58,10 @@ def _data(n: int, seed: int = 0, k: int = K, mask: bool = False) -> Batch:
 def _cfg(model: str = "mmoe", strategy: str = "equal", strategy_params: dict | None = None,
          model_params: dict | None = None, **kw) -> TrainConfig:
     params = dict(MODEL_PARAMS[model], **(model_params or {}))
+    kw.setdefault("precision", "float32")
     return TrainConfig(seed=5, model={"name": model, "params": params},
                        strategy={"name": strategy, "params": strategy_params or {}},
-                       optimizer=kw.pop("optimizer", {"lr": 0.05}), precision="float32", torch_threads=1, **kw)
+                       optimizer=kw.pop("optimizer", {"lr": 0.05}), torch_threads=1, **kw)
 
 
 def _bce(x: float, y: float) -> float:
@@ -201,6 +203,126 @@ def test_oracle_metrics_join_the_true_probabilities_by_source_row(tmp_path):
     with pytest.raises(ValueError, match="line up"):
         oracle_metrics(tmp_path, {"_row": pick + 1, "_user": meta["_user"] + 1}, labels, tasks)
     assert oracle_metrics(tmp_path / "none", meta, labels, tasks) == {}
+
+
+# ------------------------------------------------------------------ build and the step
+
+
+def test_build_passes_the_config_to_model_strategy_optimizers_and_sync():
+    spec = _spec()
+    cfg = _cfg(strategy="pcgrad", optimizer={"lr": 0.02, "embedding_lr": 0.3, "weight_decay": 0.1},
+               sync="gram", precision="bfloat16")
+    state = build(cfg, spec, check_finite="deferred")
+    assert state.model.compute_dtype == "bfloat16"
+    assert state.model.inputs.sparse_gradients  # row-sparse embedding gradients
+    assert state.strategy.check_finite == "deferred"
+    # the run's seed seeds the strategy's task-order generator
+    assert torch.equal(state.strategy.generator.get_state(), torch.Generator().manual_seed(5).get_state())
+    emb, dense = state.optimizers[0].param_groups
+    assert emb["lr"] == 0.3 and emb["weight_decay"] == 0.0 and emb["row_sparse"]
+    assert dense["lr"] == 0.02 and dense["weight_decay"] == 0.1
+    assert {id(p) for p in emb["params"]} == {id(p) for p in state.model.embedding_parameters()}
+    assert len(state.optimizers) == 1  # PCGrad has no parameters of its own
+    assert state.sync.mode == "gram" and build(cfg, spec, sync_mode="global").sync.mode == "global"
+    famo = build(_cfg(strategy="famo", strategy_params={"lr": 0.5, "gamma": 0.2}), spec).strategy
+    assert (famo.lr, famo.gamma) == (0.5, 0.2)
+
+
+def test_seed_everything_seeds_python_numpy_and_torch():
+    import random
+
+    from pipeline.train.step import seed_everything
+
+    draws = []
+    for seed in (3, 3, 4):
+        seed_everything(seed)
+        draws.append((random.random(), float(np.random.random()), float(torch.rand(()))))
+    assert draws[0] == draws[1]
+    assert all(a != b for a, b in zip(draws[0], draws[2]))
+
+
+def test_train_step_reads_the_mask_and_rejects_unlabelled_batches():
+    spec = _spec()
+    data = _data(16, mask=True)
+    state = build(_cfg(), spec)
+    with torch.no_grad():
+        expect = masked_bce(state.model(data.features), data.labels, data.mask)
+        unmasked = masked_bce(state.model(data.features), data.labels, None)
+    assert not torch.allclose(expect, unmasked, rtol=1e-3)
+    losses = train_step(state, data)
+    assert torch.allclose(losses, expect, rtol=1e-6)
+    assert state.step == 1 and state.step_in_epoch == 1
+    for p in state.model.embedding_parameters():  # row-sparse gradients, as built
+        assert p.grad is None or p.grad.is_sparse
+    # integer labels are cast to the logits' dtype
+    int_labels = masked_bce(torch.zeros(2, 1), torch.tensor([[1], [0]]), None)
+    assert torch.allclose(int_labels, torch.tensor([math.log(2.0)]))
+    with pytest.raises(ValueError, match="^train_step: the batch has no labels$"):
+        train_step(state, Batch(data.features))
+
+
+def test_uncertainty_log_variances_take_their_own_adam_step():
+    """The strategy's own parameters get an Adam optimizer at the run's lr: after one step
+    ``s_i = -lr sign(dL/ds_i)`` with ``dL/ds_i = -exp(-s_i) L_i + 1/2`` at ``s = 0``."""
+    spec = _spec()
+    state = build(_cfg(strategy="uncertainty", optimizer={"lr": 0.03}), spec)
+    assert len(state.optimizers) == 2
+    losses = train_step(state, _data(32))
+    grad = 0.5 - losses.double()
+    expect = -0.03 * grad / (grad.abs() + 1e-8)
+    assert torch.allclose(state.strategy.log_vars.detach().double(), expect, rtol=1e-5, atol=1e-9)
+
+
+@pytest.mark.parametrize("model", ["shared_bottom", "mmoe"])
+def test_mgda_ub_in_the_step_uses_the_shared_representation(model):
+    """train_step with MGDA-UB: the shared gradient is ``sum_i w_i g_i`` with ``w`` the min-norm
+    point (brute force over the simplex's faces) of the gradients w.r.t. the shared
+    representation (Shared-Bottom's bottom, MMoE's experts), not w.r.t. the parameters."""
+    spec = _spec()
+    data = _data(32)
+    state = build(_cfg(model, "mgda_ub"), spec)
+    module = state.extra["representation_module"]
+    assert module is (state.model.bottom if model == "shared_bottom" else state.model.experts)
+    ref = copy.deepcopy(state.model)
+    captured = []
+    rep_module = ref.bottom if model == "shared_bottom" else ref.experts
+    h = rep_module.register_forward_hook(lambda _m, _i, out: captured.append(out))
+    losses = masked_bce(ref(data.features), data.labels, None)
+    h.remove()
+    rep = torch.stack([torch.autograd.grad(losses[i], captured[0], retain_graph=True)[0].reshape(-1)
+                       for i in range(K)]).double()
+    shared = ref.shared_parameters()
+    g = torch.stack([torch.cat([x.reshape(-1) for x in torch.autograd.grad(losses[i], shared, retain_graph=True)])
+                     for i in range(K)]).double()
+    w = _min_norm_brute(rep @ rep.t())
+    assert not np.allclose(w, _min_norm_brute(g @ g.t()), atol=1e-2)
+    backward_and_sync(state, data)
+    got = torch.cat([p.grad.reshape(-1) for p in state.model.shared_parameters()]).double()
+    expect = torch.from_numpy(w) @ g
+    assert float((got - expect).norm() / expect.norm()) < 1e-3
+
+
+def _min_norm_brute(gram: torch.Tensor) -> np.ndarray:
+    """``argmin_{w in simplex} w^T M w``: each face's ``M_S w = mu 1`` solved, the best feasible."""
+    m = gram.numpy()
+    k = m.shape[0]
+    if (np.diag(m) == 0).any():  # a zero gradient is the min-norm point
+        return (np.diag(m) == 0).astype(float) / (np.diag(m) == 0).sum()
+    best, best_w = math.inf, None
+    for r in range(1, k + 1):
+        for face in itertools.combinations(range(k), r):
+            sub = m[np.ix_(face, face)]
+            try:
+                u = np.linalg.solve(sub, np.ones(r))
+            except np.linalg.LinAlgError:
+                continue
+            if u.sum() <= 0 or (u < -1e-12).any():
+                continue
+            w = np.zeros(k)
+            w[list(face)] = u / u.sum()
+            if w @ m @ w < best:
+                best, best_w = w @ m @ w, w
+    return best_w
 
 
 # ------------------------------------------------------------------ clipping
