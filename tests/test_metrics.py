@@ -140,9 +140,9 @@ def test_input_errors_name_the_problem():
     nan_rows[[1, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]] = np.nan
     with pytest.raises(ValueError, match=r"NaN at rows \[1, 3, 4, 5, 6, 7, 8, 9, 10, 11\]$"):
         auc(np.array([0, 1] * 6 + [0]), nan_rows)
-    bad = np.array([0, 1, 2, 0, 3, 3, 3, 3, 3, 3, 3, 3, 3])
+    bad = np.array([0, 1, 2, 0, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3])  # 11 bad rows: the first 10 named
     with pytest.raises(ValueError, match=r"rows \[2, 4, 5, 6, 7, 8, 9, 10, 11, 12\] are not$"):
-        auc(bad, np.arange(13.0))
+        auc(bad, np.arange(14.0))
     with pytest.raises(ValueError, match="^AUC is undefined: labels contain only one class$"):
         auc(np.ones(3), np.arange(3.0))
     with pytest.raises(KeyError, match=r"no weight for actions \['ctr'\]"):

@@ -1003,3 +1003,15 @@ def test_dwa_non_default_temperature():
     expect = torch.tensor([3 * v / sum(e) for v in e])
     assert torch.allclose(comb.loss_weights, expect, rtol=1e-6)
     assert not torch.allclose(expect, 3 * torch.softmax(torch.tensor(r) / 2.0, 0), rtol=1e-2)
+
+
+def test_non_finite_loss_error_carries_tasks_step_and_losses():
+    from mtl.strategies import NonFiniteLossError
+
+    s = build_strategy("famo", 3)
+    x = torch.zeros(2, dtype=D, requires_grad=True)
+    s.backward(torch.stack([x.sum() + 1, x.sum() + 2, x.sum() + 3]))
+    with pytest.raises(NonFiniteLossError, match=r"^FAMO: non-finite loss for task\(s\) \[0, 2\] at step 1") as info:
+        s.backward(torch.stack([x.sum() + float("inf"), x.sum() + 2, x.sum() + float("nan")]))
+    assert info.value.tasks == [0, 2] and info.value.step == 1
+    assert info.value.losses[0] == math.inf and info.value.losses[1] == 2.0 and math.isnan(info.value.losses[2])

@@ -560,3 +560,94 @@ def test_gradnorm_defaults_to_the_models_last_shared_layer():
             assert seen[-1] == ("default", [id(p) for p in model.last_shared_parameters()])
     assert torch.equal(weights["default"], weights["explicit"])
     assert not torch.allclose(weights["default"], weights["all"], rtol=1e-6, atol=0)
+
+
+# ------------------------------------------------------------------ refresh, plain embeddings, checkpoints (issue 15)
+
+
+def test_plain_embedding_variant_with_refresh_reuse_and_accumulation():
+    """``embedding_grad="plain"`` with ``refresh_every=2``: the refresh step's coefficients are
+    cached and reused on the next step (through task_grad_scale), the step after refreshes;
+    gradients already in ``.grad`` are accumulated into, like ``backward``."""
+    k = 3
+    model, batch, labels = _setup(k, seed=1)
+    s = build_strategy("cagrad", k, embedding_grad="plain", refresh_every=2)
+    combs = []
+    for step in range(3):
+        gen = torch.Generator().manual_seed(200 + step)
+        b = {key: v[torch.randperm(v.shape[0], generator=gen)] for key, v in batch.items()}
+        grads, _ = _per_task_grads(model, b, labels)
+        model.zero_grad()
+        for p in model.shared_parameters():
+            p.grad = torch.ones_like(p)  # an earlier accumulation
+        _, comb = model_backward(s, model, b, labels)
+        combs.append(comb.grad_scale.clone())
+        g = _flat(model, grads, model.shared_parameters())
+        if step != 1:  # refresh: the exact CAGrad coefficients of this batch
+            expect = _vec(_exact_cagrad(g @ g.t(), 0.5)) / 1.25
+            assert torch.allclose(comb.grad_scale.double(), expect, rtol=1e-3), step
+        got = torch.cat([p.grad.reshape(-1) for p in model.shared_parameters()]).double()
+        want = 1.0 + combs[-1].double() @ g
+        assert _rel_err(got, want) < 1e-4, step
+    assert torch.equal(combs[1], combs[0])  # reused
+    assert not torch.allclose(combs[2], combs[0], rtol=1e-3)  # refreshed on another batch
+
+
+def test_plain_embedding_variant_passes_the_losses_to_the_combination():
+    """MGDA with ``normalization="loss"`` reads the losses: the plain variant's coefficients
+    equal the default mode's."""
+    k = 3
+    model, batch, labels = _setup(k, seed=1)
+    _, a = model_backward(build_strategy("mgda", k, normalization="loss"), model, batch, labels)
+    model.zero_grad()
+    _, b = model_backward(build_strategy("mgda", k, normalization="loss", embedding_grad="plain"), model, batch, labels)
+    assert torch.allclose(a.grad_scale, b.grad_scale, rtol=1e-4)
+    _, plain = model_backward(build_strategy("mgda", k), model, batch, labels)
+    assert not torch.allclose(plain.grad_scale, b.grad_scale, rtol=1e-2)
+
+
+def test_cached_coefficients_survive_a_checkpoint():
+    """A strategy restored from a state_dict between refreshes reuses the cached coefficients
+    (it does not recompute them from the new batch)."""
+    import io
+
+    k = 3
+    model, batch, labels = _setup(k, seed=1)
+    a = build_strategy("cagrad", k, refresh_every=3)
+    _, first = model_backward(a, model, batch, labels)
+    buf = io.BytesIO()
+    torch.save(a.state_dict(), buf)
+    buf.seek(0)
+    b = build_strategy("cagrad", k, refresh_every=3)
+    b.load_state_dict(torch.load(buf, weights_only=True))
+    gen = torch.Generator().manual_seed(7)
+    other = {key: v[torch.randperm(v.shape[0], generator=gen)[:40]] for key, v in batch.items()}
+    model.zero_grad()
+    _, comb = model_backward(b, model, other, labels[:40])
+    assert torch.equal(comb.grad_scale, first.grad_scale)
+    fresh = build_strategy("cagrad", k, refresh_every=3)
+    model.zero_grad()
+    _, new = model_backward(fresh, model, other, labels[:40])
+    assert not torch.allclose(new.grad_scale, first.grad_scale, rtol=1e-3)
+
+
+def test_dbmtl_between_refreshes_uses_cached_alpha_on_this_batch_log_gradients():
+    """DB-MTL with ``refresh_every=2``: on the reuse step the shared gradient is
+    ``sum_i alpha_i g_i / L_i`` of this batch with the refresh step's ``alpha`` (no EMA)."""
+    k = 3
+    model, batch, labels = _setup(k, seed=1)
+    s = build_strategy("dbmtl", k, refresh_every=2)
+    grads, losses = _per_task_grads(model, batch, labels)
+    g = _flat(model, grads, model.shared_parameters())
+    _, alpha, _ = _expected_first_step("dbmtl", g, losses, None)
+    model_backward(s, model, batch, labels)
+    gen = torch.Generator().manual_seed(3)
+    b2 = {key: v[torch.randperm(v.shape[0], generator=gen)] for key, v in batch.items()}
+    grads2, losses2 = _per_task_grads(model, b2, labels)
+    model.zero_grad()
+    _, comb = model_backward(s, model, b2, labels)
+    w2 = 1.0 / losses2.double()
+    assert torch.allclose(comb.loss_weights.double(), w2, rtol=1e-5)
+    expect = (alpha * w2) @ _flat(model, grads2, model.shared_parameters())
+    got = torch.cat([p.grad.reshape(-1) for p in model.shared_parameters()]).double()
+    assert _rel_err(got, expect) < 2e-3
