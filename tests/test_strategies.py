@@ -1015,3 +1015,47 @@ def test_non_finite_loss_error_carries_tasks_step_and_losses():
         s.backward(torch.stack([x.sum() + float("inf"), x.sum() + 2, x.sum() + float("nan")]))
     assert info.value.tasks == [0, 2] and info.value.step == 1
     assert info.value.losses[0] == math.inf and info.value.losses[1] == 2.0 and math.isnan(info.value.losses[2])
+
+
+def test_dwa_period_means_with_unequal_lengths_and_empty_periods():
+    """A period's loss is its mean over its own steps (2 steps, then 3); an end_epoch with no
+    step in between changes nothing."""
+    s = build_strategy("dwa", 2)
+    x = torch.ones(2, requires_grad=True)
+    periods = [[[1.0, 2.0], [3.0, 2.0]], [[1.0, 1.0], [2.0, 1.0], [3.0, 7.0]]]
+    for period in periods:
+        for losses in period:
+            s.backward(torch.tensor(losses) * x)
+        s.end_epoch()
+    s.end_epoch()  # empty: no step since the last one
+    means = [torch.tensor(p).mean(0) for p in periods]  # [2, 2] and [2, 3]
+    r = means[1] / means[0]
+    assert torch.allclose(s.weights(), 2 * torch.softmax(r / 2.0, 0))
+    assert torch.allclose(s.history, torch.stack([means[1], means[0]]))
+
+
+def test_gradvac_options_are_checked_and_seeded():
+    for beta in (0.0, 1.0):
+        build_strategy("gradvac", 2, beta=beta)
+    for beta in (-0.1, 1.5):
+        with pytest.raises(ValueError, match=r"^GradVac: beta must be in \[0, 1\], got"):
+            build_strategy("gradvac", 2, beta=beta)
+    with pytest.raises(ValueError, match="^CAGrad: rescale must be 0, 1 or 2, got 3$"):
+        build_strategy("cagrad", 2, rescale=3)
+    assert torch.equal(build_strategy("gradvac", 3, seed=7).generator.get_state(),
+                       torch.Generator().manual_seed(7).get_state())
+
+
+def test_gradvac_skips_pairs_with_a_zero_gradient_in_the_ema():
+    """Non-zero targets for the pairs with task 1, whose gradient is zero: they are not
+    updated (no EMA step), while the pair (0, 2) is."""
+    s = build_strategy("gradvac", 3, beta=0.5)
+    s.targets.fill_(0.3)
+    g = _grads(3, 4, seed=2)
+    g[1] = 0.0
+    _run_direct(s, g)
+    t = s.targets
+    for i, j in [(0, 1), (1, 0), (2, 1), (1, 2)]:
+        assert float(t[i, j]) == 0.3, (i, j)
+    cos02 = float(g[0] @ g[2] / (g[0].norm() * g[2].norm()))
+    assert float(t[0, 2]) == pytest.approx(0.5 * 0.3 + 0.5 * cos02, abs=1e-12)
