@@ -108,9 +108,9 @@ def _expected_penalty(model: MultiTaskModel) -> float:
     ``strength sum_layers sum_{i<j} ||W_i - W_j||^2`` pair by pair; 0 for the others."""
     if isinstance(model, SNR):
         shift = model.beta * math.log(-model.gamma / model.zeta)
-        return model.l0_strength * sum(1 / (1 + math.exp(-(float(a) - shift))) for a in model.log_alpha.flatten())
+        return model.l0_strength * sum(1 / (1 + math.exp(-(float(a) - shift))) for a in model.log_alpha.detach().flatten())
     if isinstance(model, SoftSharing):
-        tied = list(model.towers.weights) + (list(model.towers.biases) if model.penalize_bias else [])
+        tied = [w.detach() for w in list(model.towers.weights) + (list(model.towers.biases) if model.penalize_bias else [])]
         total = sum(float((w[i] - w[j]).pow(2).sum()) for w in tied
                     for i in range(w.shape[0]) for j in range(i + 1, w.shape[0]))
         return model.strength * total
@@ -127,7 +127,7 @@ def test_shapes(variant: str, k: int) -> None:
     assert torch.isfinite(logits).all()
     reg = model.regularization()
     assert reg.shape == ()
-    assert float(reg) == pytest.approx(_expected_penalty(model), rel=1e-5, abs=1e-12)
+    assert float(reg.detach()) == pytest.approx(_expected_penalty(model), rel=1e-5, abs=1e-12)
     model.eval()
     with torch.no_grad():
         assert model(batch).shape == (B, k)

@@ -333,7 +333,8 @@ def test_clip_global_norm_dense_and_row_sparse_by_hand():
     dense.grad = torch.tensor([3.0, 4.0])
     table = torch.nn.Parameter(torch.zeros(4, 2))
     # an uncoalesced row-sparse gradient: row 0 twice (summed: [2, 2]) and row 2
-    table.grad = torch.sparse_coo_tensor(torch.tensor([[0, 2, 0]]), torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 2.0]]), (4, 2))
+    table.grad = torch.sparse_coo_tensor(torch.tensor([[0, 2, 0]]), torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 2.0]]), (4, 2),
+                                         check_invariants=True)
     untouched = torch.nn.Parameter(torch.zeros(3))  # no gradient: skipped
     params = [dense, table, untouched]
     norm = clip_global_norm(params, 2.0)
@@ -600,3 +601,15 @@ def test_fit_resumes_mid_epoch_with_the_remaining_batches():
     assert state_b.step == state_a.step == 6
     for pa, pb in zip(state_a.model.parameters(), state_b.model.parameters()):
         assert torch.allclose(pa, pb, atol=1e-6)
+
+
+def test_representation_module_needs_one_shared_representation():
+    from pipeline.train.step import representation_module
+
+    with pytest.raises(ValueError, match="^strategy mgda_ub needs an architecture with one shared representation "
+                                         r"\(shared_bottom, mmoe\), not SNR$"):
+        build(_cfg("snr", "mgda_ub"), _spec())
+    half = torch.nn.Module()
+    half.experts = torch.nn.Linear(2, 2)  # experts, but no per-module forward that calls them
+    with pytest.raises(ValueError, match="not Module$"):
+        representation_module(half)
