@@ -67,6 +67,8 @@ def _grouped_average_ranks(groups: np.ndarray, preds: np.ndarray) -> tuple[np.nd
 
 def _per_group_auc(labels: np.ndarray, preds: np.ndarray, groups: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """AUC of every group with both classes; returns ``(group_ids, aucs)``."""
+    if len(labels) == 0:  # no rows, no group
+        return np.zeros(0, dtype=np.int64), np.zeros(0)
     _, group_codes = np.unique(groups, return_inverse=True)
     order, ranks = _grouped_average_ranks(group_codes, preds)
     y = labels[order]

@@ -128,8 +128,17 @@ def test_masks_and_incomplete_output(tmp_path: Path) -> None:
     assert b.features["l"].tolist() == [[1, 2], [PAD_ID, PAD_ID]]
     assert b.features["l" + WEIGHT_SUFFIX].tolist() == [[0.5, 0.25], [0.0, 0.0]]
     assert b.mask.tolist() == [[1.0, 1.0], [1.0, 0.0]]
-    out = InputModule(spec)(b.features)
-    assert torch.isfinite(out).all()  # an empty list pools to zeros, OOV id 5 -> OOV row
+    module = InputModule(spec)
+    out = module(b.features).detach()
+    u_table, l_table = module.tables["u"].weight.detach(), module.tables["l"].weight.detach()
+    du = u_table.shape[1]
+    assert torch.equal(out[0, :du], u_table[0])
+    assert torch.equal(out[1, :du], u_table[3])  # OOV id 5 (vocabulary 3) -> the OOV row
+    pooled = 0.5 * l_table[1] + 0.25 * l_table[2]  # ids [1, 2] (3 cut at max_len 2), weighted
+    if spec.lists[0].pooling == "mean":
+        pooled = pooled / 0.75
+    assert torch.allclose(out[0, du:], pooled, atol=1e-7)
+    assert torch.equal(out[1, du:], torch.zeros_like(pooled))  # an empty list pools to zeros
     (tmp_path / "feature_spec.json").write_text("{}")
     with pytest.raises(FileNotFoundError, match="_SUCCESS"):
         check_complete(tmp_path)

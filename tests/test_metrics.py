@@ -96,3 +96,71 @@ def test_fusion_methods():
         fuse(p, [-1, 1])
     with pytest.raises(ValueError, match="unknown fusion"):
         fuse(p, [1, 1], "nope")
+
+
+# ------------------------------------------------------------------ edge cases (mutation testing, issue 15)
+
+
+def test_float32_predictions_are_rounded_as_their_float64_values():
+    """0.12345651 and 0.1234565 (float32) both round to 0.123457 in float64 (a tie: AUC 0.5);
+    rounding in float32 would split them (0.123457 vs 0.123456)."""
+    preds = np.array([0.12345651, 0.1234565], dtype=np.float32)
+    assert user_auc(np.array([1, 0]), preds, np.array([1, 1])) == 0.5
+    assert auc(np.array([1, 0]), preds, decimals=6) == 0.5
+    assert auc(np.array([1, 0]), preds) == 1.0  # auc's default: no rounding
+
+
+def test_ties_do_not_join_across_users():
+    """User 1's largest prediction equals user 2's smallest: ranks are per user."""
+    labels = np.array([0, 1, 1, 0, 1])
+    preds = np.array([0.1, 0.5, 0.5, 0.9, 0.95])
+    users = np.array([1, 1, 2, 2, 2])
+    expected = _official_uauc(labels, preds, users.tolist())  # user 1: 1.0, user 2: 0.5
+    assert expected == 0.75
+    assert user_auc(labels, preds, users) == expected
+
+
+def test_user_auc_defaults_to_six_decimals_and_nan_without_both_classes():
+    # differ at the 7th decimal: a tie under the official rounding
+    assert user_auc(np.array([1, 0]), np.array([0.2000004, 0.2]), np.array([3, 3])) == 0.5
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "mean of empty slice"
+        assert np.isnan(user_auc(np.array([1, 1, 0]), np.array([0.1, 0.2, 0.3]), np.array([1, 1, 2])))
+        assert np.isnan(user_auc(np.array([], dtype=int), np.array([]), np.array([], dtype=int)))
+
+
+def test_input_errors_name_the_problem():
+    with pytest.raises(ValueError, match=r"labels \(3,\) and preds \(4,\) must be equal 1-d shapes"):
+        user_auc(np.array([0, 1, 0]), np.zeros(4), np.zeros(3))
+    with pytest.raises(ValueError, match="equal 1-d shapes"):
+        auc(np.zeros((2, 2)), np.zeros((2, 2)))
+    nan_rows = np.zeros(13)
+    nan_rows[[1, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]] = np.nan
+    with pytest.raises(ValueError, match=r"NaN at rows \[1, 3, 4, 5, 6, 7, 8, 9, 10, 11\]$"):
+        auc(np.array([0, 1] * 6 + [0]), nan_rows)
+    bad = np.array([0, 1, 2, 0, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3])  # 11 bad rows: the first 10 named
+    with pytest.raises(ValueError, match=r"rows \[2, 4, 5, 6, 7, 8, 9, 10, 11, 12\] are not$"):
+        auc(bad, np.arange(14.0))
+    with pytest.raises(ValueError, match="^AUC is undefined: labels contain only one class$"):
+        auc(np.ones(3), np.arange(3.0))
+    with pytest.raises(KeyError, match=r"no weight for actions \['ctr'\]"):
+        weighted_score({"like": 0.5, "ctr": 0.6})
+    with pytest.raises(ValueError, match="^actions must name the columns of array inputs$"):
+        wechat_score(np.zeros((2, 1)), np.zeros((2, 1)), np.zeros(2))
+
+
+def test_wechat_score_dict_inputs_and_custom_weights():
+    rng = np.random.default_rng(5)
+    users = rng.integers(0, 20, 400)
+    y = {"like": (rng.random(400) < 0.3).astype(int), "forward": (rng.random(400) < 0.3).astype(int)}
+    p = {a: np.round(rng.random(400) + 0.3 * y[a], 6) for a in y}
+    u = {a: _official_uauc(y[a], p[a], users.tolist()) for a in y}
+    score, per = wechat_score(y, p, users)  # actions default to the dict's keys
+    assert per == pytest.approx(u, abs=1e-12)
+    assert score == round((3 * u["like"] + u["forward"]) / 4, 6)
+    score2, _ = wechat_score(y, p, users, actions=["forward"], weights={"forward": 2.0, "like": 0.0})
+    assert score2 == round(u["forward"], 6)
+    score3, _ = wechat_score(y, p, users, weights={"like": 1.0, "forward": 3.0})
+    assert score3 == round((u["like"] + 3 * u["forward"]) / 4, 6)

@@ -102,6 +102,21 @@ def test_registry_is_covered() -> None:
         build_model("nope", make_spec(2))
 
 
+def _expected_penalty(model: MultiTaskModel) -> float:
+    """The penalty from its definition: SNR ``l0 sum_ij P(z_ij != 0)`` with
+    ``P = sigmoid(log_alpha - beta log(-gamma / zeta))`` (Louizos et al., eq. 12); soft sharing
+    ``strength sum_layers sum_{i<j} ||W_i - W_j||^2`` pair by pair; 0 for the others."""
+    if isinstance(model, SNR):
+        shift = model.beta * math.log(-model.gamma / model.zeta)
+        return model.l0_strength * sum(1 / (1 + math.exp(-(float(a) - shift))) for a in model.log_alpha.detach().flatten())
+    if isinstance(model, SoftSharing):
+        tied = [w.detach() for w in list(model.towers.weights) + (list(model.towers.biases) if model.penalize_bias else [])]
+        total = sum(float((w[i] - w[j]).pow(2).sum()) for w in tied
+                    for i in range(w.shape[0]) for j in range(i + 1, w.shape[0]))
+        return model.strength * total
+    return 0.0
+
+
 @pytest.mark.parametrize("k", [2, 4, 7])
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_shapes(variant: str, k: int) -> None:
@@ -111,7 +126,8 @@ def test_shapes(variant: str, k: int) -> None:
     assert logits.shape == (B, k)
     assert torch.isfinite(logits).all()
     reg = model.regularization()
-    assert reg.shape == () and torch.isfinite(reg)
+    assert reg.shape == ()
+    assert float(reg.detach()) == pytest.approx(_expected_penalty(model), rel=1e-5, abs=1e-12)
     model.eval()
     with torch.no_grad():
         assert model(batch).shape == (B, k)

@@ -552,13 +552,86 @@ def test_gradient_strategy_without_shared_parameters_raises():
         s.backward(x * 2)
 
 
+def _cagrad_scipy(gram: np.ndarray, alpha: float) -> np.ndarray:
+    """CAGrad's coefficients (``rescale=0``) from a numerical solve of the inner problem
+    ``min_{w in simplex} w^T M b + c sqrt(w^T M w)`` (SLSQP from several starts)."""
+    k = gram.shape[0]
+    b = np.full(k, 1.0 / k)
+    c = alpha * math.sqrt(b @ gram @ b)
+
+    def f(w):
+        return w @ gram @ b + c * math.sqrt(max(w @ gram @ w, 0.0))
+
+    best = None
+    for start in [b, *np.eye(k)]:
+        r = minimize(f, start, method="SLSQP", bounds=[(0, 1)] * k, options={"ftol": 1e-15, "maxiter": 500},
+                     constraints=[{"type": "eq", "fun": lambda w: w.sum() - 1.0}])
+        if best is None or r.fun < best.fun:
+            best = r
+    w = np.clip(best.x, 0, None)
+    gw = math.sqrt(max(w @ gram @ w, 0.0))
+    if gw < 1e-9 * math.sqrt(gram.diagonal().max()):
+        # the minimiser has g_w = 0 (a zero task's vertex, F = 0): every d in the ball has
+        # min_i g_i . d <= g_1 . d = 0; lambda = 0 keeps the ball's centre, d = g_0 (the
+        # module's "zero task gradients only shrink g_0")
+        return b
+    return b + c / gw * w
+
+
 @pytest.mark.parametrize("name", [*GRADIENT_STRATEGIES, "dbmtl", "gradnorm"])
-def test_zero_task_gradient_gives_finite_update(name):
+def test_zero_task_gradient_gets_the_documented_update(name):
+    """Task 1's gradient is zero; each strategy's documented handling, computed independently:
+    PCGrad / GradVac (first step, targets 0): never projected against, contributes nothing (the
+    two-task PCGrad of the others); MGDA(-UB): 0 is in the hull, zero update; CAGrad: only
+    shrinks g_0 (numerical solve of the inner problem); IMTL-G and Nash-MTL: alpha_1 = 0, the
+    others solved among themselves; Aligned-MTL: the rank cut (SVD of the rank-2 stack);
+    DB-MTL: no effect on the shared update; GradNorm: the plain sum this step, and task 1's
+    weight gets no gradient step (only the renormalisation)."""
     g = _grads(3, 5, seed=9)
     g[1] = 0.0
+    a, c = g[0], g[2]
     out, comb = _run_direct(build_strategy(name, 3), g)
-    assert bool(torch.isfinite(out).all())
+    if name in ("pcgrad", "gradvac"):
+        d = float(a @ c)
+        expect = a + c - (min(d, 0.0) / float(c @ c)) * c - (min(d, 0.0) / float(a @ a)) * a
+        assert d < 0  # a conflicting pair: the projection matters
+    elif name in ("mgda", "mgda_ub"):
+        expect = torch.zeros(5, dtype=D)
+    elif name == "cagrad":
+        expect = torch.from_numpy(_cagrad_scipy((g @ g.t()).numpy(), 0.5) / 1.25) @ g
+        assert torch.allclose(expect, g.mean(0) / 1.25)  # here: g_0 = (g_0 + g_2) / 3, shrunk
+    elif name == "imtl_g":
+        sub = torch.stack([a, c])
+        expect = _vec(_exact_imtl(sub @ sub.t())) @ sub
+    elif name == "nash_mtl":
+        sub = torch.stack([a, c])
+        gram = sub @ sub.t()
+        alpha = _vec(_exact_nash(gram))
+        expect = alpha * min(1.0, 1.0 / (math.sqrt(float(alpha @ gram @ alpha)) + 1e-6)) @ sub
+    elif name == "aligned_mtl":
+        u, sv, vt = np.linalg.svd(g.numpy(), full_matrices=False)
+        keep = sv**2 > (sv**2).max() * 3 * np.finfo(np.float32).eps
+        assert keep.sum() == 2
+        expect = torch.from_numpy((sv[keep].min() * u[:, keep] @ vt[keep]).sum(0))
+    elif name == "dbmtl":  # losses 1: m_i = 0.1 g_i, alpha_i = max ||m|| / ||m_i||
+        n = g.norm(dim=1)
+        expect = 0.1 * n.max() * (a / n[0] + c / n[2])
+    else:  # gradnorm
+        expect = g.sum(0)
+        n = g.norm(dim=1)
+        step = torch.sign(n - n.mean()) * n  # rates 1 at the first step: target = mean G
+        new = (1 - 0.025 * step).clamp_min(1e-3)
+        assert torch.allclose(build_strategy(name, 3).weights, torch.ones(3))
+        s = build_strategy(name, 3)
+        _run_direct(s, g)
+        assert torch.allclose(s.weights.double(), 3 * new / new.sum(), rtol=1e-6)
+        assert float(step[1]) == 0.0
+    assert torch.allclose(out, expect, rtol=1e-6, atol=1e-9), (name, out, expect)
     assert bool(torch.isfinite(comb.loss_weights).all())
+
+
+def _vec(m) -> torch.Tensor:
+    return torch.tensor([float(v) for v in m], dtype=D)
 
 
 @pytest.mark.parametrize("name", ["pcgrad", "cagrad", "nash_mtl"])
@@ -930,3 +1003,59 @@ def test_dwa_non_default_temperature():
     expect = torch.tensor([3 * v / sum(e) for v in e])
     assert torch.allclose(comb.loss_weights, expect, rtol=1e-6)
     assert not torch.allclose(expect, 3 * torch.softmax(torch.tensor(r) / 2.0, 0), rtol=1e-2)
+
+
+def test_non_finite_loss_error_carries_tasks_step_and_losses():
+    from mtl.strategies import NonFiniteLossError
+
+    s = build_strategy("famo", 3)
+    x = torch.zeros(2, dtype=D, requires_grad=True)
+    s.backward(torch.stack([x.sum() + 1, x.sum() + 2, x.sum() + 3]))
+    with pytest.raises(NonFiniteLossError, match=r"^FAMO: non-finite loss for task\(s\) \[0, 2\] at step 1") as info:
+        s.backward(torch.stack([x.sum() + float("inf"), x.sum() + 2, x.sum() + float("nan")]))
+    assert info.value.tasks == [0, 2] and info.value.step == 1
+    assert info.value.losses[0] == math.inf and info.value.losses[1] == 2.0 and math.isnan(info.value.losses[2])
+
+
+def test_dwa_period_means_with_unequal_lengths_and_empty_periods():
+    """A period's loss is its mean over its own steps (2 steps, then 3); an end_epoch with no
+    step in between changes nothing."""
+    s = build_strategy("dwa", 2)
+    x = torch.ones(2, requires_grad=True)
+    periods = [[[1.0, 2.0], [3.0, 2.0]], [[1.0, 1.0], [2.0, 1.0], [3.0, 7.0]]]
+    for period in periods:
+        for losses in period:
+            s.backward(torch.tensor(losses) * x)
+        s.end_epoch()
+    s.end_epoch()  # empty: no step since the last one
+    means = [torch.tensor(p).mean(0) for p in periods]  # [2, 2] and [2, 3]
+    r = means[1] / means[0]
+    assert torch.allclose(s.weights(), 2 * torch.softmax(r / 2.0, 0))
+    assert torch.allclose(s.history, torch.stack([means[1], means[0]]))
+
+
+def test_gradvac_options_are_checked_and_seeded():
+    for beta in (0.0, 1.0):
+        build_strategy("gradvac", 2, beta=beta)
+    for beta in (-0.1, 1.5):
+        with pytest.raises(ValueError, match=r"^GradVac: beta must be in \[0, 1\], got"):
+            build_strategy("gradvac", 2, beta=beta)
+    with pytest.raises(ValueError, match="^CAGrad: rescale must be 0, 1 or 2, got 3$"):
+        build_strategy("cagrad", 2, rescale=3)
+    assert torch.equal(build_strategy("gradvac", 3, seed=7).generator.get_state(),
+                       torch.Generator().manual_seed(7).get_state())
+
+
+def test_gradvac_skips_pairs_with_a_zero_gradient_in_the_ema():
+    """Non-zero targets for the pairs with task 1, whose gradient is zero: they are not
+    updated (no EMA step), while the pair (0, 2) is."""
+    s = build_strategy("gradvac", 3, beta=0.5)
+    s.targets.fill_(0.3)
+    g = _grads(3, 4, seed=2)
+    g[1] = 0.0
+    _run_direct(s, g)
+    t = s.targets
+    for i, j in [(0, 1), (1, 0), (2, 1), (1, 2)]:
+        assert float(t[i, j]) == 0.3, (i, j)
+    cos02 = float(g[0] @ g[2] / (g[0].norm() * g[2].norm()))
+    assert float(t[0, 2]) == pytest.approx(0.5 * 0.3 + 0.5 * cos02, abs=1e-12)
