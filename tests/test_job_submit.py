@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import mlflow
@@ -34,7 +35,11 @@ def test_ray_job_submit_train(job_server, tiny_processed, tmp_path):
            sys.executable, "-m", "pipeline", "train", "--config", "configs/train/mmoe.yaml",
            "--data", str(tiny_processed), "--out", str(out),
            "--set", "train.epochs=2", "--set", "train.batch_size=512", "--set", "train.optimizer.lr=0.01", "--set", "scaling.cpus_per_worker=0.5"]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    for _ in range(30):  # the head's job agent starts after its dashboard port opens
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+        if "No available agent to submit job" not in done.stdout + done.stderr:
+            break
+        time.sleep(3)
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
     assert "succeeded" in (done.stdout + done.stderr)
     # the job's run went to the store under --out (an absolute path, not the job's working copy)
