@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from mtl.models.grad_scale import scale_grad
+from mtl.models.grad_scale import LiveScale, Scale, load_scale, save_scale, scale_grad
 
 
 class _SharedInputLinear(torch.autograd.Function):
@@ -20,8 +20,8 @@ class _SharedInputLinear(torch.autograd.Function):
     member ``m``'s block is multiplied by ``scale[m]``. Weights get plain gradients."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor, scale: Tensor) -> Tensor:  # type: ignore[override]
-        ctx.save_for_backward(x, weight, scale)
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor, scale: Scale) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(x, weight, save_scale(ctx, scale))
         return torch.addmm(bias, x, weight.t())
 
     @staticmethod
@@ -29,7 +29,7 @@ class _SharedInputLinear(torch.autograd.Function):
         # Under autocast the forward's product ran in a lower precision than the saved inputs:
         # the backward's products run in the gradient's dtype, as autocast's own backward would.
         x, weight = (t.to(grad.dtype) for t in ctx.saved_tensors[:2])
-        scale = ctx.saved_tensors[2]
+        scale = load_scale(ctx, ctx.saved_tensors[2])
         n = scale.numel()
         grad_w = grad.t().mm(x)
         grad_b = grad.sum(0)
@@ -37,7 +37,7 @@ class _SharedInputLinear(torch.autograd.Function):
         return scaled.mm(weight), grad_w, grad_b, None
 
 
-def shared_input_linear(x: Tensor, weight: Tensor, bias: Tensor, member_scale: Tensor | None) -> Tensor:
+def shared_input_linear(x: Tensor, weight: Tensor, bias: Tensor, member_scale: Scale | None) -> Tensor:
     """A linear layer whose ``out_features`` are ``n`` equal member blocks reading one shared
     input; ``member_scale`` (``[n]`` or ``None``) scales each block's gradient into ``x``."""
     if member_scale is None:
@@ -93,7 +93,7 @@ class BatchedMLP(nn.Module):
         """The weight and bias of the last layer (the one whose output the MLP returns)."""
         return [self.weights[-1], self.biases[-1]]
 
-    def forward(self, x: Tensor, member_scale: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, member_scale: Scale | None = None) -> Tensor:
         """Args:
         x: ``[B, in_dim]`` (shared input) or ``[num_members, B, in_dim]``.
         member_scale: ``[num_members]`` gradient scale where member ``m`` reads a shared input
@@ -109,7 +109,7 @@ class BatchedMLP(nn.Module):
             x = self._layer(layer, x, member_scale)
         return x
 
-    def _layer(self, layer: int, x: Tensor, member_scale: Tensor | None) -> Tensor:
+    def _layer(self, layer: int, x: Tensor, member_scale: Scale | None) -> Tensor:
         n = self.num_members
         w, b = self.weights[layer], self.biases[layer]
         if layer == 0 and self.shared_input:
@@ -124,7 +124,7 @@ class BatchedMLP(nn.Module):
         return torch.relu(x) if layer < self.num_hidden else x
 
 
-def mix_experts(gates: Tensor, experts: Tensor, task_scale: Tensor | None = None) -> Tensor:
+def mix_experts(gates: Tensor, experts: Tensor, task_scale: Scale | None = None) -> Tensor:
     """Gate-weighted sum of expert outputs, one mixture per task.
 
     Args:
@@ -143,13 +143,14 @@ def mix_experts(gates: Tensor, experts: Tensor, task_scale: Tensor | None = None
 
 class _ScaledMix(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, gates: Tensor, experts: Tensor, scale: Tensor) -> Tensor:  # type: ignore[override]
-        ctx.save_for_backward(gates, experts, scale)
+    def forward(ctx, gates: Tensor, experts: Tensor, scale: Scale) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(gates, experts, save_scale(ctx, scale))
         return torch.bmm(gates, experts.transpose(0, 1)).transpose(0, 1)
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
-        gates, experts, scale = ctx.saved_tensors
+        gates, experts, saved = ctx.saved_tensors
+        scale = load_scale(ctx, saved)
         gates, experts = gates.to(grad.dtype), experts.to(grad.dtype)  # autocast: see _SharedInputLinear
         grad_bkh = grad.transpose(0, 1)  # [B, K, H]
         grad_gates = torch.bmm(grad_bkh, experts.permute(1, 2, 0))  # [B, K, E]

@@ -86,7 +86,9 @@ class MMoE(MultiTaskModel):
             # differentiable casts: gradients come back to the float32 parameters and input
             x = x.to(dtype)
             params = [p.to(dtype) for p in params]
-        scale = None if task_grad_scale is None else task_grad_scale.detach().to(x.dtype)
+        # the live tensor (no cast here): strategies fill it after this forward, and the backward
+        # must see the values they fill; it is cast to the body's dtype where the backward reads it
+        scale = None if task_grad_scale is None else task_grad_scale.detach()
         ws = self._workspace if torch.is_grad_enabled() else None
         logits = _MMoEFunction.apply(x, scale, len(self.experts.weights), len(self.towers.weights), ws, *params)
         self._last_forward.set(logits.grad_fn)
@@ -474,7 +476,7 @@ def _unpack_saved(ctx) -> _FusedSaved:
     pos += le - 1
     tw = saved[pos : pos + lt]
     pos += lt
-    scale = saved[pos] if ctx.has_scale else None
+    scale = saved[pos].to(x.dtype) if ctx.has_scale else None
     b, k, e = gates.shape
     if ctx.separate_first:
         hs = [saved[-2], *hs_rest]

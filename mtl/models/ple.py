@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from mtl.features import FeatureSpec
 from mtl.models.base import Batch, MultiTaskModel
-from mtl.models.grad_scale import scale_grad
+from mtl.models.grad_scale import LiveScale, Scale, scale_grad
 from mtl.models.layers import BatchedMLP, mix_experts, shared_input_linear, stacked_owners
 from mtl.precision import Precision
 
@@ -94,7 +94,7 @@ class _ExtractionLevel(nn.Module):
                 bias = bias.index_copy(0, idx, b)
         return weight, bias
 
-    def task_gates(self, task_in: Tensor, scale: Tensor | None) -> Tensor:
+    def task_gates(self, task_in: Tensor, scale: Scale | None) -> Tensor:
         """Per-task distributions ``[B, K, E]`` (exact zeros on other tasks' experts).
 
         ``task_in``: ``[B, in_dim]`` shared input (first level) or ``[K, B, in_dim]``;
@@ -123,7 +123,8 @@ class _ExtractionLevel(nn.Module):
         outs = []
         if self.task_experts is not None:
             if self.first:
-                member_scale = None if task_expert_scale is None else task_expert_scale[self.expert_owner]
+                member_scale = None if task_expert_scale is None else LiveScale(
+                    task_expert_scale, lambda c, owner=self.expert_owner: c[owner])
                 outs.append(self.task_experts(task_in, member_scale))
             else:
                 outs.append(self.task_experts(task_in.index_select(0, self.expert_owner)))
@@ -243,12 +244,12 @@ class PLE(MultiTaskModel):
         for lvl, level in enumerate(self.levels):
             gate_scale = mix_scale = expert_scale = None
             if c is not None:
-                ones = torch.ones_like(c)
+                # derived from c when the backward runs: the strategy fills c after this forward
                 if level.scale_gates:
-                    gate_scale = torch.where(level.gate_scale_mask, c, ones)
+                    gate_scale = LiveScale(c, lambda c, m=level.gate_scale_mask: torch.where(m, c, torch.ones_like(c)))
                 if level.scale_mix:
-                    ck = c.view(k, 1).expand(k, level.num_experts)
-                    mix_scale = torch.where(level.mix_scale_mask, ck, torch.ones_like(ck))
+                    mix_scale = LiveScale(c, lambda c, m=level.mix_scale_mask, e=level.num_experts: torch.where(
+                        m, c.view(k, 1).expand(k, e), torch.ones((), dtype=c.dtype, device=c.device)))
                 if level.scale_task_experts:
                     expert_scale = c
             gates = level.task_gates(task_in, gate_scale)  # [B, K, E]
