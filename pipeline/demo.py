@@ -58,7 +58,10 @@ def run_demo(cfg: DemoConfig, out: str | Path) -> dict[str, float]:
     timings: dict[str, float] = {}
     mlflow.set_tracking_uri(cfg.mlflow.tracking_uri or f"sqlite:///{out / 'mlflow.db'}")
     mlflow.set_experiment(cfg.mlflow.experiment)
-    with mlflow.start_run(run_name=f"demo-{cfg.scale}-{cfg.train.model.name}-{cfg.train.strategy.name}"):
+    from pipeline.tracking import sigterm_as_interrupt
+
+    # killed (SIGTERM, Ctrl-C): the run ends FAILED rather than staying RUNNING
+    with sigterm_as_interrupt(), mlflow.start_run(run_name=f"demo-{cfg.scale}-{cfg.train.model.name}-{cfg.train.strategy.name}"):
         mlflow.log_text(dump_config(cfg), "config.yaml")
         mlflow.log_params({
             "scale": cfg.scale, "seed": cfg.seed, "model": cfg.train.model.name,

@@ -72,6 +72,17 @@ def tracked_run(uri: str, experiment: str, run_name: str | None = None, artifact
         _restore_sigterm(previous)
 
 
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Within the block, SIGTERM raises KeyboardInterrupt (so ``with`` blocks such as an
+    MLflow run end their run instead of the process dying with it RUNNING)."""
+    previous = _sigterm_as_interrupt()
+    try:
+        yield
+    finally:
+        _restore_sigterm(previous)
+
+
 def _sigterm_as_interrupt() -> Any:
     def handler(_signum: int, _frame: Any) -> None:
         raise KeyboardInterrupt("SIGTERM")
