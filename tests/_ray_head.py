@@ -39,7 +39,8 @@ def _wait_for_port(proc: subprocess.Popen, port: int, deadline: float) -> None:
 def cli_env() -> dict[str, str]:
     """The environment for CLI subprocesses: no RAY_ADDRESS, this repository importable, the venv
     first on PATH (a job's entrypoint runs with the head's ``python``)."""
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    # nothing that points at the test session's own cluster (its address, its State API)
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
     env.update(RAY_USAGE_STATS_ENABLED="0", PYTHONPATH=str(REPO), OMP_NUM_THREADS="1",
                PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}")
     return env
