@@ -52,7 +52,10 @@ def ray_head(num_cpus: int, env: dict[str, str], cwd: Path, dashboard_port: int 
     """A head on 127.0.0.1 (with a job server when ``dashboard_port`` is given); yields its GCS port."""
     port = free_port()
     cmd = [str(RAY), "start", "--head", "--block", "--port", str(port), "--num-cpus", str(num_cpus),
-           "--node-ip-address", "127.0.0.1", "--disable-usage-stats"]
+           "--node-ip-address", "127.0.0.1", "--disable-usage-stats",
+           # ports of their own: Ray's defaults (client server 10001, dashboard agent 52365) may
+           # be held by the test session's cluster
+           "--ray-client-server-port", str(free_port()), "--dashboard-agent-listen-port", str(free_port())]
     if dashboard_port is None:
         cmd += ["--include-dashboard", "false"]
     else:

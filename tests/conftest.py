@@ -18,6 +18,18 @@ warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"ray(\..*
 warnings.filterwarnings("ignore", category=FutureWarning, module=r"ray(\..*)?")
 
 
+#: the session cluster's dashboard (its job server), set by ``ray_session``
+DASHBOARD: dict[str, str] = {}
+
+
+@pytest.fixture(scope="session")
+def ray_job_address(ray_session) -> str:
+    """The job-submission address of the session's cluster (for ``ray job submit`` tests)."""
+    if "url" not in DASHBOARD:
+        pytest.skip("Ray was started outside this test session (no known job server)")
+    return DASHBOARD["url"]
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     """Ray for the whole test session on a simulated two-node cluster (``ray.cluster_utils``:
@@ -35,12 +47,16 @@ def ray_session():
         # the head serves Ray's State API, and the job's processes are told where (Ray Train's
         # placement-group cleaner needs it when Tune stops a trial: see pipeline.ray_runtime)
         port = free_port()
-        head = {**node, "include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": port}
+        # and its dashboard agent off Ray's default port (52365), which a head started by a CLI
+        # test needs for its job agent
+        head = {**node, "include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": port,
+                "dashboard_agent_listen_port": free_port()}
         cluster = Cluster(initialize_head=True, head_node_args=head)
         cluster.add_node(**node)
         cluster.wait_for_nodes()
         ray.init(address=cluster.address, log_to_driver=False,
                  runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}})
+        DASHBOARD["url"] = f"http://127.0.0.1:{port}"
     logging.getLogger("ray.data").setLevel(logging.WARNING)  # keep failure reports readable
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False

@@ -1,6 +1,6 @@
-"""``ray job submit -- python -m pipeline train ...`` against a real head on 127.0.0.1 (started
-with ``ray start --head --block`` in its own process group and stopped by that group id, never by
-``ray stop``, which would end every Ray on the machine). About a minute on 2 cores."""
+"""``ray job submit -- python -m pipeline train ...`` against the job server of the test
+session's cluster (a head and a worker node on 127.0.0.1, ``tests/conftest.py``). About a minute
+on 2 cores."""
 
 from __future__ import annotations
 
@@ -13,22 +13,13 @@ import mlflow
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _ray_head import RAY, REPO, free_port, ray_head, cli_env  # noqa: E402
+from _ray_head import RAY, REPO, cli_env  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not RAY.exists(), reason="no ray CLI next to this Python")]
 
 
-@pytest.fixture
-def job_server(tmp_path):
-    """A head with a job server: ``(dashboard address, env)``."""
-    env = {**cli_env(), "RAY_AUTH_MODE": "token"}
-    dash = free_port()
-    with ray_head(2, env, tmp_path, dashboard_port=dash):
-        yield f"http://127.0.0.1:{dash}", env
-
-
-def test_ray_job_submit_train(job_server, tiny_processed, tmp_path):
-    address, env = job_server
+def test_ray_job_submit_train(ray_job_address, tiny_processed, tmp_path):
+    address, env = ray_job_address, {**cli_env(), "RAY_AUTH_MODE": "token"}
     out = tmp_path / "run"
     cmd = [str(RAY), "job", "submit", "--address", address, "--working-dir", str(REPO),
            "--runtime-env-json", '{"excludes": [".venv", ".git", "runs", "tests"]}', "--",

@@ -5,6 +5,7 @@ under ``ray job submit``), logged to MLflow (``<out>/mlflow.db`` by default)."""
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 from pipeline.config import load_config
@@ -28,8 +29,14 @@ def run(args: argparse.Namespace) -> int:
     from pipeline.train.ray_train import run_train
 
     job = load_config(TrainJobConfig, _resolve(args.config), args.set)
+    data, out = Path(args.data).resolve(), Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    # Work from --out: MLflow's sqlite store resolves its default artifact root against the
+    # working directory, and a Ray job's working directory is a temporary copy that can vanish
+    # while the job runs (seen on a simulated two-node cluster sharing one disk).
+    os.chdir(out)
     store = int(args.object_store_gb * 2**30) if args.object_store_gb else None
-    outcome = run_train(job, args.data, args.out, address=args.address, num_cpus=args.num_cpus, object_store_memory=store)
+    outcome = run_train(job, data, out, address=args.address, num_cpus=args.num_cpus, object_store_memory=store)
     keys = sorted(k for k in outcome.metrics if k.endswith("/score") or "/uauc_" in k)
     width = max((len(k) for k in keys), default=0)
     for k in keys:
