@@ -23,7 +23,7 @@ STAGES: dict[str, tuple[str, str]] = {
     "report": ("pipeline.report.stage", "the multi-task report (scores, outcome against single-task baselines, gradient and gate plots) from MLflow runs"),
     "tune": ("pipeline.tune.stage", "Ray Tune search over architectures, experts, lr, batch size and strategies (ASHA, Optuna)"),
     "fuse": ("pipeline.fuse", "tune the fusion weights of the ranking score on saved validation predictions"),
-    "demo": ("pipeline.demo", "generate -> preprocess -> train -> evaluate, end to end"),
+    "demo": ("pipeline.demo", "the whole pipeline on generated (or your) logs: generate, preprocess, compare models, search, fuse, register, batch-score, report"),
 }
 
 

@@ -71,6 +71,8 @@ class FuseConfig(Strict):
 
     @model_validator(mode="after")
     def _check(self) -> "FuseConfig":
+        if self.search.algorithm == "grid":
+            raise ValueError("search.algorithm: the fusion weights are searched with optuna or random, not grid")
         if self.method not in FUSIONS:
             raise ValueError(f"method {self.method!r} unknown; registered: {sorted(FUSIONS)}")
         bad = {a: c for a, c in self.business_weights.items() if not (c >= 0 and math.isfinite(c))}

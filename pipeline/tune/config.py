@@ -35,7 +35,7 @@ from pipeline.config import apply_overrides
 from pipeline.errors import ConfigError
 from pipeline.fuse import FuseConfig
 from pipeline.train.config import ModelConfig, StrategyConfig, TrainJobConfig
-from pipeline.tune.space import Domain, SearchSection, SpaceSampler, Strict, corner_values, parse_entries
+from pipeline.tune.space import Domain, SearchSection, SpaceSampler, Strict, corner_values, grid_points, parse_entries
 
 GROUPS = {"model": (MODELS, ModelConfig), "strategy": (STRATEGIES, StrategyConfig)}
 
@@ -156,7 +156,12 @@ class TuneConfig(Strict):
     def _check(self) -> "TuneConfig":
         if self.base.failure.kill_rank_at_step is not None or self.base.failure.nan_label_at is not None:
             raise ValueError("base.failure's testing aids are for single runs, not searches")
-        for trial in self.space.corner_trials():  # every corner is a valid train job
+        if self.search.algorithm == "grid":
+            try:
+                self.grid()
+            except ValueError as exc:
+                raise ValueError(f"search.algorithm grid: {exc}") from None
+        for trial in self.checked_trials():  # every corner (grid point) is a valid train job
             trial_job(self, trial)
         return self
 
@@ -167,6 +172,19 @@ class TuneConfig(Strict):
 
     def max_epochs(self) -> int:
         return max(trial_job(self, t).train.epochs for t in self.space.corner_trials())
+
+    def grid(self) -> list[dict[str, Any]]:
+        """The flat trial configs of a grid search (``search.algorithm: grid``), in order."""
+        sampler = self.space.sampler()
+        return grid_points(sampler.flat, sampler.conditional, self.search.exclude)
+
+    def trial_count(self) -> int:
+        """Trials the search runs: the grid's size for a grid, else ``search.num_samples``."""
+        return len(self.grid()) if self.search.algorithm == "grid" else self.search.num_samples
+
+    def checked_trials(self) -> list[dict[str, Any]]:
+        """What the config check builds: every grid point, else the space's corners."""
+        return self.grid() if self.search.algorithm == "grid" else self.space.corner_trials()
 
 
 def trial_job(cfg: TuneConfig, flat: dict[str, Any]) -> TrainJobConfig:

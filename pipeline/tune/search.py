@@ -52,7 +52,7 @@ def check_search(cfg: TuneConfig, data_dir: str | Path) -> FeatureSpec:
     from pipeline.train.ray_train import check_job
 
     spec = None
-    for flat in cfg.space.corner_trials():
+    for flat in cfg.checked_trials():
         job = trial_job(cfg, flat)
         try:
             spec = check_job(job, data_dir)
@@ -151,9 +151,15 @@ class SearchOutcome:
 
 
 def run_search(cfg: TuneConfig, data_dir: str | Path, out: str | Path, address: str | None = None,
-               num_cpus: int | None = None) -> SearchOutcome:
+               num_cpus: int | None = None, callbacks: list[Any] | None = None) -> SearchOutcome:
     """Search (or resume the search in ``out``), log to MLflow, save the best trial's
-    validation predictions and run the fusion step if configured."""
+    validation predictions and run the fusion step if configured.
+
+    Args:
+        cfg: the search; data_dir: preprocess output; out: the run folder.
+        address, num_cpus: the Ray to use (see :func:`pipeline.ray_runtime.ensure_ray`).
+        callbacks: extra Tune callbacks (e.g. progress lines) for a new search.
+    """
     from pipeline.ray_runtime import ensure_ray
     from pipeline.tracking import RunLogger, resolve_tracking_uri, tracked_run
 
@@ -172,13 +178,13 @@ def run_search(cfg: TuneConfig, data_dir: str | Path, out: str | Path, address: 
                 (out / STATE_FILE).write_text(yaml.safe_dump(state, sort_keys=False))
                 _log_search(log, cfg, data_dir)
             ctx = TrialContext(cfg, str(data_dir), str(out), spec, uri, parent)
-            path = _fit(cfg, ctx, out)
+            path = _fit(cfg, ctx, out, callbacks or [])
             results, configs = _results(cfg, path, child_runs(uri, parent))
             _close_children(uri, results)
             outcome = SearchOutcome(parent, uri, results, configs, None, None, None, None, False, path)
-            if len(results) < cfg.search.num_samples or (results["status"] == "unfinished").any():
+            if len(results) < cfg.trial_count() or (results["status"] == "unfinished").any():
                 outcome.interrupted = True
-                raise SearchInterrupted(f"{len(results)} of {cfg.search.num_samples} trials started, not all ended")
+                raise SearchInterrupted(f"{len(results)} of {cfg.trial_count()} trials started, not all ended")
             _finish(cfg, ctx, log, outcome, out)
     except SearchInterrupted:
         pass  # the parent run ends KILLED; the same command resumes the search
@@ -225,7 +231,7 @@ def _resolve_cpus(cfg: TuneConfig) -> TuneConfig:
 def _log_search(log: Any, cfg: TuneConfig, data_dir: Path) -> None:
     log.text(dump_config(cfg), "tune_config.yaml")
     log.text(yaml.safe_dump(cfg.space.model_dump(mode="json"), sort_keys=False), "search_space.yaml")
-    log.params({"data": str(data_dir), "algorithm": cfg.search.algorithm, "num_samples": cfg.search.num_samples,
+    log.params({"data": str(data_dir), "algorithm": cfg.search.algorithm, "num_samples": cfg.trial_count(),
                 "max_concurrent": cfg.search.max_concurrent, "search_seed": cfg.search.seed, "metric": cfg.metric,
                 "scheduler": cfg.scheduler.name, "grace_period": cfg.scheduler.grace_period,
                 "reduction_factor": cfg.scheduler.reduction_factor, "workers_per_trial": cfg.base.scaling.num_workers,
@@ -234,7 +240,7 @@ def _log_search(log: Any, cfg: TuneConfig, data_dir: Path) -> None:
                 "strategies": ",".join(cfg.space.strategy) or cfg.base.train.strategy.name})
 
 
-def _fit(cfg: TuneConfig, ctx: TrialContext, out: Path) -> str:
+def _fit(cfg: TuneConfig, ctx: TrialContext, out: Path, callbacks: list[Any]) -> str:
     """Run a new search, or restore the interrupted one under ``<out>/tune/<name>``."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
@@ -254,14 +260,14 @@ def _fit(cfg: TuneConfig, ctx: TrialContext, out: Path) -> str:
                                        reduction_factor=cfg.scheduler.reduction_factor)
     else:
         scheduler = FIFOScheduler()
-    callbacks = []
+    callbacks = list(callbacks)
     if cfg.interrupt_after_trials is not None:
         callbacks.append(_interrupt_after(cfg.interrupt_after_trials, out / ".interrupted"))
     tuner = tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(metric=cfg.metric, mode="max", scheduler=scheduler,
                                     search_alg=make_searcher(cfg.space.sampler(), cfg.search, cfg.metric, "max"),
-                                    num_samples=cfg.search.num_samples,
+                                    num_samples=cfg.trial_count(),  # a grid point replaces one sample
                                     max_concurrent_trials=cfg.search.max_concurrent,
                                     trial_dirname_creator=lambda t: f"trial_{t.trial_id}"),
         run_config=tune.RunConfig(name=cfg.name, storage_path=str(storage), verbose=0, callbacks=callbacks,

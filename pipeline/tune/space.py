@@ -115,13 +115,24 @@ def corner_values(entries: dict[str, Any]) -> list[dict[str, Any]]:
 class SearchSection(Strict):
     """How the space is searched: the searcher, how many trials, how many at once."""
 
-    #: "optuna": Optuna's TPE (model-based, mixed spaces); "random": random search
-    algorithm: Literal["optuna", "random"] = "optuna"
+    #: "optuna": Optuna's TPE (model-based, mixed spaces); "random": random search; "grid":
+    #: every combination of the architectures, strategies and choices, once each, in order
+    #: (ranges are not allowed; num_samples is ignored)
+    algorithm: Literal["optuna", "random", "grid"] = "optuna"
     num_samples: int = Field(12, ge=1)
     #: trials running at once (each needs its own workers' CPUs)
     max_concurrent: int = Field(1, ge=1)
     #: the searcher's seed: the same seed and config draw the same trials
     seed: int = 0
+    #: grid only: combinations left out, each a partial trial config (``{model: single_task,
+    #: strategy: pcgrad}`` drops every point with both values)
+    exclude: list[dict[str, Any]] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _grid_only(self) -> "SearchSection":
+        if self.exclude and self.algorithm != "grid":
+            raise ValueError("search.exclude is for algorithm: grid")
+        return self
 
 
 class SpaceSampler:
@@ -158,9 +169,66 @@ class SpaceSampler:
         return constants
 
 
+def grid_points(flat: dict[str, Any], conditional: dict[str, dict[str, dict[str, Any]]],
+                exclude: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """Every combination of a space's branches and choices, as flat trial configs (the names
+    :class:`SpaceSampler` gives them), in the order written: the first group varies slowest.
+
+    Args:
+        flat, conditional: the space, as :class:`SpaceSampler` holds it.
+        exclude: partial configs; a point matching every key of one of them is left out.
+
+    Raises:
+        ValueError: the space has a float or int range (a grid needs listed values), or an
+            ``exclude`` entry matches no point (a typo would silently exclude nothing).
+
+    Example:
+        >>> grid_points({}, {"model": {"mmoe": {}, "ple": {}}, "strategy": {"equal": {}, "pcgrad": {}}})[:2]
+        [{'model': 'mmoe', 'strategy': 'equal'}, {'model': 'mmoe', 'strategy': 'pcgrad'}]
+    """
+    def expand(points: list[dict[str, Any]], name: str, value: Any) -> list[dict[str, Any]]:
+        if not isinstance(value, Domain):
+            return [{**p, name: value} for p in points]
+        if value.type != "choice":
+            raise ValueError(f"a grid search takes constants and choices, not the {value.type} range of {name!r}")
+        return [{**p, name: v} for p in points for v in value.corners()]
+
+    points: list[dict[str, Any]] = [{}]
+    for name, value in flat.items():
+        points = expand(points, name, value)
+    for group, branches in conditional.items():
+        if not branches:
+            continue
+        grown: list[dict[str, Any]] = []
+        for point in points:  # earlier groups vary slowest
+            for branch, entries in branches.items():
+                mine = [{**point, group: branch}]
+                for name, value in entries.items():
+                    mine = expand(mine, f"{group}.{branch}.{name}", value)
+                grown += mine
+        points = grown
+    for rule in exclude or []:
+        kept = [p for p in points if any(p.get(k, _MISSING) != v for k, v in rule.items())]
+        if len(kept) == len(points):
+            raise ValueError(f"exclude entry {rule} matches no grid point")
+        points = kept
+    if not points:
+        raise ValueError("every grid point is excluded")
+    return points
+
+
+_MISSING = object()
+
+
 def make_searcher(sampler: SpaceSampler, section: SearchSection, metric: str, mode: str,
                   points_to_evaluate: list[dict[str, Any]] | None = None) -> Any:
-    """Tune's Optuna searcher over ``sampler``'s space: TPE or random sampling, seeded."""
+    """Tune's searcher over ``sampler``'s space: Optuna's TPE or random sampling (seeded), or,
+    for ``grid``, Tune's variant generator over :func:`grid_points`."""
+    if section.algorithm == "grid":
+        from pipeline.tune.grid import GridSearcher
+
+        points = grid_points(sampler.flat, sampler.conditional, section.exclude)
+        return GridSearcher([*(points_to_evaluate or []), *points], metric, mode)
     import optuna
     from ray.tune.search.optuna import OptunaSearch
 
@@ -170,4 +238,3 @@ def make_searcher(sampler: SpaceSampler, section: SearchSection, metric: str, mo
     else:
         algo = optuna.samplers.RandomSampler(seed=section.seed)
     return OptunaSearch(space=sampler, metric=metric, mode=mode, sampler=algo, points_to_evaluate=points_to_evaluate)
-
