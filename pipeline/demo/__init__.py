@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -69,7 +70,9 @@ def run_demo(cfg: DemoConfig, out: str | Path, address: str | None = None, verbo
     say(f"mtlrank demo: {data} -> {paths.out}  (Ray/MLflow output: {paths.log})")
     started = time.perf_counter()
     with Console(paths.log, len(STAGES), capture=not verbose) as console:
-        _start_ray(cfg, address)
+        wanted = [s for s in STAGES if s != "search" or cfg.search is not None]
+        if any(s not in ledger.stages for s in wanted):
+            _start_ray(cfg, address)
 
         def stage(name: str, what: str, body: Callable[[], dict[str, Any]]) -> dict[str, Any]:
             if name in ledger.stages:
@@ -163,6 +166,10 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out).resolve()
     if args.fresh and (out / STATE_FILE).is_file():
         shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    # work from --out, as the train stage does: MLflow resolves paths against the working
+    # directory, and a Ray job's working copy is temporary
+    os.chdir(out)
     run_demo(cfg, out, address=args.address, verbose=args.verbose)
     return 0
 
