@@ -1059,3 +1059,95 @@ def test_gradvac_skips_pairs_with_a_zero_gradient_in_the_ema():
         assert float(t[i, j]) == 0.3, (i, j)
     cos02 = float(g[0] @ g[2] / (g[0].norm() * g[2].norm()))
     assert float(t[0, 2]) == pytest.approx(0.5 * 0.3 + 0.5 * cos02, abs=1e-12)
+
+
+# ------------------------------------------------------------------ the contract's errors
+
+
+class _WritesGradScale(STRATEGIES["equal"]):
+    """A loss-weighting strategy that (wrongly) returns gradient coefficients: no task
+    gradients were taken, so the backward has nothing to combine."""
+
+    def combine(self, losses, stats, grads, gram):
+        from mtl.strategies import Combination
+
+        return Combination(loss_weights=torch.ones_like(losses), grad_scale=torch.ones_like(losses))
+
+
+class _WritesSharedGrad(STRATEGIES["equal"]):
+    """Returns a direct shared gradient (like DB-MTL) without asking for task gradients."""
+
+    def combine(self, losses, stats, grads, gram):
+        from mtl.strategies import Combination
+
+        return Combination(loss_weights=torch.ones_like(losses), shared_grad=torch.ones(2, dtype=D))
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"num_tasks": 0}, "num_tasks must be a positive int, got 0"),
+    ({"num_tasks": 2.0}, "num_tasks must be a positive int, got 2.0"),
+    ({"refresh_every": 0}, "refresh_every must be a positive int, got 0"),
+    ({"refresh_every": 2.0}, "refresh_every must be a positive int, got 2.0"),
+    ({"embedding_grad": "sum"}, "embedding_grad must be 'combined' or 'plain', got 'sum'"),
+    ({"check_finite": "sometimes"},
+     "check_finite must be one of ['False', 'True', 'auto', 'deferred', 'off', 'step'], got 'sometimes'"),
+    ({"check_finite": 1.0}, "check_finite must be one of"),
+])
+def test_strategy_arguments_are_checked_by_name(kwargs, message):
+    args = {"num_tasks": 2, **kwargs}
+    with pytest.raises(ValueError, match="^" + __import__("re").escape(message)):
+        build_strategy("pcgrad", args.pop("num_tasks"), **args)
+    if "check_finite" not in kwargs:  # every argument is checked before any state is built
+        with pytest.raises(ValueError, match="^" + __import__("re").escape(message)):
+            STRATEGIES["uncertainty"](**{"num_tasks": 2, **kwargs})
+
+
+def test_backward_input_errors_name_what_is_wrong():
+    x = torch.zeros(3, dtype=D, requires_grad=True)
+    losses = torch.stack([x.sum() + 1, x.sum() + 2])
+    with pytest.raises(ValueError, match=r"^StaticWeights: expected losses of shape \[2\], got \(3,\)$"):
+        build_strategy("equal", 2).backward(torch.ones(3, dtype=D))
+    with pytest.raises(ValueError, match=r"^StaticWeights: expected losses of shape \[2\], got \(2, 1\)$"):
+        build_strategy("equal", 2).backward(losses.unsqueeze(1))
+    s = build_strategy("cagrad", 2)
+    s.task_grad_scale()
+    with pytest.raises(ValueError, match=r"^task_grad_scale must be the tensor returned by strategy\.task_grad_scale\(\) "
+                                         r"for this step$"):
+        s.backward(losses, shared_parameters=[x], task_grad_scale=torch.ones(2))
+    for name, kw in [("mgda", {}), ("cagrad", {"embedding_grad": "plain"})]:
+        with pytest.raises(ValueError, match=r"^(MGDA|CAGrad) needs shared_parameters= \(the dense shared parameters\)$"):
+            build_strategy(name, 2, **kw).backward(losses, shared_parameters=[])
+    ub = build_strategy("mgda_ub", 2)
+    with pytest.raises(ValueError, match="^MGDAUB: representation gradients need a model called with task_grad_scale$"):
+        ub.backward(losses, shared_parameters=[x], representation=x * 1.0)
+
+
+@pytest.mark.parametrize("embedding_grad,rows", [("combined", 2), ("plain", 1)])
+def test_task_gradients_of_the_wrong_shape_are_refused(embedding_grad, rows):
+    """A ``task_gradients_fn`` must return ``[len(tasks), P]``; the plain-embedding mode asks for
+    ``K - 1`` rows."""
+    x = torch.zeros(3, dtype=D, requires_grad=True)
+    losses = torch.stack([x.sum() + 1, 2 * x.sum()])
+    s = build_strategy("cagrad", 2, embedding_grad=embedding_grad)
+    asked = []
+
+    def wrong(ls, params, tasks):
+        asked.append(list(tasks))
+        return torch.zeros(len(tasks), 5, dtype=D)
+
+    with pytest.raises(ValueError, match=rf"^task gradients have shape \({rows}, 5\), expected \({rows}, 3\)$"):
+        s.backward(losses, shared_parameters=[x], task_gradients_fn=wrong)
+    assert asked == [list(range(rows))]
+
+
+def test_a_combination_the_backward_cannot_apply_is_refused():
+    x = torch.zeros(2, dtype=D, requires_grad=True)
+    losses = torch.stack([x.sum() + 1, 2 * x.sum()])
+    with pytest.raises(ValueError, match="^_WritesGradScale: no task gradients to combine$"):
+        _WritesGradScale(2).backward(losses, shared_parameters=[x])
+    with pytest.raises(ValueError, match="^_WritesSharedGrad needs shared_parameters= to write the combined gradient$"):
+        _WritesSharedGrad(2).backward(losses)
+    # with the parameters, the direct gradient is written and the shared .grad that was there stays
+    x.grad = torch.full((2,), 0.5, dtype=D)
+    _WritesSharedGrad(2).backward(losses, shared_parameters=[x])
+    assert torch.equal(x.grad, torch.full((2,), 1.5, dtype=D))
