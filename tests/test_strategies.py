@@ -441,11 +441,11 @@ def test_gradnorm_weights_follow_the_paper_over_several_steps(alpha, lr):
     assert not torch.allclose(shifted[-1], expect[-1], rtol=1e-3)
 
 
-def _famo_reference(losses_seq, k, lr=0.025, gamma=0.01):
+def _famo_reference(losses_seq, k, lr=0.025, gamma=0.01, min_losses=None):
     """A transcription of the official FAMO code (torch.optim.Adam on the logits)."""
     w = torch.zeros(k, requires_grad=True)
     opt = torch.optim.Adam([w], lr=lr, weight_decay=gamma)
-    min_losses = torch.zeros(k)
+    min_losses = torch.zeros(k) if min_losses is None else min_losses
     weights = []
     prev = None
     for cur in losses_seq:
@@ -478,6 +478,27 @@ def test_famo_weight_update_matches_reference():
         assert torch.allclose(comb.loss_weights, rw, rtol=1e-5)
     s.update(torch.tensor([0.45, 0.85, 0.3]))  # explicit update after the last step
     ref_w2, ref_logits2 = _famo_reference([*seq, torch.tensor([0.45, 0.85, 0.3])], k)
+    assert torch.allclose(s.logits, ref_logits2, atol=1e-6)
+
+
+def test_famo_with_minimum_losses_and_non_default_adam_matches_reference():
+    """``set_min_losses`` (the official ``min_losses``, ``L*``): weights ``z_i / (c (L_i - L*_i))``
+    and log-improvements ``log(L - L*)``; at a non-default ``lr``/``gamma``."""
+    k = 3
+    low = torch.tensor([0.2, 0.05, 0.25])
+    seq = [torch.tensor(v) for v in ([1.0, 2.0, 0.5], [0.9, 1.5, 0.45], [0.7, 1.4, 0.4], [0.6, 1.0, 0.42])]
+    ref_w, ref_logits = _famo_reference(seq, k, lr=0.1, gamma=0.05, min_losses=low)
+    s = build_strategy("famo", k, lr=0.1, gamma=0.05)
+    s.set_min_losses(low)
+    x = torch.ones(k, requires_grad=True)
+    for cur, rw in zip(seq, ref_w):
+        comb = s.backward(cur * x)
+        assert torch.allclose(comb.loss_weights, rw, rtol=1e-5)
+    # at the first step z = 1/K: w_i = (1 / (L_i - L*_i)) / sum_j 1 / (L_j - L*_j) (the mean is 1/K)
+    inv = 1.0 / (seq[0] - low)
+    assert torch.allclose(ref_w[0], inv / inv.sum(), rtol=1e-5)
+    s.update(torch.tensor([0.5, 0.9, 0.41]))
+    _, ref_logits2 = _famo_reference([*seq, torch.tensor([0.5, 0.9, 0.41])], k, lr=0.1, gamma=0.05, min_losses=low)
     assert torch.allclose(s.logits, ref_logits2, atol=1e-6)
 
 
@@ -1151,3 +1172,22 @@ def test_a_combination_the_backward_cannot_apply_is_refused():
     x.grad = torch.full((2,), 0.5, dtype=D)
     _WritesSharedGrad(2).backward(losses, shared_parameters=[x])
     assert torch.equal(x.grad, torch.full((2,), 1.5, dtype=D))
+
+
+@pytest.mark.parametrize("name", ["mgda", "cagrad", "nash_mtl"])
+def test_plain_embedding_mode_with_an_unused_shared_parameter_matches_the_combined_mode(name):
+    """``embedding_grad="plain"`` forms task K's shared gradient as the plain sum minus the
+    others; a shared parameter no loss reaches (``.grad`` stays ``None`` in that backward) counts
+    as zeros, so both modes write the same shared update, and earlier ``.grad`` is kept."""
+    g = _grads(3, 4, seed=5)
+    out = {}
+    for mode in ("combined", "plain"):
+        x = torch.zeros(4, dtype=D, requires_grad=True)
+        unused = torch.zeros(2, dtype=D, requires_grad=True)
+        unused.grad = torch.full((2,), 7.0, dtype=D)
+        comb = build_strategy(name, 3, embedding_grad=mode).backward(g @ x + 1.0, shared_parameters=[x, unused])
+        assert torch.equal(unused.grad, torch.full((2,), 7.0, dtype=D))
+        out[mode] = (x.grad.clone(), comb.grad_scale)
+    assert torch.allclose(out["plain"][1], out["combined"][1], rtol=1e-9)
+    assert torch.allclose(out["plain"][0], out["combined"][1] @ g, rtol=1e-9)
+    assert torch.allclose(out["combined"][0], out["combined"][1] @ g, rtol=1e-9)
