@@ -1191,3 +1191,33 @@ def test_plain_embedding_mode_with_an_unused_shared_parameter_matches_the_combin
     assert torch.allclose(out["plain"][1], out["combined"][1], rtol=1e-9)
     assert torch.allclose(out["plain"][0], out["combined"][1] @ g, rtol=1e-9)
     assert torch.allclose(out["combined"][0], out["combined"][1] @ g, rtol=1e-9)
+
+
+def _nash_steps(strategy, g: torch.Tensor, steps: int) -> torch.Tensor:
+    """Run ``steps`` backward steps of ``strategy`` on task gradients ``g``; the last ``c``."""
+    for _ in range(steps):
+        _, comb = _run_direct(strategy, g)
+    return comb.grad_scale
+
+
+def test_nash_warm_start_option_carries_newton_across_steps_and_checkpoints():
+    """With one Newton iteration per step, the default warm start continues from the previous
+    step's solution, so repeated steps on the same (ill-conditioned) gradients converge to the
+    bargaining solution ``(G alpha) alpha = 1``, also after a checkpoint round trip;
+    ``warm_start=False`` restarts cold every step and stays where one iteration gets."""
+    g = _spread_grads([1.0, 1e-2, 3.0, 1.0, 0.5], seed=4)
+    g[2] = -g[1] / 1e-2 * 3.0 + 1e-3 * g[2]
+    m = g @ g.t()
+    ones = torch.ones(5, dtype=D)
+    warm = build_strategy("nash_mtl", 5, iters=1, max_norm=0.0)
+    c = _nash_steps(warm, g, 40)
+    assert torch.allclose((m @ c) * c, ones, atol=1e-8)
+    cold = build_strategy("nash_mtl", 5, iters=1, max_norm=0.0, warm_start=False)
+    c_cold = _nash_steps(cold, g, 40)
+    assert not torch.allclose((m @ c_cold) * c_cold, ones, atol=1e-3)
+    restored = build_strategy("nash_mtl", 5, iters=1, max_norm=0.0)
+    restored.load_state_dict(warm.state_dict())
+    c2 = _nash_steps(restored, g, 1)
+    assert torch.allclose((m @ c2) * c2, ones, atol=1e-8)
+    with pytest.raises(ValueError, match=r"^NashMTL: max_norm must be >= 0, got -1\.0$"):
+        build_strategy("nash_mtl", 2, max_norm=-1.0)
