@@ -651,3 +651,22 @@ def test_dbmtl_between_refreshes_uses_cached_alpha_on_this_batch_log_gradients()
     expect = (alpha * w2) @ _flat(model, grads2, model.shared_parameters())
     got = torch.cat([p.grad.reshape(-1) for p in model.shared_parameters()]).double()
     assert _rel_err(got, expect) < 2e-3
+
+
+@pytest.mark.parametrize("direct", [True, False, None])
+def test_direct_mode_final_backward_skips_the_shared_parameters(direct):
+    """``direct=True`` (``non_shared_parameters``): the one final backward accumulates into the
+    other parameters only; the shared gradient ``sum_i c_i g_i`` is written from the stack (no
+    second backward through the shared weights). Without it (the default on the generic per-task
+    path) the final backward forms it. Same gradients either way."""
+    k = 3
+    model, batch, labels = _setup(k, seed=12)
+    grads, _ = _per_task_grads(model, batch, labels)
+    accumulated = []
+    hooks = [p.register_post_accumulate_grad_hook(lambda p: accumulated.append(p)) for p in model.shared_parameters()]
+    _, comb = model_backward(build_strategy("mgda", k), model, batch, labels, direct=direct,
+                             model_task_gradients=False)
+    for h in hooks:
+        h.remove()
+    assert len(accumulated) == (0 if direct else len(model.shared_parameters()))
+    _check_contract(model, grads, comb)
