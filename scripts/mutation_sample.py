@@ -37,8 +37,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--n", type=int, required=True, help="sample size")
     parser.add_argument("--seed", type=int, default=15)
     parser.add_argument("--mutants", type=Path, default=Path("mutants"))
+    parser.add_argument("--exclude", type=Path, action="append", default=[],
+                        help="a file of names already sampled (drawn from the rest)")
     args = parser.parse_args(argv)
-    names = mutant_names(args.mutants)
+    skip = {line.strip() for path in args.exclude for line in path.read_text().splitlines()}
+    names = [n for n in mutant_names(args.mutants) if n not in skip]
     if not names:
         raise SystemExit(f"no mutants under {args.mutants}/: start `mutmut run` once to generate them")
     for name in sorted(random.Random(args.seed).sample(names, min(args.n, len(names)))):
