@@ -1221,3 +1221,19 @@ def test_nash_warm_start_option_carries_newton_across_steps_and_checkpoints():
     assert torch.allclose((m @ c2) * c2, ones, atol=1e-8)
     with pytest.raises(ValueError, match=r"^NashMTL: max_norm must be >= 0, got -1\.0$"):
         build_strategy("nash_mtl", 2, max_norm=-1.0)
+
+
+@pytest.mark.parametrize("refresh_every", [1, 2])
+def test_plain_embedding_mode_counts_every_step(refresh_every):
+    """Refresh steps of the plain-embedding mode count like any other: after 4 steps the
+    strategy is at step 4 (checkpointed), and a non-finite loss on the next names step 4."""
+    g = _grads(3, 4, seed=6)
+    s = build_strategy("mgda", 3, embedding_grad="plain", refresh_every=refresh_every)
+    for _ in range(4):
+        x = torch.zeros(4, dtype=D, requires_grad=True)
+        scale = s.task_grad_scale()
+        s.backward((g @ x + 1.0) * scale, shared_parameters=[x], task_grad_scale=scale)
+    assert s.step_count == 4 and s.get_extra_state()["step_count"] == 4
+    x = torch.zeros(4, dtype=D, requires_grad=True)
+    with pytest.raises(ValueError, match=r"non-finite loss for task\(s\) \[1\] at step 4:"):
+        s.backward(g @ x + torch.tensor([1.0, float("nan"), 1.0], dtype=D), shared_parameters=[x])
