@@ -1237,3 +1237,20 @@ def test_plain_embedding_mode_counts_every_step(refresh_every):
     x = torch.zeros(4, dtype=D, requires_grad=True)
     with pytest.raises(ValueError, match=r"non-finite loss for task\(s\) \[1\] at step 4:"):
         s.backward(g @ x + torch.tensor([1.0, float("nan"), 1.0], dtype=D), shared_parameters=[x])
+
+
+def test_task_gradients_keep_the_parameters_precision_under_lower_precision_losses():
+    """Losses computed in float32 from float64 parameters (mixed precision): the per-task
+    gradient rows are the parameters' float64 gradients, not rounded to the losses' dtype."""
+    from mtl.strategies import task_gradients
+
+    gen = torch.Generator().manual_seed(9)
+    w = torch.randn(3, 5, dtype=D, generator=gen, requires_grad=True)
+    v = torch.randn(5, 2, dtype=D, generator=gen)
+    h = w @ v
+    losses = torch.stack([(h[:, 0] ** 2).sum(), (h[:, 1] ** 3).sum()]).float()
+    rows = task_gradients(losses, [w])
+    assert rows.dtype == D
+    for i in range(2):
+        (ref,) = torch.autograd.grad(losses[i], [w], retain_graph=True)
+        assert torch.equal(rows[i], ref.reshape(-1))

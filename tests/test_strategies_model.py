@@ -207,7 +207,8 @@ def test_mgda_ub_uses_representation_gradients():
     gradients w.r.t. the experts' output, not those of the parameter gradients."""
     k = 3
     model, batch, labels = _setup(k, seed=3)
-    with pytest.raises(ValueError, match="was not called"):  # the fused MMoE body bypasses model.experts
+    # the fused MMoE body bypasses model.experts
+    with pytest.raises(ValueError, match=r"^MGDAUB: representation_module \w+ was not called during the model's forward"):
         model_backward(build_strategy("mgda_ub", k), model, batch, labels, representation_module=model.experts)
     model.zero_grad()
     rep_gram = _rep_gram(model, batch, labels)  # also switches to the per-module path
