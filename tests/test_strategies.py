@@ -1254,3 +1254,7 @@ def test_task_gradients_keep_the_parameters_precision_under_lower_precision_loss
     for i in range(2):
         (ref,) = torch.autograd.grad(losses[i], [w], retain_graph=True)
         assert torch.equal(rows[i], ref.reshape(-1))
+    # a gradient strategy combines them in the parameters' dtype: float32 coefficients, float64 update
+    comb = build_strategy("mgda", 2).backward(losses, shared_parameters=[w])
+    assert comb.grad_scale.dtype == torch.float32 and w.grad.dtype == D
+    assert torch.allclose(w.grad.reshape(-1), comb.grad_scale.double() @ rows, rtol=1e-12)
