@@ -298,3 +298,30 @@ def test_gradnorm_last_layer_through_model_method():
         torch.testing.assert_close(wa, wb, rtol=1e-5, atol=1e-6)
         for a, b in zip(ga, gb):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+
+
+def test_plain_embedding_mode_on_a_parameter_subset_through_model_method():
+    """A Gram strategy with ``embedding_grad="plain"`` on an explicit subset of the shared
+    parameters asks the model's method (``parameters=``) for the first ``K - 1`` tasks only and
+    gets the same gradients as the generic path."""
+    k = 3
+    runs = []
+    for use_model in (True, False):
+        model, batch, labels = _setup(k, [8, 6], [4], rows=64, seed=10, dtype=torch.float32)
+        last = [model.experts.weights[-1], model.experts.biases[-1]]
+        calls = []
+        if use_model:
+            inner = model.shared_task_gradients
+
+            def spy(ls, tasks, parameters=None, separable=False):
+                calls.append((list(tasks), len(parameters), separable))
+                return inner(ls, tasks, parameters=parameters, separable=separable)
+
+            model.shared_task_gradients = spy
+        _, comb = model_backward(build_strategy("cagrad", k, embedding_grad="plain"), model, batch, labels,
+                                 shared_parameters=last, model_task_gradients=use_model)
+        assert calls == ([(list(range(k - 1)), 2, True)] if use_model else [])
+        runs.append(([p.grad.clone() for p in model.parameters()], comb.grad_scale))
+    torch.testing.assert_close(runs[0][1], runs[1][1], rtol=1e-5, atol=1e-6)
+    for a, b in zip(runs[0][0], runs[1][0]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)

@@ -88,7 +88,10 @@ def test_alias_in_a_fresh_process_equals_the_in_memory_model(registered: dict, t
     got = pd.read_parquet(registered["root"] / "out.parquet")
     assert list(got.columns) == [*spec.tasks, SCORE] and len(got) == len(requests)
     np.testing.assert_allclose(got[spec.tasks].to_numpy(), want, rtol=0, atol=1e-6)
-    assert np.isfinite(got[SCORE]).all()
+    # the fused score is the challenge-weighted product of the task probabilities
+    official = {"read_comment": 4, "like": 3, "click_avatar": 2, "forward": 1, "favorite": 1, "comment": 1, "follow": 1}
+    weights = np.array([official[t] for t in spec.tasks], dtype=np.float64)
+    np.testing.assert_allclose(got[SCORE].to_numpy(), np.prod(want.astype(np.float64) ** weights, axis=1), rtol=1e-4)
 
 
 def test_malformed_requests_are_clear_errors(registered: dict) -> None:

@@ -441,11 +441,11 @@ def test_gradnorm_weights_follow_the_paper_over_several_steps(alpha, lr):
     assert not torch.allclose(shifted[-1], expect[-1], rtol=1e-3)
 
 
-def _famo_reference(losses_seq, k, lr=0.025, gamma=0.01):
+def _famo_reference(losses_seq, k, lr=0.025, gamma=0.01, min_losses=None):
     """A transcription of the official FAMO code (torch.optim.Adam on the logits)."""
     w = torch.zeros(k, requires_grad=True)
     opt = torch.optim.Adam([w], lr=lr, weight_decay=gamma)
-    min_losses = torch.zeros(k)
+    min_losses = torch.zeros(k) if min_losses is None else min_losses
     weights = []
     prev = None
     for cur in losses_seq:
@@ -478,6 +478,27 @@ def test_famo_weight_update_matches_reference():
         assert torch.allclose(comb.loss_weights, rw, rtol=1e-5)
     s.update(torch.tensor([0.45, 0.85, 0.3]))  # explicit update after the last step
     ref_w2, ref_logits2 = _famo_reference([*seq, torch.tensor([0.45, 0.85, 0.3])], k)
+    assert torch.allclose(s.logits, ref_logits2, atol=1e-6)
+
+
+def test_famo_with_minimum_losses_and_non_default_adam_matches_reference():
+    """``set_min_losses`` (the official ``min_losses``, ``L*``): weights ``z_i / (c (L_i - L*_i))``
+    and log-improvements ``log(L - L*)``; at a non-default ``lr``/``gamma``."""
+    k = 3
+    low = torch.tensor([0.2, 0.05, 0.25])
+    seq = [torch.tensor(v) for v in ([1.0, 2.0, 0.5], [0.9, 1.5, 0.45], [0.7, 1.4, 0.4], [0.6, 1.0, 0.42])]
+    ref_w, ref_logits = _famo_reference(seq, k, lr=0.1, gamma=0.05, min_losses=low)
+    s = build_strategy("famo", k, lr=0.1, gamma=0.05)
+    s.set_min_losses(low)
+    x = torch.ones(k, requires_grad=True)
+    for cur, rw in zip(seq, ref_w):
+        comb = s.backward(cur * x)
+        assert torch.allclose(comb.loss_weights, rw, rtol=1e-5)
+    # at the first step z = 1/K: w_i = (1 / (L_i - L*_i)) / sum_j 1 / (L_j - L*_j) (the mean is 1/K)
+    inv = 1.0 / (seq[0] - low)
+    assert torch.allclose(ref_w[0], inv / inv.sum(), rtol=1e-5)
+    s.update(torch.tensor([0.5, 0.9, 0.41]))
+    _, ref_logits2 = _famo_reference([*seq, torch.tensor([0.5, 0.9, 0.41])], k, lr=0.1, gamma=0.05, min_losses=low)
     assert torch.allclose(s.logits, ref_logits2, atol=1e-6)
 
 
@@ -1059,3 +1080,181 @@ def test_gradvac_skips_pairs_with_a_zero_gradient_in_the_ema():
         assert float(t[i, j]) == 0.3, (i, j)
     cos02 = float(g[0] @ g[2] / (g[0].norm() * g[2].norm()))
     assert float(t[0, 2]) == pytest.approx(0.5 * 0.3 + 0.5 * cos02, abs=1e-12)
+
+
+# ------------------------------------------------------------------ the contract's errors
+
+
+class _WritesGradScale(STRATEGIES["equal"]):
+    """A loss-weighting strategy that (wrongly) returns gradient coefficients: no task
+    gradients were taken, so the backward has nothing to combine."""
+
+    def combine(self, losses, stats, grads, gram):
+        from mtl.strategies import Combination
+
+        return Combination(loss_weights=torch.ones_like(losses), grad_scale=torch.ones_like(losses))
+
+
+class _WritesSharedGrad(STRATEGIES["equal"]):
+    """Returns a direct shared gradient (like DB-MTL) without asking for task gradients."""
+
+    def combine(self, losses, stats, grads, gram):
+        from mtl.strategies import Combination
+
+        return Combination(loss_weights=torch.ones_like(losses), shared_grad=torch.ones(2, dtype=D))
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"num_tasks": 0}, "num_tasks must be a positive int, got 0"),
+    ({"num_tasks": 2.0}, "num_tasks must be a positive int, got 2.0"),
+    ({"refresh_every": 0}, "refresh_every must be a positive int, got 0"),
+    ({"refresh_every": 2.0}, "refresh_every must be a positive int, got 2.0"),
+    ({"embedding_grad": "sum"}, "embedding_grad must be 'combined' or 'plain', got 'sum'"),
+    ({"check_finite": "sometimes"},
+     "check_finite must be one of ['False', 'True', 'auto', 'deferred', 'off', 'step'], got 'sometimes'"),
+    ({"check_finite": 1.0}, "check_finite must be one of"),
+])
+def test_strategy_arguments_are_checked_by_name(kwargs, message):
+    args = {"num_tasks": 2, **kwargs}
+    with pytest.raises(ValueError, match="^" + __import__("re").escape(message)):
+        build_strategy("pcgrad", args.pop("num_tasks"), **args)
+    if "check_finite" not in kwargs:  # every argument is checked before any state is built
+        with pytest.raises(ValueError, match="^" + __import__("re").escape(message)):
+            STRATEGIES["uncertainty"](**{"num_tasks": 2, **kwargs})
+
+
+def test_backward_input_errors_name_what_is_wrong():
+    x = torch.zeros(3, dtype=D, requires_grad=True)
+    losses = torch.stack([x.sum() + 1, x.sum() + 2])
+    with pytest.raises(ValueError, match=r"^StaticWeights: expected losses of shape \[2\], got \(3,\)$"):
+        build_strategy("equal", 2).backward(torch.ones(3, dtype=D))
+    with pytest.raises(ValueError, match=r"^StaticWeights: expected losses of shape \[2\], got \(2, 1\)$"):
+        build_strategy("equal", 2).backward(losses.unsqueeze(1))
+    s = build_strategy("cagrad", 2)
+    s.task_grad_scale()
+    with pytest.raises(ValueError, match=r"^task_grad_scale must be the tensor returned by strategy\.task_grad_scale\(\) "
+                                         r"for this step$"):
+        s.backward(losses, shared_parameters=[x], task_grad_scale=torch.ones(2))
+    for name, kw in [("mgda", {}), ("cagrad", {"embedding_grad": "plain"})]:
+        with pytest.raises(ValueError, match=r"^(MGDA|CAGrad) needs shared_parameters= \(the dense shared parameters\)$"):
+            build_strategy(name, 2, **kw).backward(losses, shared_parameters=[])
+    ub = build_strategy("mgda_ub", 2)
+    with pytest.raises(ValueError, match="^MGDAUB: representation gradients need a model called with task_grad_scale$"):
+        ub.backward(losses, shared_parameters=[x], representation=x * 1.0)
+
+
+@pytest.mark.parametrize("embedding_grad,rows", [("combined", 2), ("plain", 1)])
+def test_task_gradients_of_the_wrong_shape_are_refused(embedding_grad, rows):
+    """A ``task_gradients_fn`` must return ``[len(tasks), P]``; the plain-embedding mode asks for
+    ``K - 1`` rows."""
+    x = torch.zeros(3, dtype=D, requires_grad=True)
+    losses = torch.stack([x.sum() + 1, 2 * x.sum()])
+    s = build_strategy("cagrad", 2, embedding_grad=embedding_grad)
+    asked = []
+
+    def wrong(ls, params, tasks):
+        asked.append(list(tasks))
+        return torch.zeros(len(tasks), 5, dtype=D)
+
+    with pytest.raises(ValueError, match=rf"^task gradients have shape \({rows}, 5\), expected \({rows}, 3\)$"):
+        s.backward(losses, shared_parameters=[x], task_gradients_fn=wrong)
+    assert asked == [list(range(rows))]
+
+
+def test_a_combination_the_backward_cannot_apply_is_refused():
+    x = torch.zeros(2, dtype=D, requires_grad=True)
+    losses = torch.stack([x.sum() + 1, 2 * x.sum()])
+    with pytest.raises(ValueError, match="^_WritesGradScale: no task gradients to combine$"):
+        _WritesGradScale(2).backward(losses, shared_parameters=[x])
+    with pytest.raises(ValueError, match="^_WritesSharedGrad needs shared_parameters= to write the combined gradient$"):
+        _WritesSharedGrad(2).backward(losses)
+    # with the parameters, the direct gradient is written and the shared .grad that was there stays
+    x.grad = torch.full((2,), 0.5, dtype=D)
+    _WritesSharedGrad(2).backward(losses, shared_parameters=[x])
+    assert torch.equal(x.grad, torch.full((2,), 1.5, dtype=D))
+
+
+@pytest.mark.parametrize("name", ["mgda", "cagrad", "nash_mtl"])
+def test_plain_embedding_mode_with_an_unused_shared_parameter_matches_the_combined_mode(name):
+    """``embedding_grad="plain"`` forms task K's shared gradient as the plain sum minus the
+    others; a shared parameter no loss reaches (``.grad`` stays ``None`` in that backward) counts
+    as zeros, so both modes write the same shared update, and earlier ``.grad`` is kept."""
+    g = _grads(3, 4, seed=5)
+    out = {}
+    for mode in ("combined", "plain"):
+        x = torch.zeros(4, dtype=D, requires_grad=True)
+        unused = torch.zeros(2, dtype=D, requires_grad=True)
+        unused.grad = torch.full((2,), 7.0, dtype=D)
+        comb = build_strategy(name, 3, embedding_grad=mode).backward(g @ x + 1.0, shared_parameters=[x, unused])
+        assert torch.equal(unused.grad, torch.full((2,), 7.0, dtype=D))
+        out[mode] = (x.grad.clone(), comb.grad_scale)
+    assert torch.allclose(out["plain"][1], out["combined"][1], rtol=1e-9)
+    assert torch.allclose(out["plain"][0], out["combined"][1] @ g, rtol=1e-9)
+    assert torch.allclose(out["combined"][0], out["combined"][1] @ g, rtol=1e-9)
+
+
+def _nash_steps(strategy, g: torch.Tensor, steps: int) -> torch.Tensor:
+    """Run ``steps`` backward steps of ``strategy`` on task gradients ``g``; the last ``c``."""
+    for _ in range(steps):
+        _, comb = _run_direct(strategy, g)
+    return comb.grad_scale
+
+
+def test_nash_warm_start_option_carries_newton_across_steps_and_checkpoints():
+    """With one Newton iteration per step, the default warm start continues from the previous
+    step's solution, so repeated steps on the same (ill-conditioned) gradients converge to the
+    bargaining solution ``(G alpha) alpha = 1``, also after a checkpoint round trip;
+    ``warm_start=False`` restarts cold every step and stays where one iteration gets."""
+    g = _spread_grads([1.0, 1e-2, 3.0, 1.0, 0.5], seed=4)
+    g[2] = -g[1] / 1e-2 * 3.0 + 1e-3 * g[2]
+    m = g @ g.t()
+    ones = torch.ones(5, dtype=D)
+    warm = build_strategy("nash_mtl", 5, iters=1, max_norm=0.0)
+    c = _nash_steps(warm, g, 40)
+    assert torch.allclose((m @ c) * c, ones, atol=1e-8)
+    cold = build_strategy("nash_mtl", 5, iters=1, max_norm=0.0, warm_start=False)
+    c_cold = _nash_steps(cold, g, 40)
+    assert not torch.allclose((m @ c_cold) * c_cold, ones, atol=1e-3)
+    restored = build_strategy("nash_mtl", 5, iters=1, max_norm=0.0)
+    restored.load_state_dict(warm.state_dict())
+    c2 = _nash_steps(restored, g, 1)
+    assert torch.allclose((m @ c2) * c2, ones, atol=1e-8)
+    with pytest.raises(ValueError, match=r"^NashMTL: max_norm must be >= 0, got -1\.0$"):
+        build_strategy("nash_mtl", 2, max_norm=-1.0)
+
+
+@pytest.mark.parametrize("refresh_every", [1, 2])
+def test_plain_embedding_mode_counts_every_step(refresh_every):
+    """Refresh steps of the plain-embedding mode count like any other: after 4 steps the
+    strategy is at step 4 (checkpointed), and a non-finite loss on the next names step 4."""
+    g = _grads(3, 4, seed=6)
+    s = build_strategy("mgda", 3, embedding_grad="plain", refresh_every=refresh_every)
+    for _ in range(4):
+        x = torch.zeros(4, dtype=D, requires_grad=True)
+        scale = s.task_grad_scale()
+        s.backward((g @ x + 1.0) * scale, shared_parameters=[x], task_grad_scale=scale)
+    assert s.step_count == 4 and s.get_extra_state()["step_count"] == 4
+    x = torch.zeros(4, dtype=D, requires_grad=True)
+    with pytest.raises(ValueError, match=r"non-finite loss for task\(s\) \[1\] at step 4:"):
+        s.backward(g @ x + torch.tensor([1.0, float("nan"), 1.0], dtype=D), shared_parameters=[x])
+
+
+def test_task_gradients_keep_the_parameters_precision_under_lower_precision_losses():
+    """Losses computed in float32 from float64 parameters (mixed precision): the per-task
+    gradient rows are the parameters' float64 gradients, not rounded to the losses' dtype."""
+    from mtl.strategies import task_gradients
+
+    gen = torch.Generator().manual_seed(9)
+    w = torch.randn(3, 5, dtype=D, generator=gen, requires_grad=True)
+    v = torch.randn(5, 2, dtype=D, generator=gen)
+    h = w @ v
+    losses = torch.stack([(h[:, 0] ** 2).sum(), (h[:, 1] ** 3).sum()]).float()
+    rows = task_gradients(losses, [w])
+    assert rows.dtype == D
+    for i in range(2):
+        (ref,) = torch.autograd.grad(losses[i], [w], retain_graph=True)
+        assert torch.equal(rows[i], ref.reshape(-1))
+    # a gradient strategy combines them in the parameters' dtype: float32 coefficients, float64 update
+    comb = build_strategy("mgda", 2).backward(losses, shared_parameters=[w])
+    assert comb.grad_scale.dtype == torch.float32 and w.grad.dtype == D
+    assert torch.allclose(w.grad.reshape(-1), comb.grad_scale.double() @ rows, rtol=1e-12)

@@ -207,7 +207,8 @@ def test_mgda_ub_uses_representation_gradients():
     gradients w.r.t. the experts' output, not those of the parameter gradients."""
     k = 3
     model, batch, labels = _setup(k, seed=3)
-    with pytest.raises(ValueError, match="was not called"):  # the fused MMoE body bypasses model.experts
+    # the fused MMoE body bypasses model.experts
+    with pytest.raises(ValueError, match=r"^MGDAUB: representation_module \w+ was not called during the model's forward"):
         model_backward(build_strategy("mgda_ub", k), model, batch, labels, representation_module=model.experts)
     model.zero_grad()
     rep_gram = _rep_gram(model, batch, labels)  # also switches to the per-module path
@@ -651,3 +652,22 @@ def test_dbmtl_between_refreshes_uses_cached_alpha_on_this_batch_log_gradients()
     expect = (alpha * w2) @ _flat(model, grads2, model.shared_parameters())
     got = torch.cat([p.grad.reshape(-1) for p in model.shared_parameters()]).double()
     assert _rel_err(got, expect) < 2e-3
+
+
+@pytest.mark.parametrize("direct", [True, False, None])
+def test_direct_mode_final_backward_skips_the_shared_parameters(direct):
+    """``direct=True`` (``non_shared_parameters``): the one final backward accumulates into the
+    other parameters only; the shared gradient ``sum_i c_i g_i`` is written from the stack (no
+    second backward through the shared weights). Without it (the default on the generic per-task
+    path) the final backward forms it. Same gradients either way."""
+    k = 3
+    model, batch, labels = _setup(k, seed=12)
+    grads, _ = _per_task_grads(model, batch, labels)
+    accumulated = []
+    hooks = [p.register_post_accumulate_grad_hook(lambda p: accumulated.append(p)) for p in model.shared_parameters()]
+    _, comb = model_backward(build_strategy("mgda", k), model, batch, labels, direct=direct,
+                             model_task_gradients=False)
+    for h in hooks:
+        h.remove()
+    assert len(accumulated) == (0 if direct else len(model.shared_parameters()))
+    _check_contract(model, grads, comb)

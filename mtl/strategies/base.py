@@ -55,7 +55,8 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
@@ -332,87 +333,27 @@ class Strategy(nn.Module, ABC):
         Returns:
             the :class:`Combination` used (detached tensors; no host read).
         """
-        k = self.num_tasks
-        if losses.dim() != 1 or losses.shape[0] != k:
-            raise ValueError(f"{type(self).__name__}: expected losses of shape [{k}], got {tuple(losses.shape)}")
-        mode = self.finite_check_mode(losses.device)
-        if mode == "step" and not bool(torch.isfinite(losses.detach()).all()):
-            self._raise_nonfinite(losses.detach(), self.step_count)
-        elif mode == "deferred":
-            self._record_nonfinite(losses.detach())
-        stats = state_losses.detach() if state_losses is not None else losses.detach()
-        if state_losses is None and self.stat_reducer is not None:
-            stats = self.stat_reducer(stats)
+        self._check_losses(losses)
+        stats = self._state_stats(losses, state_losses)
         shared = list(shared_parameters) if shared_parameters is not None else None
         if task_grad_scale is not None and task_grad_scale is not self._pending_scale:
             raise ValueError("task_grad_scale must be the tensor returned by strategy.task_grad_scale() for this step")
 
-        grads: Tensor | None = None
         refresh = self.is_refresh_step()
         if self.uses_gradients and not refresh and task_grad_scale is None:
             refresh = True  # reuse needs the model's task_grad_scale; without it, recompute
         if refresh and self.embedding_grad == "plain" and not (self.uses_representation and representation is not None):
-            if not shared:
-                raise ValueError(f"{type(self).__name__} needs shared_parameters= (the dense shared parameters)")
-            return self._backward_plain_embeddings(losses, stats, shared, task_grad_scale, task_gradients_fn)
-        if self.uses_gradients and refresh:
-            if self.uses_representation and representation is not None:
-                if task_grad_scale is None:
-                    raise ValueError(f"{type(self).__name__}: representation gradients need a model called with task_grad_scale")
-                grads = task_gradients(losses, [representation])
-            else:
-                if not shared:
-                    raise ValueError(f"{type(self).__name__} needs shared_parameters= (the dense shared parameters)")
-                grads = (task_gradients_fn or task_gradients)(losses, shared, list(range(k)))
-                expected = (k, sum(p.numel() for p in shared))
-                if tuple(grads.shape) != expected:
-                    raise ValueError(f"task gradients have shape {tuple(grads.shape)}, expected {expected}")
-            grads, comb = self._combine_stack(losses, stats, grads)
-            self._cached = comb.detached()
-            if representation is not None and self.uses_representation:
-                grads = None  # representation grads cannot be written to parameters
-        elif self.uses_gradients:
-            assert self._cached is not None
-            comb = self.reuse(self._cached, losses, stats)
-        else:
-            comb = self.combine(losses, stats, None, None)
-            self._cached = comb.detached()
+            return self._backward_plain_embeddings(losses, stats, self._require_shared(shared), task_grad_scale,
+                                                   task_gradients_fn)
+        grads, comb = self._step_combination(losses, stats, refresh, shared, task_grad_scale, representation,
+                                             task_gradients_fn)
 
         total = (comb.loss_weights * losses).sum()
         if comb.extra_loss is not None:
             total = total + comb.extra_loss
-        direct: Tensor | None = comb.shared_grad
-        if direct is None and comb.grad_scale is not None:
-            if task_grad_scale is None:
-                if grads is None:
-                    raise ValueError(f"{type(self).__name__}: no task gradients to combine")
-                direct = (comb.grad_scale * comb.loss_weights).to(grads.dtype) @ grads
-            elif non_shared_parameters is not None and grads is not None:
-                direct = (comb.grad_scale * comb.loss_weights).to(grads.dtype) @ grads
-        if task_grad_scale is not None:
-            if comb.grad_scale is not None:
-                task_grad_scale.data.copy_(comb.grad_scale.detach())  # read by the saved graph
-            else:
-                task_grad_scale.data.fill_(1.0)
-        self._pending_scale = None
-
-        if direct is None:
-            total.backward()
-        else:
-            if not shared:
-                raise ValueError(f"{type(self).__name__} needs shared_parameters= to write the combined gradient")
-            if non_shared_parameters is not None and task_grad_scale is not None:
-                inputs = [p for p in non_shared_parameters if p.requires_grad]
-                if inputs:
-                    torch.autograd.backward(total, inputs=inputs)
-            else:
-                saved = [p.grad for p in shared]
-                for p in shared:
-                    p.grad = None
-                total.backward()
-                for p, g in zip(shared, saved):
-                    p.grad = g
-            write_flat_grad(shared, direct)
+        direct = self._direct_shared_grad(comb, grads, task_grad_scale, non_shared_parameters)
+        self._set_task_grad_scale(task_grad_scale, comb.grad_scale)
+        self._final_backward(total, direct, shared, task_grad_scale, non_shared_parameters)
         self.step_count += 1
         return replace(
             comb,
@@ -421,6 +362,129 @@ class Strategy(nn.Module, ABC):
             extra_loss=None,
         )
 
+    # ------------------------------------------------------------------ backward phases
+    def _check_losses(self, losses: Tensor) -> None:
+        """Shape check, then the finite-loss check of :attr:`check_finite` (raise or record)."""
+        k = self.num_tasks
+        if losses.dim() != 1 or losses.shape[0] != k:
+            raise ValueError(f"{type(self).__name__}: expected losses of shape [{k}], got {tuple(losses.shape)}")
+        mode = self.finite_check_mode(losses.device)
+        if mode == "step" and not bool(torch.isfinite(losses.detach()).all()):
+            self._raise_nonfinite(losses.detach(), self.step_count)
+        elif mode == "deferred":
+            self._record_nonfinite(losses.detach())
+
+    def _state_stats(self, losses: Tensor, state_losses: Tensor | None) -> Tensor:
+        """The detached ``[K]`` losses that drive state: ``state_losses`` as given, else the
+        local losses through :attr:`stat_reducer`."""
+        if state_losses is not None:
+            return state_losses.detach()
+        stats = losses.detach()
+        return stats if self.stat_reducer is None else self.stat_reducer(stats)
+
+    def _require_shared(self, shared: list[nn.Parameter] | None, why: str = "") -> list[nn.Parameter]:
+        """``shared`` if non-empty, else the error naming the missing ``shared_parameters=``."""
+        if not shared:
+            raise ValueError(f"{type(self).__name__} needs shared_parameters= "
+                             f"{why or '(the dense shared parameters)'}")
+        return shared
+
+    def _step_combination(
+        self,
+        losses: Tensor,
+        stats: Tensor,
+        refresh: bool,
+        shared: list[nn.Parameter] | None,
+        task_grad_scale: Tensor | None,
+        representation: Tensor | None,
+        task_gradients_fn: Callable[[Tensor, list[nn.Parameter], list[int]], Tensor] | None,
+    ) -> tuple[Tensor | None, Combination]:
+        """This step's combination and the ``[K, P]`` task-gradient stack it came from (``None``
+        when no stack of shared-parameter gradients was taken); caches the combination."""
+        if not self.uses_gradients:
+            comb = self.combine(losses, stats, None, None)
+            self._cached = comb.detached()
+            return None, comb
+        if not refresh:
+            assert self._cached is not None
+            return None, self.reuse(self._cached, losses, stats)
+        use_representation = self.uses_representation and representation is not None
+        if use_representation:
+            if task_grad_scale is None:
+                raise ValueError(f"{type(self).__name__}: representation gradients need a model called with task_grad_scale")
+            grads = task_gradients(losses, [representation])
+        else:
+            grads = self._shared_task_gradients(losses, self._require_shared(shared), task_gradients_fn)
+        grads, comb = self._combine_stack(losses, stats, grads)
+        self._cached = comb.detached()
+        # representation grads cannot be written to parameters
+        return (None if use_representation else grads), comb
+
+    def _shared_task_gradients(
+        self,
+        losses: Tensor,
+        shared: list[nn.Parameter],
+        task_gradients_fn: Callable[[Tensor, list[nn.Parameter], list[int]], Tensor] | None,
+        tasks: list[int] | None = None,
+    ) -> Tensor:
+        """The ``[len(tasks), P]`` per-task gradients of ``shared`` (all tasks by default),
+        shape-checked."""
+        tasks = list(range(self.num_tasks)) if tasks is None else tasks
+        grads = (task_gradients_fn or task_gradients)(losses, shared, tasks)
+        expected = (len(tasks), sum(p.numel() for p in shared))
+        if tuple(grads.shape) != expected:
+            raise ValueError(f"task gradients have shape {tuple(grads.shape)}, expected {expected}")
+        return grads
+
+    def _direct_shared_grad(
+        self,
+        comb: Combination,
+        grads: Tensor | None,
+        task_grad_scale: Tensor | None,
+        non_shared_parameters: Sequence[nn.Parameter] | None,
+    ) -> Tensor | None:
+        """The flat shared gradient to write directly, or ``None`` when the one backward forms it
+        (through the model's ``task_grad_scale``, or the plain weighted sum)."""
+        if comb.shared_grad is not None or comb.grad_scale is None:
+            return comb.shared_grad
+        if task_grad_scale is None and grads is None:
+            raise ValueError(f"{type(self).__name__}: no task gradients to combine")
+        if grads is not None and (task_grad_scale is None or non_shared_parameters is not None):
+            return (comb.grad_scale * comb.loss_weights).to(grads.dtype) @ grads
+        return None
+
+    def _set_task_grad_scale(self, task_grad_scale: Tensor | None, grad_scale: Tensor | None) -> None:
+        """Fill the model's ``task_grad_scale`` (read by the saved graph) with this step's
+        coefficients (ones without any), and end the step's pending scale."""
+        if task_grad_scale is not None:
+            if grad_scale is not None:
+                task_grad_scale.data.copy_(grad_scale.detach())
+            else:
+                task_grad_scale.data.fill_(1.0)
+        self._pending_scale = None
+
+    def _final_backward(
+        self,
+        total: Tensor,
+        direct: Tensor | None,
+        shared: list[nn.Parameter] | None,
+        task_grad_scale: Tensor | None,
+        non_shared_parameters: Sequence[nn.Parameter] | None,
+    ) -> None:
+        """The one backward of ``total``; with a ``direct`` shared gradient, the shared
+        parameters keep their previous ``.grad`` through it and then get ``direct`` added."""
+        if direct is None:
+            total.backward()
+            return
+        shared = self._require_shared(shared, "to write the combined gradient")
+        if non_shared_parameters is not None and task_grad_scale is not None:
+            inputs = [p for p in non_shared_parameters if p.requires_grad]
+            if inputs:
+                torch.autograd.backward(total, inputs=inputs)
+        else:
+            with _grads_set_aside(shared):
+                total.backward()
+        write_flat_grad(shared, direct)
 
     def _backward_plain_embeddings(
         self,
@@ -435,20 +499,12 @@ class Strategy(nn.Module, ABC):
         p_total = sum(p.numel() for p in shared)
         grads = losses.new_zeros(k, p_total, dtype=shared[0].dtype)
         if k > 1:
-            part = (task_gradients_fn or task_gradients)(losses, shared, list(range(k - 1)))
-            if tuple(part.shape) != (k - 1, p_total):
-                raise ValueError(f"task gradients have shape {tuple(part.shape)}, expected {(k - 1, p_total)}")
-            grads[: k - 1] = part
-        saved = [p.grad for p in shared]
-        for p in shared:
-            p.grad = None
-        if task_grad_scale is not None:
-            task_grad_scale.data.fill_(1.0)
-        self._pending_scale = None
-        losses.sum().backward()
-        total = torch.cat([torch.zeros(p.numel(), dtype=p.dtype, device=p.device) if p.grad is None else p.grad.reshape(-1) for p in shared])
-        for p, g in zip(shared, saved):
-            p.grad = g
+            grads[: k - 1] = self._shared_task_gradients(losses, shared, task_gradients_fn, list(range(k - 1)))
+        self._set_task_grad_scale(task_grad_scale, None)
+        with _grads_set_aside(shared):
+            losses.sum().backward()
+            total = torch.cat([torch.zeros(p.numel(), dtype=p.dtype, device=p.device) if p.grad is None
+                               else p.grad.reshape(-1) for p in shared])
         grads[k - 1] = total - grads[: k - 1].sum(0)
         grads, comb = self._combine_stack(losses, stats, grads)
         assert comb.grad_scale is not None and comb.shared_grad is None
@@ -459,6 +515,20 @@ class Strategy(nn.Module, ABC):
 
 
 # ---------------------------------------------------------------------- helpers
+
+
+@contextmanager
+def _grads_set_aside(params: Sequence[nn.Parameter]) -> Iterator[None]:
+    """Run the block with ``params``' ``.grad`` set to ``None``, then put the previous ``.grad``
+    back (whatever the block accumulated into them is dropped)."""
+    saved = [p.grad for p in params]
+    for p in params:
+        p.grad = None
+    try:
+        yield
+    finally:
+        for p, g in zip(params, saved):
+            p.grad = g
 
 
 class SeededStrategy(Strategy):
