@@ -7,7 +7,7 @@ Phases (each a function below):
 1. plan: the main and extra-row files are cut into row-aligned byte ranges (CSV) or row groups
    (Parquet); Ray tasks count each range's data rows (blank lines skipped, as the CSV reader
    does), so every range knows the source row number of its first row;
-2. read (Ray Data): each range is parsed, type-checked and labelled by the same functions as
+2. read: each range is parsed, type-checked and labelled by the same functions as
    :func:`pipeline.preprocess.read_source`; blocks stay in the object store (spilled to disk
    beyond it);
 3. dedup: a shuffle by key (each block split into hash buckets of ``(keys, _row)``, one task
@@ -265,19 +265,15 @@ def read_piece(piece: Piece, raw: Path, cfg: DatasetConfig, types: dict[str, pa.
     return pa.table(cols)
 
 
-def _read_batch(batch: pa.Table, raw: str, cfg: DatasetConfig, types: dict[str, pa.DataType]) -> pa.Table:
-    """Ray Data: a batch of piece descriptions -> their rows."""
-    return pa.concat_tables([read_piece(Piece(**d), Path(raw), cfg, types) for d in batch.to_pylist()])
-
-
 def read_rows(cfg: DatasetConfig, raw: Path, pieces: list[Piece]) -> list[Any]:
-    """Object refs of the row blocks, in file order (main file, then extra-row files)."""
+    """Object refs of the row blocks (one Ray task per piece), in file order (main file, then
+    extra-row files). Plain tasks, not a Ray Data read: a task's DataError then reaches the
+    driver as a DataError (Ray Data wraps a UDF's exception in one that drops its class)."""
     import ray
 
-    ds = ray.data.from_items([asdict(p) for p in pieces], override_num_blocks=len(pieces))
-    ds = ds.map_batches(_read_batch, batch_size=1, batch_format="pyarrow", num_cpus=1,
-                        fn_kwargs={"raw": str(raw), "cfg": cfg, "types": main_types(cfg, raw)})
-    return list(ds.materialize().to_arrow_refs())
+    task = ray.remote(read_piece)
+    types = main_types(cfg, raw)
+    return [task.remote(p, raw, cfg, types) for p in pieces]
 
 
 # --------------------------------------------------------------------------------------------
@@ -328,15 +324,25 @@ def dedup(cfg: DatasetConfig, refs: list[Any]) -> tuple[list[Any], dict[str, Any
 # 4. side tables
 
 
-def _read_side(raw: Path, sc: FileConfig, keep: list[str]) -> tuple[pa.Table, dict[str, Any]]:
-    """A side table (as :func:`pipeline.preprocess.read_source`), and what rows need of it:
-    its keys and the raw columns in ``keep``. Raises DataError on a repeated key."""
+def _read_side(raw: Path, cfg: DatasetConfig, si: int, keep: list[str]) -> tuple[pa.Table, dict[str, Any], dict[str, Any]]:
+    """A side table (as :func:`pipeline.preprocess.read_source`), its list and vector
+    columns parsed, and what rows need of it: its keys and the raw columns in ``keep``.
+    Raises DataError on a repeated key or a malformed list/vector."""
+    sc = cfg.side_tables[si]
     table = pp.read_source(raw, sc)
     keys = pp._np(table[sc.key])
     order = np.argsort(keys, kind="stable")
     if (keys[order][1:] == keys[order][:-1]).any():
         raise DataError(f"{raw / sc.path}: duplicate key")
-    return table, {"keys": keys, "rows": table.num_rows, "raw": {c: table[c].combine_chunks() for c in keep}}
+    rows, path, csv_file = pp._np(table["_row"]), raw / sc.path, not sc.path.endswith(".parquet")
+    parsed: dict[str, Any] = {}
+    for f in cfg.lists:
+        if f.column in sc.columns and f.column != sc.key:
+            parsed[f.name] = pp._parse_list(table[f.column].combine_chunks(), f, path, rows, csv_file)
+    for f in cfg.vectors:
+        if f.column in sc.columns and f.column != sc.key:
+            parsed[f.name] = pp._parse_vectors(table[f.column].combine_chunks(), f, path, rows, csv_file)
+    return table, parsed, {"keys": keys, "rows": table.num_rows, "raw": {c: table[c].combine_chunks() for c in keep}}
 
 
 @dataclass
@@ -537,23 +543,20 @@ def _reduce_history(name: str, keys: list[str], day_base: int, windows: list[int
 # 7. side features
 
 
-def _fit_side(table: pa.Table, si: int, cfg: DatasetConfig, raw: Path, counts: np.ndarray, missing: np.ndarray,
-              hist_keys: list[str], artifacts: str) -> tuple[SideTable | None, dict[str, Any]]:
+def _fit_side(table: pa.Table, parsed: dict[str, Any], si: int, cfg: DatasetConfig, counts: np.ndarray,
+              missing: np.ndarray, hist_keys: list[str], artifacts: str) -> tuple[SideTable | None, dict[str, Any]]:
     """Fit the side table's features on the side rows training rows join to (dense scalers
     weighted by how many training rows join each), as the reference does; save their
     artifacts; return the encoded :class:`SideTable` and the report's entries.
 
     Args:
-        table: the side table; si: its index; counts: ``[4, side rows]`` rows joined per
+        table: the side table; parsed: its parsed lists and vectors; si: its index; counts: ``[4, side rows]`` rows joined per
         split slot; missing: rows without a match per split slot; hist_keys: history keys.
     """
     sc = cfg.side_tables[si]
-    path = raw / sc.path
-    csv_file = not sc.path.endswith(".parquet")
     mine = [c for c in sc.columns if c != sc.key]
     train_counts = counts[0]
     tmask = train_counts > 0
-    rows = pp._np(table["_row"])
     feats: dict[str, pa.Array] = {}
     fill: dict[str, int] = {}
     info: dict[str, Any] = {"vocab_sizes": {}, "oov": {}, "missing_oov": {}, "repairs": {}, "dense_stats": {},
@@ -592,7 +595,7 @@ def _fit_side(table: pa.Table, si: int, cfg: DatasetConfig, raw: Path, counts: n
             feats[f.name] = pa.array(scaler.transform(v))
     for f in cfg.lists:
         if f.column in mine:
-            ids, weights = pp._parse_list(table[f.column].combine_chunks(), f, path, rows, csv_file)
+            ids, weights = parsed[f.name]
             lengths = pp._np(pc.list_value_length(ids))
             trunc = lengths > f.max_len
             encoder = ListEncoder(f.max_len).fit(ids.filter(pa.array(tmask)))
@@ -613,7 +616,7 @@ def _fit_side(table: pa.Table, si: int, cfg: DatasetConfig, raw: Path, counts: n
                 feats[f.name + WEIGHT_SUFFIX] = weights
     for f in cfg.vectors:
         if f.column in mine:
-            mat = pp._parse_vectors(table[f.column].combine_chunks(), f, path, rows, csv_file)
+            mat = parsed[f.name]
             if f.pca_dim is not None:
                 pca = PCA(f.pca_dim).fit(mat[tmask])
                 mat = pca.transform(mat)
@@ -784,17 +787,17 @@ def _build(cfg: DatasetConfig, raw: Path, tmp: Path, ray_num_cpus: int | None, r
     if {p.source for p in pieces} != set(range(len(row_files(cfg)))):
         raise BadInput("a file without data rows")
     t = tick("plan", t)
+    sides = _read_sides(cfg, raw)  # side tables read while the rows are
     refs = read_rows(cfg, raw, pieces)
-    t = tick("read_rows", t)
     refs, report["dedup"] = dedup(cfg, refs)
-    t = tick("dedup", t)
-    ctx, side_refs, side_meta = _read_sides(cfg, raw)
+    t = tick("read_rows_dedup", t)
+    ctx, side_meta = _rows_context(cfg, sides)
     t = tick("read_side", t)
     ctx_ref = ray.put(ctx)
     scans = ray.get([ray.remote(_scan_block).remote(r, ctx_ref) for r in refs])
     _set_split_rule(cfg, ctx, scans, report)
     t = tick("scan", t)
-    fit = _fit(cfg, ctx, refs, scans, side_refs, side_meta, raw, tmp, report)
+    fit = _fit(cfg, ctx, refs, scans, sides, side_meta, raw, tmp, report)
     t = tick("fit", t)
     _write(cfg, ctx, refs, fit, tmp, report)
     tick("assemble_write", t)
@@ -805,19 +808,23 @@ def _build(cfg: DatasetConfig, raw: Path, tmp: Path, ray_num_cpus: int | None, r
     return report
 
 
-def _read_sides(cfg: DatasetConfig, raw: Path) -> tuple[RowsContext, list[Any], list[dict[str, Any]]]:
-    """Read the side tables in tasks; the driver keeps their keys and the columns rows read."""
+def _read_sides(cfg: DatasetConfig, raw: Path) -> list[tuple[Any, Any, Any]]:
+    """Start reading the side tables, one task each: refs of (table, parsed lists/vectors,
+    what rows need: keys and the raw columns rows read)."""
     import ray
 
     wanted = {c for c in [cfg.time, cfg.user, cfg.item, *(k for ks in (cfg.history.keys if cfg.history else []) for k in ks)] if c}
-    side_refs, metas = [], []
-    for sc in cfg.side_tables:
-        keep = sorted(c for c in wanted if c in sc.columns and c != sc.key)
-        table_ref, meta_ref = ray.remote(_read_side).options(num_returns=2).remote(raw, sc, keep)
-        side_refs.append(table_ref)
-        metas.append(meta_ref)
-    metas = ray.get(metas)
-    return RowsContext(cfg, [m["keys"] for m in metas], [m["raw"] for m in metas]), side_refs, metas
+    task = ray.remote(_read_side).options(num_returns=3)
+    return [task.remote(raw, cfg, si, sorted(c for c in wanted if c in sc.columns and c != sc.key))
+            for si, sc in enumerate(cfg.side_tables)]
+
+
+def _rows_context(cfg: DatasetConfig, sides: list[tuple[Any, Any, Any]]) -> tuple[RowsContext, list[dict[str, Any]]]:
+    """The context row tasks need, from the side tables' keys and raw columns."""
+    import ray
+
+    metas = ray.get([m for _, _, m in sides])
+    return RowsContext(cfg, [m["keys"] for m in metas], [m["raw"] for m in metas]), metas
 
 
 def _set_split_rule(cfg: DatasetConfig, ctx: RowsContext, scans: list[dict[str, Any]], report: dict[str, Any]) -> None:
@@ -853,25 +860,57 @@ class Fitted:
     unsupported: list[str]
 
 
-def _fit(cfg: DatasetConfig, ctx: RowsContext, refs: list[Any], scans: list[dict[str, Any]], side_refs: list[Any],
-         side_meta: list[dict[str, Any]], raw: Path, tmp: Path, report: dict[str, Any]) -> Fitted:
+def _fit(cfg: DatasetConfig, ctx: RowsContext, refs: list[Any], scans: list[dict[str, Any]],
+         sides: list[tuple[Any, Any, Any]], side_meta: list[dict[str, Any]], raw: Path, tmp: Path,
+         report: dict[str, Any]) -> Fitted:
     """Partial statistics per block, combined; side features and history tables fitted in tasks."""
     import ray
 
     n_groups = len(cfg.history.keys) if cfg.history else 0
-    ctx_ref = ray.put(ctx)
     fit_task = ray.remote(_fit_block).options(num_returns=1 + n_groups)
+    ctx_ref = ray.put(ctx)
     outs = [fit_task.remote(r, ctx_ref) for r in refs]
     outs = [o if n_groups else [o] for o in outs]
     parts = ray.get([o[0] for o in outs])
-    main_path = raw / cfg.main.path
+    counts = _combine_counts(cfg, parts, scans, side_meta, raw, report)
+    artifacts = tmp / "artifacts"
+    artifacts.mkdir()
+    # the tasks first (side features, history tables), the driver's small work meanwhile
+    fit_side = ray.remote(_fit_side).options(num_returns=2)
+    hist_keys = sorted({k for keys in (cfg.history.keys if cfg.history else []) for k in keys})
+    side_outs = [fit_side.remote(sides[i][0], sides[i][1], i, cfg, sum(p["side"][i][0] for p in parts),
+                                 sum(p["side"][i][1] for p in parts), hist_keys, str(artifacts))
+                 for i in range(len(cfg.side_tables))]
+    history = _start_history(cfg, outs, scans, parts, artifacts, report)
+    main_sparse, main_dense, dense_stats, main_nulls = _fit_main(cfg, ctx, parts, artifacts, counts["repairs"])
+    side_infos = ray.get([o[1] for o in side_outs])
+    fitted_sides = ray.get([o[0] for o in side_outs])
+    for info in side_infos:
+        counts["repairs"].update(info["repairs"])
+        dense_stats.update(info["dense_stats"])
+    (artifacts / "dense_stats.json").write_text(json.dumps(dense_stats, indent=2))
+    spec, feature_cols = _spec(cfg, main_sparse, main_nulls, side_infos, history["spec"], report)
+    report["repairs"] = counts["repairs"]
+    if cfg.history is not None:
+        report["history"]["table_rows"] = dict(zip(report["history_columns"], ray.get(history["sizes"])))
+    report["_oov_pending"] = list(main_sparse)
+    max_labelled = max((s["max_labelled_day"] for s in scans if s.get("max_labelled_day") is not None), default=None)
+    return Fitted(main_sparse, main_dense, [s for s in fitted_sides if s is not None],
+                  [i for i, s in enumerate(fitted_sides) if s is not None], history["groups"], history["files"], spec,
+                  feature_cols, counts["rows"], counts["labelled"], counts["kept"], counts["kept_labelled"],
+                  max_labelled + 1 if max_labelled is not None else None, [])
+
+
+def _combine_counts(cfg: DatasetConfig, parts: list[dict[str, Any]], scans: list[dict[str, Any]],
+                    side_meta: list[dict[str, Any]], raw: Path, report: dict[str, Any]) -> dict[str, Any]:
+    """Row, label and repair counts over all blocks; the split checks (errors and warnings);
+    the report's inputs, label rates and sampling entries."""
     lab_names = [lab.name for lab in cfg.labels]
-    rows, labelled = _sum_counts(parts, "rows"), _sum_counts(parts, "labelled")
-    positives = {n: sum(p["positives"][n] for p in parts) for n in lab_names}
-    sources = _sum_counts(parts, "sources")
-    report["inputs"] = {cfg.main.path: int(sources[0]) + report["dedup"].get("dropped", 0)}
+    c: dict[str, Any] = {k: _sum_counts(parts, k) for k in ("rows", "labelled", "kept", "kept_labelled", "sources")}
+    rows, labelled, kept, kept_labelled = c["rows"], c["labelled"], c["kept"], c["kept_labelled"]
+    report["inputs"] = {cfg.main.path: int(c["sources"][0]) + report["dedup"].get("dropped", 0)}
     for i, ex in enumerate(cfg.extra_rows, start=1):
-        report["inputs"][ex.path] = int(sources[i])
+        report["inputs"][ex.path] = int(c["sources"][i])
     for sc, meta in zip(cfg.side_tables, side_meta):
         report["inputs"][sc.path] = meta["rows"]
     repairs: dict[str, int] = {}
@@ -880,125 +919,18 @@ def _fit(cfg: DatasetConfig, ctx: RowsContext, refs: list[Any], scans: list[dict
         if other:
             repairs[f"{cfg.main.path}: {lab.column} values neither positive nor negative -> 0 "
                     f"(label {lab.name}, unlisted: negative)"] = other
-    missing = [sum(s["missing"][i] for s in scans) for i in range(len(cfg.side_tables))]
-    for sc, m in zip(cfg.side_tables, missing):
-        if m:
-            repairs[f"{sc.path}: rows without a {sc.key} match (side features missing -> OOV/0/empty)"] = m
+    for i, sc in enumerate(cfg.side_tables):
+        missing = sum(s["missing"][i] for s in scans)
+        if missing:
+            repairs[f"{sc.path}: rows without a {sc.key} match (side features missing -> OOV/0/empty)"] = missing
+    c["repairs"] = repairs
     if not rows[0]:
         raise BadInput("no training rows")
+    positives = {n: sum(p["positives"][n] for p in parts) for n in lab_names}
     report["warnings"] = pp.check_split_counts(
-        cfg, main_path, {k: int(rows[k]) for k in range(3)}, {k: int(labelled[k]) for k in range(3)},
+        cfg, raw / cfg.main.path, {k: int(rows[k]) for k in range(3)}, {k: int(labelled[k]) for k in range(3)},
         {k: [int(positives[n][k]) for n in lab_names] for k in range(3)})
     report["rows_outside_splits"] = int(rows[OUTSIDE])
-
-    artifacts = tmp / "artifacts"
-    artifacts.mkdir()
-    vocab_sizes: dict[str, int] = {}
-    oov_main_null: dict[str, np.ndarray] = {}
-    main_sparse: dict[str, tuple[str, Vocabulary]] = {}
-    for f in cfg.sparse:
-        if ctx.locate(f.column) is None:
-            vocab = Vocabulary().fit(pa.concat_arrays([p["sparse"][f.name][0] for p in parts]))
-            if vocab.size == 0:
-                raise BadInput(f"sparse feature {f.name}: no values in training rows")
-            vocab.save(artifacts / f"vocab_{f.name}.parquet")
-            main_sparse[f.name] = (f.column, vocab)
-            vocab_sizes[f.name] = vocab.size
-            oov_main_null[f.name] = sum(p["sparse"][f.name][1] for p in parts)
-    main_dense: dict[str, tuple[str, DenseScaler]] = {}
-    dense_stats: dict[str, Any] = {}
-    for f in cfg.dense:
-        if ctx.locate(f.column) is None:
-            nulls = sum(p["dense"][f.name][0] for p in parts)
-            if nulls:
-                repairs[f"{cfg.main.path}: {f.column} empty -> 0 (before scaling)"] = nulls
-            n, mean, m2 = combine_moments([p["dense"][f.name][1] for p in parts])
-            scaler = DenseScaler(f.transform).fit_moments(n, float(mean), float(m2))
-            dense_stats[f.name] = scaler.to_dict()
-            main_dense[f.name] = (f.column, scaler)
-
-    # side features: one task per side table
-    side_counts = [(sum(p["side"][i][0] for p in parts), sum(p["side"][i][1] for p in parts))
-                   for i in range(len(cfg.side_tables))]
-    hist_keys = sorted({k for keys in (cfg.history.keys if cfg.history else []) for k in keys})
-    fit_side = ray.remote(_fit_side).options(num_returns=2)
-    side_outs = [fit_side.remote(side_refs[i], i, cfg, raw, side_counts[i][0], side_counts[i][1], hist_keys, str(artifacts))
-                 for i in range(len(cfg.side_tables))]
-    side_infos = ray.get([o[1] for o in side_outs])
-    fitted_sides = ray.get([o[0] for o in side_outs])
-    sides = [s for s in fitted_sides if s is not None]
-    side_index = [i for i, s in enumerate(fitted_sides) if s is not None]
-
-    # history tables: one task per key group, fed the blocks' partial sums
-    groups, group_files, hist_names = [], [], {}
-    spec_hist: list[DenseFeature] = []
-    report["history"] = None
-    max_day = max((s["max_day"] for s in scans if s.get("max_day") is not None), default=None)
-    max_labelled = max((s["max_labelled_day"] for s in scans if s.get("max_labelled_day") is not None), default=None)
-    if cfg.history is not None:
-        fed = sum(p["hist_rows"] for p in parts)
-        report["history"] = {
-            "protocol": cfg.history.protocol, "time_unit": cfg.time_unit, "windows": cfg.history.windows,
-            "rows_fed": int(fed.sum()),
-            "rows_fed_by_split": {s: int(fed[k]) for k, s in enumerate(SPLITS)} | {"outside_splits": int(fed[OUTSIDE])},
-        }
-        reduce = ray.remote(_reduce_history).options(num_returns=2)
-        sizes = []
-        for gi, keys in enumerate(cfg.history.keys):
-            name = "hist_" + "_".join(keys)
-            fname = f"history_{name}.npz"
-            group, size = reduce.remote(name, keys, max_day + 2, cfg.history.windows, cfg.history.stats,
-                                        str(artifacts / fname), *[o[1 + gi] for o in outs])
-            groups.append(group)
-            sizes.append(size)
-            group_files.append(fname)
-            hist_names[name] = history_feature_names(name, cfg.history.windows, cfg.history_actions, cfg.history.stats,
-                                                     TIME_UNIT_SUFFIX[cfg.time_unit])
-            spec_hist.append(DenseFeature(name, dim=len(hist_names[name])))
-        report["history"]["table_rows"] = dict(zip(hist_names, ray.get(sizes)))
-
-    # the spec, in the config's order
-    oov: dict[str, dict[str, int]] = {}
-    missing_oov: dict[str, dict[str, int]] = {}
-    for info in side_infos:
-        repairs.update(info["repairs"])
-        dense_stats.update(info["dense_stats"])
-    spec_sparse, spec_lists, spec_dense, spec_vectors = [], [], [], []
-    for f in cfg.sparse:
-        if f.name in main_sparse:
-            null = oov_main_null[f.name]
-            if null.sum():
-                missing_oov[f.name] = {s: int(null[k]) for k, s in enumerate(SPLITS)}
-        else:
-            info = next(i for i in side_infos if f.name in i["vocab_sizes"])
-            vocab_sizes[f.name] = info["vocab_sizes"][f.name]
-            oov[f.name] = info["oov"][f.name]
-            if f.name in info["missing_oov"]:
-                missing_oov[f.name] = info["missing_oov"][f.name]
-        spec_sparse.append(SparseFeature(f.name, vocab_size=vocab_sizes[f.name], embedding_dim=f.embedding_dim))
-    spec_dense = [DenseFeature(f.name) for f in cfg.dense] + spec_hist
-    list_info, pca_info = {}, {}
-    for f in cfg.lists:
-        info = next(i for i in side_infos if f.name in i["lists"])
-        vocab_sizes[f.name] = info["vocab_sizes"][f.name]
-        oov[f.name] = info["oov"][f.name]
-        list_info[f.name] = info["lists"][f.name]
-        spec_lists.append(ListFeature(f.name, vocab_size=vocab_sizes[f.name], max_len=f.max_len, embedding_dim=f.embedding_dim,
-                                      pooling=f.pooling, weighted=f.weighted))
-    for f in cfg.vectors:
-        info = next(i for i in side_infos if f.name in i.get("dims", {}))
-        if f.name in info["pca"]:
-            pca_info[f.name] = info["pca"][f.name]
-        spec_vectors.append(VectorFeature(f.name, dim=info["dims"][f.name]))
-    spec = FeatureSpec(sparse=spec_sparse, lists=spec_lists, dense=spec_dense, vectors=spec_vectors, tasks=lab_names,
-                       user_column="_user" if cfg.user else None)
-    feature_cols = [f.name for f in spec_sparse]
-    for f in spec_lists:
-        feature_cols += [f.name] + ([f.name + WEIGHT_SUFFIX] if f.weighted else [])
-    feature_cols += [f.name for f in spec_dense] + [f.name for f in spec_vectors]
-    (artifacts / "dense_stats.json").write_text(json.dumps(dense_stats, indent=2))
-
-    kept, kept_labelled = _sum_counts(parts, "kept"), _sum_counts(parts, "kept_labelled")
     sampling = None
     if cfg.negative_sampling is not None:
         ns = cfg.negative_sampling
@@ -1016,12 +948,115 @@ def _fit(cfg: DatasetConfig, ctx: RowsContext, refs: list[Any], scans: list[dict
         "label_rates": {s: {n: float(label_sums[n][k] / kept_labelled[k]) if kept_labelled[k] else float("nan")
                             for n in lab_names}
                         for k, s in enumerate(SPLITS) if labelled[k]},
-        "vocab_sizes": vocab_sizes, "oov": oov, "missing_to_oov": missing_oov, "repairs": repairs,
-        "lists": list_info, "pca": pca_info, "history_columns": hist_names,
     })
-    report["_oov_pending"] = [f for f in main_sparse]
-    return Fitted(main_sparse, main_dense, sides, side_index, groups, group_files, spec, feature_cols, rows, labelled, kept,
-                  kept_labelled, max_labelled + 1 if max_labelled is not None else None, [])
+    return c
+
+
+def _fit_main(cfg: DatasetConfig, ctx: RowsContext, parts: list[dict[str, Any]], artifacts: Path,
+              repairs: dict[str, int]) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any], dict[str, np.ndarray]]:
+    """Main-row vocabularies (union of the blocks' distinct training ids) and dense scalers
+    (combined moments); returns them, the dense stats and the null counts per split."""
+    main_sparse: dict[str, tuple[str, Vocabulary]] = {}
+    nulls_by_split: dict[str, np.ndarray] = {}
+    for f in cfg.sparse:
+        if ctx.locate(f.column) is None:
+            vocab = Vocabulary().fit(pa.concat_arrays([p["sparse"][f.name][0] for p in parts]))
+            if vocab.size == 0:
+                raise BadInput(f"sparse feature {f.name}: no values in training rows")
+            vocab.save(artifacts / f"vocab_{f.name}.parquet")
+            main_sparse[f.name] = (f.column, vocab)
+            nulls_by_split[f.name] = sum(p["sparse"][f.name][1] for p in parts)
+    main_dense: dict[str, tuple[str, DenseScaler]] = {}
+    dense_stats: dict[str, Any] = {}
+    for f in cfg.dense:
+        if ctx.locate(f.column) is None:
+            nulls = sum(p["dense"][f.name][0] for p in parts)
+            if nulls:
+                repairs[f"{cfg.main.path}: {f.column} empty -> 0 (before scaling)"] = nulls
+            n, mean, m2 = combine_moments([p["dense"][f.name][1] for p in parts])
+            scaler = DenseScaler(f.transform).fit_moments(n, float(mean), float(m2))
+            dense_stats[f.name] = scaler.to_dict()
+            main_dense[f.name] = (f.column, scaler)
+    return main_sparse, main_dense, dense_stats, nulls_by_split
+
+
+def _start_history(cfg: DatasetConfig, outs: list[list[Any]], scans: list[dict[str, Any]], parts: list[dict[str, Any]],
+                   artifacts: Path, report: dict[str, Any]) -> dict[str, Any]:
+    """Start one task per history key group on the blocks' partial sums; the report's history
+    entries; returns the tasks' refs (tables, sizes), their files and the spec entries."""
+    import ray
+
+    out: dict[str, Any] = {"groups": [], "sizes": [], "files": [], "spec": []}
+    report["history"], report["history_columns"] = None, {}
+    if cfg.history is None:
+        return out
+    fed = sum(p["hist_rows"] for p in parts)
+    report["history"] = {
+        "protocol": cfg.history.protocol, "time_unit": cfg.time_unit, "windows": cfg.history.windows,
+        "rows_fed": int(fed.sum()),
+        "rows_fed_by_split": {s: int(fed[k]) for k, s in enumerate(SPLITS)} | {"outside_splits": int(fed[OUTSIDE])},
+    }
+    day_base = max(s["max_day"] for s in scans if s.get("max_day") is not None) + 2
+    reduce = ray.remote(_reduce_history).options(num_returns=2)
+    for gi, keys in enumerate(cfg.history.keys):
+        name = "hist_" + "_".join(keys)
+        fname = f"history_{name}.npz"
+        group, size = reduce.remote(name, keys, day_base, cfg.history.windows, cfg.history.stats,
+                                    str(artifacts / fname), *[o[1 + gi] for o in outs])
+        out["groups"].append(group)
+        out["sizes"].append(size)
+        out["files"].append(fname)
+        names = history_feature_names(name, cfg.history.windows, cfg.history_actions, cfg.history.stats,
+                                      TIME_UNIT_SUFFIX[cfg.time_unit])
+        report["history_columns"][name] = names
+        out["spec"].append(DenseFeature(name, dim=len(names)))
+    return out
+
+
+def _spec(cfg: DatasetConfig, main_sparse: dict[str, Any], main_nulls: dict[str, np.ndarray], side_infos: list[dict[str, Any]],
+          spec_hist: list[DenseFeature], report: dict[str, Any]) -> tuple[FeatureSpec, list[str]]:
+    """The feature spec in the config's order, the feature columns, the report's vocabulary,
+    OOV, list and PCA entries."""
+    vocab_sizes: dict[str, int] = {}
+    oov: dict[str, dict[str, int]] = {}
+    missing_oov: dict[str, dict[str, int]] = {}
+    spec_sparse, spec_lists, spec_vectors = [], [], []
+    for f in cfg.sparse:
+        if f.name in main_sparse:
+            vocab_sizes[f.name] = main_sparse[f.name][1].size
+            null = main_nulls[f.name]
+            if null.sum():
+                missing_oov[f.name] = {s: int(null[k]) for k, s in enumerate(SPLITS)}
+        else:
+            info = next(i for i in side_infos if f.name in i["vocab_sizes"])
+            vocab_sizes[f.name] = info["vocab_sizes"][f.name]
+            oov[f.name] = info["oov"][f.name]
+            if f.name in info["missing_oov"]:
+                missing_oov[f.name] = info["missing_oov"][f.name]
+        spec_sparse.append(SparseFeature(f.name, vocab_size=vocab_sizes[f.name], embedding_dim=f.embedding_dim))
+    spec_dense = [DenseFeature(f.name) for f in cfg.dense] + spec_hist
+    list_info, pca_info = {}, {}
+    for f in cfg.lists:
+        info = next(i for i in side_infos if f.name in i["lists"])
+        vocab_sizes[f.name] = info["vocab_sizes"][f.name]
+        oov[f.name] = info["oov"][f.name]
+        list_info[f.name] = info["lists"][f.name]
+        spec_lists.append(ListFeature(f.name, vocab_size=vocab_sizes[f.name], max_len=f.max_len,
+                                      embedding_dim=f.embedding_dim, pooling=f.pooling, weighted=f.weighted))
+    for f in cfg.vectors:
+        info = next(i for i in side_infos if f.name in i.get("dims", {}))
+        if f.name in info["pca"]:
+            pca_info[f.name] = info["pca"][f.name]
+        spec_vectors.append(VectorFeature(f.name, dim=info["dims"][f.name]))
+    spec = FeatureSpec(sparse=spec_sparse, lists=spec_lists, dense=spec_dense, vectors=spec_vectors,
+                       tasks=[lab.name for lab in cfg.labels], user_column="_user" if cfg.user else None)
+    feature_cols = [f.name for f in spec_sparse]
+    for f in spec_lists:
+        feature_cols += [f.name] + ([f.name + WEIGHT_SUFFIX] if f.weighted else [])
+    feature_cols += [f.name for f in spec_dense] + [f.name for f in spec_vectors]
+    report.update({"vocab_sizes": vocab_sizes, "oov": oov, "missing_to_oov": missing_oov, "lists": list_info,
+                   "pca": pca_info})
+    return spec, feature_cols
 
 
 def _write(cfg: DatasetConfig, ctx: RowsContext, refs: list[Any], fit: Fitted, tmp: Path, report: dict[str, Any]) -> None:
