@@ -31,9 +31,12 @@ What a :class:`pipeline.datasets.DatasetConfig` describes is done in this order:
 A raw folder holding the generator's ``_GENERATED.json`` must match it (size and SHA-256 of
 each file read): a folder mixing two generated datasets is an error.
 
-Global statistics (vocabularies, PCA, per-day aggregates) are small and computed with
-vectorised Arrow/NumPy in the driver; the row-parallel work (joins, history lookups,
-assembling the ~100 output columns, Parquet writing) runs as Ray Data ``map_batches`` tasks.
+Two builders produce the same output: the default one (:mod:`pipeline.preprocess_dist`) reads,
+checks and aggregates in Ray tasks and keeps only fitted objects and small tables in the driver;
+:func:`build_reference` (``--engine reference``) does steps 1-7 with vectorised Arrow/NumPy over
+the whole log in the driver and only step 8 in Ray Data ``map_batches`` tasks. The reference is
+what the distributed builder is tested against, and it words the error when that builder finds
+bad input. This module holds the readers, parsers and checks both use.
 """
 
 from __future__ import annotations
