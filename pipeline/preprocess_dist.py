@@ -34,7 +34,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -50,16 +50,8 @@ from pipeline.config import dump_config
 from pipeline.datasets import TIME_UNIT_SUFFIX, DatasetConfig, FileConfig
 from pipeline.errors import ConfigError, DataError
 from pipeline.ray_runtime import ensure_ray
-from pipeline.transforms import (
-    PCA,
-    DenseScaler,
-    HistoryGroup,
-    ListEncoder,
-    RowTransformer,
-    SideTable,
-    Vocabulary,
-    history_feature_names,
-)
+from pipeline.transforms import PCA, DenseScaler, HistoryGroup, ListEncoder, RowTransformer, SideTable, Vocabulary
+from pipeline.transforms import history_feature_names
 from pipeline.transforms.dense import combine_moments, moments
 from pipeline.transforms.history import history_group_from_sums
 
@@ -512,7 +504,7 @@ def _fit_block(block: pa.Table, ctx: RowsContext) -> tuple[Any, ...]:
     for p, keys in zip(pos, ctx.side_keys):
         hit = p >= 0
         n_side = len(keys)
-        counts = np.stack([np.bincount(p[hit & (slot == k)], minlength=n_side) for k in range(4)])
+        counts = np.stack([np.bincount(p[hit & (slot == k)], minlength=n_side) for k in range(4)]).astype(np.int32)
         st["side"].append((counts, _by_split(~hit, split)))
     partials: list[pa.Table] = []
     if cfg.history is not None:
@@ -874,16 +866,23 @@ def _fit(cfg: DatasetConfig, ctx: RowsContext, refs: list[Any], scans: list[dict
     ctx_ref = ray.put(ctx)
     outs = [fit_task.remote(r, ctx_ref) for r in refs]
     outs = [o if n_groups else [o] for o in outs]
-    parts = ray.get([o[0] for o in outs])
+    # fetched one block at a time: the per-side-row counts are summed as they come, so the
+    # driver never holds every block's copy
+    parts, side_sums = [], [[0, 0] for _ in cfg.side_tables]
+    for o in outs:
+        part = ray.get(o[0])
+        for i, (hits, missing) in enumerate(part.pop("side")):
+            side_sums[i][0] = side_sums[i][0] + hits
+            side_sums[i][1] = side_sums[i][1] + missing
+        parts.append(part)
     counts = _combine_counts(cfg, parts, scans, side_meta, raw, report)
     artifacts = tmp / "artifacts"
     artifacts.mkdir()
     # the tasks first (side features, history tables), the driver's small work meanwhile
     fit_side = ray.remote(_fit_side).options(num_returns=2)
     hist_keys = sorted({k for keys in (cfg.history.keys if cfg.history else []) for k in keys})
-    side_outs = [fit_side.remote(sides[i][0], sides[i][1], i, cfg, sum(p["side"][i][0] for p in parts),
-                                 sum(p["side"][i][1] for p in parts), hist_keys, str(artifacts))
-                 for i in range(len(cfg.side_tables))]
+    side_outs = [fit_side.remote(sides[i][0], sides[i][1], i, cfg, side_sums[i][0], side_sums[i][1], hist_keys,
+                                 str(artifacts)) for i in range(len(cfg.side_tables))]
     history = _start_history(cfg, outs, scans, parts, artifacts, report)
     main_sparse, main_dense, dense_stats, main_nulls = _fit_main(cfg, ctx, parts, artifacts, counts["repairs"])
     side_infos = ray.get([o[1] for o in side_outs])

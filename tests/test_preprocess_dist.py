@@ -99,9 +99,20 @@ def test_distributed_equals_reference_on_two_nodes(tiny_raw: Path, tmp_path: Pat
 
 def test_distributed_equals_reference_with_sampling_and_rows_outside(tiny_raw: Path, tmp_path: Path, ray_session,
                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    """Organisers' protocol: negative sampling, test_a rows outside every split, train_only history."""
+    """Organisers' protocol: negative sampling, test_a rows outside every split, train_only
+    history; and a feed missing from feed_info.csv (``on_missing: null``), so some blocks hold
+    missing side rows (OOV ids, float history keys)."""
+    raw = tmp_path / "raw"
+    shutil.copytree(tiny_raw, raw)
+    (raw / "_GENERATED.json").unlink()
+    acts, test = pd.read_csv(raw / "user_action.csv"), pd.read_csv(raw / "test_a.csv")
+    cold = test.feedid[~test.feedid.isin(acts.feedid)].iloc[0]
+    feeds = pd.read_csv(raw / "feed_info.csv", dtype=str, keep_default_na=False)
+    feeds[feeds.feedid != str(cold)].to_csv(raw / "feed_info.csv", index=False)
     cfg = load_config(DatasetConfig, CONFIGS / "wechat_organisers.yaml")
-    ra, rb = _run_both(cfg, tiny_raw, tmp_path, monkeypatch)
+    cfg.side_tables[0].on_missing = "null"
+    ra, rb = _run_both(cfg, raw, tmp_path, monkeypatch)
+    assert rb["repairs"] and rb["missing_to_oov"]["authorid"]["test"] == 0  # test_a is outside every split here
     _assert_same_output(tmp_path / "ref", tmp_path / "new")
     _assert_same_report(ra, rb)
 
