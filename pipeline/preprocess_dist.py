@@ -13,8 +13,9 @@ Phases (each a function below):
 3. dedup: a shuffle by key (each block split into hash buckets of ``(keys, _row)``, one task
    per bucket finds the repeats in file order); the driver gets the dropped rows' numbers;
 4. side tables: one task each reads and checks a side table (item-sized, not log-sized);
-5. scan: per block, side-table matches and times (for ``split.kind: ordered``, the rows per
-   time value, from which :func:`pipeline.preprocess.ordered_split_counts` gives the split);
+5. scan (``split.kind: ordered`` only; otherwise part of the fit): per block, side-table
+   matches and times, the rows per time value, from which
+   :func:`pipeline.preprocess.ordered_split_counts` gives the split;
 6. fit: per block, partial statistics of the training rows: distinct ids, dense moments,
    side-row hit counts per split, label counts, and per history group the sums per
    (key, day); combined in the driver (small) or, for history tables, by one task per group
@@ -95,9 +96,13 @@ def data_lines(data: bytes) -> int:
     Args:
         data: whole lines of a CSV file (no header).
     """
-    a = np.frombuffer(data, dtype=np.uint8)
-    if len(a) == 0:
+    if not data:
         return 0
+    if b"\n\n" not in data and b"\n\r\n" not in data and not data.startswith((b"\n", b"\r\n")):
+        # no empty line (the usual case): a count at memchr speed
+        tail = data[data.rfind(b"\n") + 1:]  # a last line without its newline
+        return data.count(b"\n") + (0 if tail in (b"", b"\r") else 1)
+    a = np.frombuffer(data, dtype=np.uint8)
     nl = np.flatnonzero(a == 10)
     starts = np.concatenate([[0], nl + 1])
     ends = np.concatenate([nl, [len(a)]])
@@ -463,8 +468,10 @@ def _history_partial(block: pa.Table, ctx: RowsContext, pos: list[np.ndarray], d
 
 
 def _fit_block(block: pa.Table, ctx: RowsContext) -> tuple[Any, ...]:
-    """The block's partial statistics (a dict) and, per history group, its partial sums."""
+    """The block's partial statistics (a dict, with :func:`_scan_block`'s under ``scan``) and,
+    per history group, its partial sums."""
     cfg = ctx.cfg
+    scan = _scan_block(block, ctx)
     pos = ctx.positions(block)
     days = ctx.days(block, pos)
     split = ctx.split(block, days)
@@ -473,7 +480,7 @@ def _fit_block(block: pa.Table, ctx: RowsContext) -> tuple[Any, ...]:
         raise BadInput("unlabelled row in the training split")
     train = split == 0
     keep, masks = ctx.keep(block, split)
-    st: dict[str, Any] = {"sources": np.bincount(pp._np(block["_source"]).astype(np.int64), minlength=len(row_files(cfg))),
+    st: dict[str, Any] = {"scan": scan, "sources": np.bincount(pp._np(block["_source"]).astype(np.int64), minlength=len(row_files(cfg))),
                           "rows": _by_split(np.ones(len(split), bool), split), "labelled": _by_split(labelled, split),
                           "kept": _by_split(keep, split), "kept_labelled": _by_split(keep & labelled, split)}
     labels = {lab.name: pp._np(block[LABEL + lab.name]) for lab in cfg.labels}
@@ -788,11 +795,11 @@ def _build(cfg: DatasetConfig, raw: Path, tmp: Path, ray_num_cpus: int | None, r
     t = tick("read_rows_dedup", t)
     ctx, side_meta = _rows_context(cfg, sides)
     t = tick("read_side", t)
-    ctx_ref = ray.put(ctx)
-    scans = ray.get([ray.remote(_scan_block).remote(r, ctx_ref) for r in refs])
-    _set_split_rule(cfg, ctx, scans, report)
-    t = tick("scan", t)
-    fit = _fit(cfg, ctx, refs, scans, sides, side_meta, raw, tmp, report)
+    if cfg.split.kind == "ordered":  # the split needs every block's times first
+        ctx_ref = ray.put(ctx)
+        _set_split_rule(cfg, ctx, ray.get([ray.remote(_scan_block).remote(r, ctx_ref) for r in refs]), report)
+        t = tick("scan", t)
+    fit = _fit(cfg, ctx, refs, sides, side_meta, raw, tmp, report)
     t = tick("fit", t)
     _write(cfg, ctx, refs, fit, tmp, report)
     tick("assemble_write", t)
@@ -855,8 +862,7 @@ class Fitted:
     unsupported: list[str]
 
 
-def _fit(cfg: DatasetConfig, ctx: RowsContext, refs: list[Any], scans: list[dict[str, Any]],
-         sides: list[tuple[Any, Any, Any]], side_meta: list[dict[str, Any]], raw: Path, tmp: Path,
+def _fit(cfg: DatasetConfig, ctx: RowsContext, refs: list[Any], sides: list[tuple[Any, Any, Any]], side_meta: list[dict[str, Any]], raw: Path, tmp: Path,
          report: dict[str, Any]) -> Fitted:
     """Partial statistics per block, combined; side features and history tables fitted in tasks."""
     import ray
@@ -875,6 +881,7 @@ def _fit(cfg: DatasetConfig, ctx: RowsContext, refs: list[Any], scans: list[dict
             side_sums[i][0] = side_sums[i][0] + hits
             side_sums[i][1] = side_sums[i][1] + missing
         parts.append(part)
+    scans = [p.pop("scan") for p in parts]
     counts = _combine_counts(cfg, parts, scans, side_meta, raw, report)
     artifacts = tmp / "artifacts"
     artifacts.mkdir()

@@ -160,7 +160,8 @@ def test_blank_lines_across_ranges_keep_row_numbers(tiny_raw: Path, tmp_path: Pa
     assert str(new.value) == str(ref.value) and "such row(s)" in str(new.value)
 
 
-@pytest.mark.parametrize("text", [b"", b"a\n", b"a\n\nb\n", b"a\r\n\r\nb\r\n", b"\n\n", b"a\nb", b"a\n\r\nb\n\n"])
+@pytest.mark.parametrize("text", [b"", b"a\n", b"a\n\nb\n", b"a\r\n\r\nb\r\n", b"\n\n", b"a\nb", b"a\n\r\nb\n\n",
+                                  b"a\r\nb\r\n", b"a\r\nb", b"\r\na\n"])
 def test_data_lines_counts_what_the_csv_reader_reads(text: bytes) -> None:
     want = pacsv.read_csv(pa.BufferReader(b"h\n" + text)).num_rows if text.strip() else 0
     assert dist.data_lines(text) == want
