@@ -800,6 +800,7 @@ def _build(cfg: DatasetConfig, raw: Path, tmp: Path, ray_num_cpus: int | None, r
         _set_split_rule(cfg, ctx, ray.get([ray.remote(_scan_block).remote(r, ctx_ref) for r in refs]), report)
         t = tick("scan", t)
     fit = _fit(cfg, ctx, refs, sides, side_meta, raw, tmp, report)
+    del sides  # the raw side tables: encoded copies are in the fitted objects; free the object store
     t = tick("fit", t)
     _write(cfg, ctx, refs, fit, tmp, report)
     tick("assemble_write", t)
