@@ -1,16 +1,19 @@
-"""Preprocessing speed: ``python -m pipeline preprocess`` (Ray Data) against a plain
-single-process pandas script computing the same features, in one run.
+"""Preprocessing speed and memory: ``python -m pipeline preprocess`` with the distributed
+builder (``--engine distributed``, the default), the single-process reference builder
+(``--engine reference``) and a plain single-process pandas script, in one run.
 
-    python bench/bench_preprocess.py --scale full --data data/gen_full --work /tmp/bench_pp
+    python bench/bench_preprocess.py --scale full --data /tmp/full_raw --order distributed,reference,distributed,reference
+    python bench/bench_preprocess.py --data /tmp/x4_raw --order distributed --label x4 --object-store-gb 3
 
 1. generates ``--scale`` WeChat-format data into ``--data`` with ``pipeline.generate`` unless it
-   is already there (not timed);
-2. times ``python -m pipeline preprocess --raw DATA --out WORK/ray`` (a fresh process, Ray
-   start-up included) and ``python bench/bench_preprocess.py --pandas-only ...`` (a fresh
-   process), in the order given by ``--order``;
-3. cross-checks the two outputs on the validation split (same rows, same ids, same history
-   values, same PCA up to sign) so the comparison is of the same work;
-4. prints and writes a JSON summary (``WORK/bench_preprocess_<scale>.json``).
+   is already there (not timed; larger data: ``python -m pipeline generate --set multiplier=4``);
+2. times each run of ``--order`` as a fresh process (Ray start-up included) under
+   ``/usr/bin/time -v`` (the driver's peak RSS) while sampling the summed PSS of the driver's
+   process tree (driver, Ray's GCS, raylet, workers, object store pages counted once);
+3. checks the distributed and reference outputs are equal (spec, rows per split, the whole
+   validation split to 1e-6), and the pandas output against the distributed one on the
+   validation split (same rows, same ids, same history values, same PCA up to sign);
+4. prints and writes a JSON summary (``WORK/bench_preprocess_<label>.json``).
 
 The pandas baseline reads with ``pd.read_csv``, de-duplicates with ``drop_duplicates``, builds
 vocabularies/encodings with ``pd.Categorical``, parses lists with ``str.split``/``explode``,
@@ -203,13 +206,83 @@ def cross_check(ray_out: Path, pandas_out: Path, cfg: DatasetConfig, n: int = 20
     return {"rows_compared": len(idx), "history_max_abs_diff": hmax, "pca_max_abs_diff": pmax}
 
 
-def _timed(cmd: list[str]) -> tuple[float, str]:
+def _tree(pid: int) -> list[int]:
+    """``pid`` and all its descendants (a local Ray's GCS, raylet and workers are the driver's)."""
+    children: dict[int, list[int]] = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(d.name))
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo += children.get(p, [])
+    return out
+
+
+def _pss_mb(pids: list[int]) -> float:
+    """Summed proportional set size (shared pages, e.g. the object store, split between the
+    processes mapping them, so counted once) of the processes, MB."""
+    total = 0
+    for p in pids:
+        try:
+            for line in Path(f"/proc/{p}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Pss:"):
+                    total += int(line.split()[1])
+        except OSError:
+            continue
+    return total / 1024
+
+
+def _timed(cmd: list[str]) -> tuple[float, str, dict]:
+    """Run ``cmd`` under ``/usr/bin/time -v``; wall seconds, stdout, and memory: the driver's
+    peak RSS (time -v) and the peak summed PSS of its process tree (sampled every 0.5 s)."""
+    import threading
+
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"})
+    proc = subprocess.Popen(["/usr/bin/time", "-v", *cmd], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"})
+    peak = {"tree_pss_mb": 0.0}
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.wait(0.5):
+            peak["tree_pss_mb"] = max(peak["tree_pss_mb"], _pss_mb(_tree(proc.pid)))
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    stdout, stderr = proc.communicate()
+    done.set()
     dt = time.perf_counter() - t0
     if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
-    return dt, proc.stdout
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{stderr[-3000:]}")
+    rss = [int(line.split()[-1]) for line in stderr.splitlines() if "Maximum resident set size" in line]
+    return dt, stdout, {"driver_peak_rss_mb": round(rss[-1] / 1024, 1) if rss else None,
+                        "tree_peak_pss_mb": round(peak["tree_pss_mb"], 1)}
+
+
+def compare_outputs(a: Path, b: Path) -> dict:
+    """Two preprocess outputs: same spec, same rows per split, the validation split equal
+    (every column; floats to 1e-6)."""
+    from pipeline.data import read_split
+
+    assert (a / "feature_spec.json").read_text() == (b / "feature_spec.json").read_text(), "feature_spec.json differs"
+    ra, rb = (json.loads((d / "report.json").read_text()) for d in (a, b))
+    assert ra["splits"] == rb["splits"], (ra["splits"], rb["splits"])
+    x, y = read_split(a, "valid"), read_split(b, "valid")
+    assert x.column_names == y.column_names and x.num_rows == y.num_rows
+    worst = 0.0
+    for c in x.column_names:
+        if not x[c].equals(y[c]):
+            u = np.asarray(x[c].to_pylist(), dtype=float)
+            v = np.asarray(y[c].to_pylist(), dtype=float)
+            worst = max(worst, float(np.nanmax(np.abs(u - v))))
+    assert worst <= 1e-6, f"validation split differs by {worst}"
+    return {"valid_rows_compared": x.num_rows, "max_abs_diff": worst}
 
 
 def main() -> int:
@@ -217,7 +290,11 @@ def main() -> int:
     ap.add_argument("--scale", default="full", choices=["tiny", "small", "full"])
     ap.add_argument("--data", type=Path, default=None, help="raw data dir (generated if missing)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/bench_preprocess"))
-    ap.add_argument("--order", default="ray,pandas")
+    ap.add_argument("--order", default="distributed,reference",
+                    help="runs in this order, repeats allowed: distributed, reference (the single-process "
+                         "builder), pandas (e.g. distributed,reference,distributed,reference)")
+    ap.add_argument("--object-store-gb", type=float, default=None, help="passed to preprocess")
+    ap.add_argument("--label", default=None, help="name of the JSON summary (default: the scale)")
     ap.add_argument("--pandas-only", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--out", type=Path, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -233,27 +310,41 @@ def main() -> int:
         generate(data, scale=args.scale, seed=0)
         print(f"generated {args.scale} data in {time.perf_counter() - t0:.1f}s -> {data}", flush=True)
     args.work.mkdir(parents=True, exist_ok=True)
-    ray_out, pandas_out = args.work / "ray_out", args.work / "pandas_out"
-    result: dict = {"scale": args.scale, "data": str(data), "cpus": os.cpu_count(), "load_before": os.getloadavg()}
+    outs = {w: args.work / f"{w}_out" for w in ("distributed", "reference", "pandas")}
+    result: dict = {"data": str(data), "rows": json.loads((data / "_GENERATED.json").read_text())["rows"],
+                    "cpus": os.cpu_count(), "load_before": os.getloadavg(), "runs": []}
     for which in args.order.split(","):
-        if which == "ray":
-            cmd = [sys.executable, "-m", "pipeline", "preprocess", "--raw", str(data), "--out", str(ray_out)]
-            dt, _ = _timed(cmd)
-            rep = json.loads((ray_out / "report.json").read_text())
-            result["ray"] = {"seconds": round(dt, 1), "command": " ".join(cmd[1:]), "splits": rep["splits"], "stages_s": rep["timings_s"]}
+        if which in ("distributed", "reference"):
+            cmd = [sys.executable, "-m", "pipeline", "preprocess", "--raw", str(data), "--out", str(outs[which]),
+                   "--engine", which]
+            if args.object_store_gb:
+                cmd += ["--object-store-gb", str(args.object_store_gb)]
+            dt, _, mem = _timed(cmd)
+            rep = json.loads((outs[which] / "report.json").read_text())
+            run = {"engine": which, "seconds": round(dt, 1), **mem, "splits": rep["splits"], "stages_s": rep["timings_s"]}
         else:
             import shutil
 
-            shutil.rmtree(pandas_out, ignore_errors=True)
-            cmd = [sys.executable, str(Path(__file__).resolve()), "--pandas-only", "--data", str(data), "--out", str(pandas_out)]
-            dt, stdout = _timed(cmd)
-            result["pandas"] = {"seconds": round(dt, 1), "splits": json.loads(stdout.strip().splitlines()[-1])["splits"]}
-        print(f"{which}: {dt:.1f}s", flush=True)
+            shutil.rmtree(outs["pandas"], ignore_errors=True)
+            cmd = [sys.executable, str(Path(__file__).resolve()), "--pandas-only", "--data", str(data), "--out",
+                   str(outs["pandas"])]
+            dt, stdout, mem = _timed(cmd)
+            run = {"engine": "pandas", "seconds": round(dt, 1), **mem,
+                   "splits": json.loads(stdout.strip().splitlines()[-1])["splits"]}
+        run["load_after"] = os.getloadavg()
+        result["runs"].append(run)
+        print(json.dumps(run), flush=True)
     result["load_after"] = os.getloadavg()
-    result["cross_check"] = cross_check(ray_out, pandas_out, cfg)
-    assert result["ray"]["splits"] == result["pandas"]["splits"], (result["ray"]["splits"], result["pandas"]["splits"])
-    result["speedup_pandas_over_ray"] = round(result["pandas"]["seconds"] / result["ray"]["seconds"], 2)
-    path = args.work / f"bench_preprocess_{args.scale}.json"
+    ran = {r["engine"] for r in result["runs"]}
+    by = {e: [r["seconds"] for r in result["runs"] if r["engine"] == e] for e in ran}
+    result["median_seconds"] = {e: float(np.median(v)) for e, v in by.items()}
+    if {"distributed", "reference"} <= ran:
+        result["equal_outputs"] = compare_outputs(outs["reference"], outs["distributed"])
+        result["ratio_distributed_over_reference"] = round(result["median_seconds"]["distributed"]
+                                                           / result["median_seconds"]["reference"], 3)
+    if {"distributed", "pandas"} <= ran:
+        result["cross_check_pandas"] = cross_check(outs["distributed"], outs["pandas"], cfg)
+    path = args.work / f"bench_preprocess_{args.label or args.scale}.json"
     path.write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))
     return 0

@@ -56,6 +56,7 @@ unseen in training.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 import time
@@ -141,6 +142,8 @@ class GenerateConfig(BaseModel):
     n_feeds: int | None = Field(None, ge=20)
     n_actions: int | None = Field(None, ge=10)
     n_test: int | None = Field(None, ge=10)
+    multiplier: int = Field(1, ge=1, description="user shards: users, actions and test rows times this, "
+                                                 "the same feeds; generated and written one shard at a time")
     task_relatedness: float = Field(0.5, ge=0.0, le=1.0)
     conflict_share: float = Field(0.2, ge=0.0, lt=1.0)
     signal_scale: float = Field(1.6, gt=0.0, description="std of the non-intercept logit part")
@@ -359,6 +362,7 @@ class _World:
 
     def __init__(self, cfg: GenerateConfig):
         self.cfg = cfg
+        self.shard = 0
         seed = cfg.seed
         n_users, n_feeds, _, _ = cfg.sizes()
         self.n_users, self.n_feeds = n_users, n_feeds
@@ -455,6 +459,30 @@ class _World:
         self.sigma = cfg.signal_scale
         self.sh_int = sh["interaction"]
 
+    def stream(self, name: str) -> np.random.Generator:
+        """The named random stream of this world's user shard (shard 0: the plain stream)."""
+        return _rng(self.cfg.seed, name if self.shard == 0 else f"{name}/{self.shard}")
+
+    def user_shard(self, shard: int) -> "_World":
+        """The same feeds, authors and task effects with shard ``shard``'s own users: new ids
+        (offset past every id of the shards before), factors, devices, activity and effects.
+
+        Args:
+            shard: 0 is this world itself.
+        """
+        if shard == 0:
+            return self
+        w = copy.copy(self)
+        w.shard = shard
+        n, cfg = self.n_users, self.cfg
+        w.userid = self.userid + shard * max(250_000, 13 * n)
+        rng = _rng(cfg.seed, f"users/{shard}")
+        w.user_factor = rng.standard_normal((n, cfg.latent_dim))
+        w.user_device = np.where(rng.random(n) < 0.62, 2, 1)
+        w.user_activity = np.exp(rng.normal(0.0, 1.0, n))
+        w.user_part = np.sqrt(self.shares["user"]) * _mixed(rng, n, cfg.task_relatedness, cfg.conflict_share)
+        return w
+
     def _ragged_sum(self, ragged: tuple[np.ndarray, np.ndarray], eff: np.ndarray,
                     normalise: bool = True) -> np.ndarray:
         offsets, vals = ragged
@@ -501,7 +529,7 @@ def _dedupe_within_user(rng: np.random.Generator, world: _World, user: np.ndarra
 def _train_impressions(world: _World) -> dict[str, np.ndarray]:
     cfg = world.cfg
     n_users, _, n_actions, _ = cfg.sizes()
-    rng = _rng(cfg.seed, "impressions")
+    rng = world.stream("impressions")
     per_user = 1 + _allocate(n_actions - n_users, world.user_activity, cfg.max_actions_per_user - 1)
     day_w = rng.gamma(0.7, 1.0, (n_users, TRAIN_DAYS)) + 1e-3
     per_user_day = rng.multinomial(per_user, day_w / day_w.sum(axis=1, keepdims=True))
@@ -529,7 +557,7 @@ def _train_impressions(world: _World) -> dict[str, np.ndarray]:
 def _test_impressions(world: _World, train_feeds: np.ndarray) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     cfg = world.cfg
     _, _, _, n_test = cfg.sizes()
-    rng = _rng(cfg.seed, "test")
+    rng = world.stream("test")
     counts = np.bincount(_draw(rng, world.user_activity, n_test), minlength=world.n_users)
     user = np.repeat(np.arange(world.n_users), counts)
     day = np.full(n_test, TEST_DAY)
@@ -682,6 +710,115 @@ def _write_embeddings(path: Path, world: _World) -> None:
 
 # ----------------------------------------------------------------------------- driver
 
+def _oracle_table(uid: np.ndarray, fid: np.ndarray, imp: dict[str, np.ndarray], p: np.ndarray,
+                  extra: dict[str, pa.Array], first_row: int) -> pa.Table:
+    cols = {"row": pa.array(np.arange(first_row, first_row + len(uid), dtype=np.int64)), "userid": pa.array(uid),
+            "feedid": pa.array(fid), "date_": pa.array(imp["day"].astype(np.int64)),
+            "device": pa.array(imp["device"])}
+    cols.update({f"p_{a}": pa.array(p[:, j]) for j, a in enumerate(ACTIONS)})
+    cols.update(extra)
+    return pa.table(cols)
+
+
+def _append_parquet(path: Path, table: pa.Table) -> None:
+    """Append ``table`` as new row groups (a shard at a time: the file is never held whole)."""
+    parts = path.parent / (path.name + ".parts")
+    parts.mkdir(exist_ok=True)
+    pq.write_table(table, parts / f"{len(list(parts.iterdir())):05d}.parquet")
+
+
+def _merge_parquet_parts(path: Path) -> None:
+    """Join the appended parts of ``path`` into one file, streaming row groups."""
+    parts = path.parent / (path.name + ".parts")
+    files = sorted(parts.iterdir())
+    with pq.ParquetWriter(path, pq.read_schema(files[0])) as writer:
+        for f in files:
+            pf = pq.ParquetFile(f)
+            for g in range(pf.num_row_groups):
+                writer.write_table(pf.read_row_group(g))
+    for f in files:
+        f.unlink()
+    parts.rmdir()
+
+
+def _write_shard(world: _World, tmp: Path, tick: Any, rows_before: tuple[int, int]) -> dict[str, Any]:
+    """Impressions, labels and files of one user shard, appended to the shards before;
+    returns the shard's summary for the manifest.
+
+    Args:
+        world: the shard's world; tmp: the folder being built; tick: the step timer;
+        rows_before: data rows of user_action.csv and test_a.csv written by earlier shards.
+    """
+    cfg = world.cfg
+    first = world.shard > 0
+
+    def step(name: str) -> None:
+        tick(name if world.shard == 0 else f"{name}/{world.shard}")
+
+    train = _train_impressions(world)
+    test, test_info = _test_impressions(world, _unique(train["feed"]))
+    step("impressions")
+    intercepts: dict[str, list[float | None]] = {a: [] for a in ACTIONS}
+    rng = world.stream("labels")
+    hist = (np.zeros(0, dtype=np.int64), np.zeros(0))
+    p_tr, y_tr, play_tr, stay_tr, hist = _labels(world, train, list(range(1, TRAIN_DAYS + 1)), rng, hist, intercepts)
+    p_te, y_te, play_te, stay_te, _ = _labels(world, test, [TEST_DAY], rng, hist, intercepts)
+    step("labels")
+    uid_tr, fid_tr = world.userid[train["user"]], world.feedid[train["feed"]]
+    label_cols = {a: pa.array(y_tr[:, j]) for j, a in enumerate(ACTIONS)}
+    ua = {"userid": pa.array(uid_tr), "feedid": pa.array(fid_tr), "date_": pa.array(train["day"]),
+          "device": pa.array(train["device"]), "play": pa.array(play_tr), "stay": pa.array(stay_tr), **label_cols}
+    _write_csv(tmp / "user_action.csv", USER_ACTION_COLUMNS, [ua[c] for c in USER_ACTION_COLUMNS], append=first)
+    uid_te, fid_te = world.userid[test["user"]], world.feedid[test["feed"]]
+    _write_csv(tmp / "test_a.csv", TEST_COLUMNS, [pa.array(uid_te), pa.array(fid_te), pa.array(test["device"])],
+               append=first)
+    step("write_user_action_test")
+    te_extra = {a: pa.array(y_te[:, j]) for j, a in enumerate(ACTIONS)}
+    te_extra.update({"play": pa.array(play_te), "stay": pa.array(stay_te)})
+    tables = {"oracle_train.parquet": _oracle_table(uid_tr, fid_tr, train, p_tr, {}, rows_before[0]),
+              "oracle_test_a.parquet": _oracle_table(uid_te, fid_te, test, p_te, te_extra, rows_before[1])}
+    for name, table in tables.items():
+        path = tmp / ORACLE_DIR / name
+        if cfg.multiplier == 1:
+            pq.write_table(table, path)
+        else:
+            _append_parquet(path, table)
+            if world.shard == cfg.multiplier - 1:
+                _merge_parquet_parts(path)
+    step("write_oracle")
+    key = uid_tr.astype(np.int64) * (int(world.feedid.max()) + 1) + fid_tr
+    return {
+        "rows": (int(len(uid_tr)), int(len(uid_te))), "users": int(len(_unique(uid_tr))), "train_feeds": _unique(fid_tr),
+        "duplicate_rows": int(len(key) - len(_unique(key))), "max_actions_per_user": int(np.bincount(train["user"]).max()),
+        "test_info": test_info, "intercepts": intercepts,
+        "sums": {"rates_train": y_tr.sum(axis=0, dtype=np.float64), "oracle_mean_p_train": p_tr.astype(np.float64).sum(axis=0),
+                 "rates_test": y_te.sum(axis=0, dtype=np.float64)},
+    }
+
+
+def _shard_summary(shards: list[dict[str, Any]], world: _World) -> dict[str, Any]:
+    """The manifest's counts and rates over all shards (shard 0's test and intercept details;
+    with several shards, each shard's as lists)."""
+    n_tr = sum(s["rows"][0] for s in shards)
+    n_te = sum(s["rows"][1] for s in shards)
+    total = {k: sum(s["sums"][k] for s in shards) for k in shards[0]["sums"]}
+    out = {
+        "rows": {"user_action": n_tr, "feed_info": world.n_feeds, "feed_embeddings": world.n_feeds, "test_a": n_te},
+        "users": sum(s["users"] for s in shards),
+        "train_feeds": int(len(_unique(np.concatenate([s["train_feeds"] for s in shards])))),
+        "duplicate_rows": sum(s["duplicate_rows"] for s in shards),
+        "max_actions_per_user": max(s["max_actions_per_user"] for s in shards),
+        **shards[0]["test_info"],
+        "rates_train": {a: float(total["rates_train"][j] / n_tr) for j, a in enumerate(ACTIONS)},
+        "oracle_mean_p_train": {a: float(total["oracle_mean_p_train"][j] / n_tr) for j, a in enumerate(ACTIONS)},
+        "rates_test": {a: float(total["rates_test"][j] / n_te) for j, a in enumerate(ACTIONS)},
+        "intercepts_by_day": shards[0]["intercepts"],
+    }
+    if len(shards) > 1:  # per-day intercepts are solved per shard (each shard's rows hit the rates)
+        out["shards"] = [{"rows": s["rows"], "intercepts_by_day": s["intercepts"], **s["test_info"]} for s in shards]
+    return out
+
+
 def build_config(scale: str | None = None, seed: int | None = None, config_path: str | Path | None = None,
                  overrides: list[str] | None = None, **fields: Any) -> GenerateConfig:
     """Config from YAML (default ``configs/generate.yaml`` when present) + ``key=value`` overrides
@@ -744,63 +881,20 @@ def _run(cfg: GenerateConfig, out: Path, verbose: bool) -> tuple[Path, dict[str,
         (tmp / ORACLE_DIR).mkdir()
         world = _World(cfg)
         tick("world")
-        train = _train_impressions(world)
-        test, test_info = _test_impressions(world, _unique(train["feed"]))
-        tick("impressions")
-        intercepts: dict[str, list[float | None]] = {a: [] for a in ACTIONS}
-        rng = _rng(cfg.seed, "labels")
-        hist = (np.zeros(0, dtype=np.int64), np.zeros(0))
-        p_tr, y_tr, play_tr, stay_tr, hist = _labels(world, train, list(range(1, TRAIN_DAYS + 1)), rng, hist,
-                                                    intercepts)
-        p_te, y_te, play_te, stay_te, _ = _labels(world, test, [TEST_DAY], rng, hist, intercepts)
-        tick("labels")
-
-        uid_tr, fid_tr = world.userid[train["user"]], world.feedid[train["feed"]]
-        label_cols = {a: pa.array(y_tr[:, j]) for j, a in enumerate(ACTIONS)}
-        ua = {"userid": pa.array(uid_tr), "feedid": pa.array(fid_tr), "date_": pa.array(train["day"]),
-              "device": pa.array(train["device"]), "play": pa.array(play_tr), "stay": pa.array(stay_tr),
-              **label_cols}
-        _write_csv(tmp / "user_action.csv", USER_ACTION_COLUMNS, [ua[c] for c in USER_ACTION_COLUMNS])
-        uid_te, fid_te = world.userid[test["user"]], world.feedid[test["feed"]]
-        _write_csv(tmp / "test_a.csv", TEST_COLUMNS,
-                   [pa.array(uid_te), pa.array(fid_te), pa.array(test["device"])])
-        tick("write_user_action_test")
+        shards: list[dict[str, Any]] = []
+        for k in range(cfg.multiplier):  # one shard's rows in memory at a time
+            before = (sum(s["rows"][0] for s in shards), sum(s["rows"][1] for s in shards))
+            shards.append(_write_shard(world.user_shard(k), tmp, tick, before))
         _write_feed_info(tmp / "feed_info.csv", world)
         tick("write_feed_info")
         _write_embeddings(tmp / "feed_embeddings.csv", world)
         tick("write_feed_embeddings")
-
-        def oracle_table(uid: np.ndarray, fid: np.ndarray, imp: dict[str, np.ndarray], p: np.ndarray,
-                         extra: dict[str, pa.Array]) -> pa.Table:
-            cols = {"row": pa.array(np.arange(len(uid), dtype=np.int64)), "userid": pa.array(uid),
-                    "feedid": pa.array(fid), "date_": pa.array(imp["day"].astype(np.int64)),
-                    "device": pa.array(imp["device"])}
-            cols.update({f"p_{a}": pa.array(p[:, j]) for j, a in enumerate(ACTIONS)})
-            cols.update(extra)
-            return pa.table(cols)
-
-        pq.write_table(oracle_table(uid_tr, fid_tr, train, p_tr, {}), tmp / ORACLE_DIR / "oracle_train.parquet")
-        te_extra = {a: pa.array(y_te[:, j]) for j, a in enumerate(ACTIONS)}
-        te_extra.update({"play": pa.array(play_te), "stay": pa.array(stay_te)})
-        pq.write_table(oracle_table(uid_te, fid_te, test, p_te, te_extra), tmp / ORACLE_DIR / "oracle_test_a.parquet")
-        tick("write_oracle")
-
-        key = uid_tr.astype(np.int64) * (int(world.feedid.max()) + 1) + fid_tr
         manifest = {
             "generator": "pipeline.generate", "format": "wechat_algo_data1",
             "seed": cfg.seed, "scale": cfg.scale,
             "config": cfg.model_dump(mode="json"),
-            "rows": {"user_action": int(len(uid_tr)), "feed_info": world.n_feeds,
-                     "feed_embeddings": world.n_feeds, "test_a": int(len(uid_te))},
-            "users": int(len(_unique(uid_tr))), "train_feeds": int(len(_unique(fid_tr))),
-            "duplicate_rows": int(len(key) - len(_unique(key))),
-            "max_actions_per_user": int(np.bincount(train["user"]).max()),
-            **test_info,
-            "rates_train": {a: float(y_tr[:, j].mean()) for j, a in enumerate(ACTIONS)},
-            "oracle_mean_p_train": {a: float(p_tr[:, j].astype(np.float64).mean()) for j, a in enumerate(ACTIONS)},
-            "rates_test": {a: float(y_te[:, j].mean()) for j, a in enumerate(ACTIONS)},
+            **_shard_summary(shards, world),
             "target_rates": cfg.target_rates,
-            "intercepts_by_day": intercepts,
             # size and SHA-256 per file: preprocess checks the files it reads against them
             "files": file_digests(tmp, ["user_action.csv", "feed_info.csv", "feed_embeddings.csv", "test_a.csv",
                                         f"{ORACLE_DIR}/oracle_train.parquet", f"{ORACLE_DIR}/oracle_test_a.parquet"]),

@@ -31,9 +31,12 @@ What a :class:`pipeline.datasets.DatasetConfig` describes is done in this order:
 A raw folder holding the generator's ``_GENERATED.json`` must match it (size and SHA-256 of
 each file read): a folder mixing two generated datasets is an error.
 
-Global statistics (vocabularies, PCA, per-day aggregates) are small and computed with
-vectorised Arrow/NumPy in the driver; the row-parallel work (joins, history lookups,
-assembling the ~100 output columns, Parquet writing) runs as Ray Data ``map_batches`` tasks.
+Two builders produce the same output: the default one (:mod:`pipeline.preprocess_dist`) reads,
+checks and aggregates in Ray tasks and keeps only fitted objects and small tables in the driver;
+:func:`build_reference` (``--engine reference``) does steps 1-7 with vectorised Arrow/NumPy over
+the whole log in the driver and only step 8 in Ray Data ``map_batches`` tasks. The reference is
+what the distributed builder is tested against, and it words the error when that builder finds
+bad input. This module holds the readers, parsers and checks both use.
 """
 
 from __future__ import annotations
@@ -232,6 +235,17 @@ def _locate_parse_error(path: Path, header: list[str], exc: Exception) -> DataEr
     return DataError(f"{path}: CSV parse error: {exc}")
 
 
+def check_source_file(raw: Path, fc: FileConfig) -> Path:
+    """The file of ``fc`` exists, is a regular file and is not empty; returns its path."""
+    path = raw / fc.path
+    if not path.is_file():
+        what = "not a regular file" if path.exists() else "file not found"
+        raise DataError(f"{path}: {what} (config file entry {fc.path!r})")
+    if path.stat().st_size == 0:
+        raise DataError(f"{path}: empty file")
+    return path
+
+
 def read_source(raw: Path, fc: FileConfig) -> pa.Table:
     """Read the configured columns of one file with their types, plus ``_row`` (1-based).
 
@@ -239,12 +253,7 @@ def read_source(raw: Path, fc: FileConfig) -> pa.Table:
         DataError: missing/empty file, missing column, wrong type, null/NaN in a required
             column, no data rows.
     """
-    path = raw / fc.path
-    if not path.is_file():
-        what = "not a regular file" if path.exists() else "file not found"
-        raise DataError(f"{path}: {what} (config file entry {fc.path!r})")
-    if path.stat().st_size == 0:
-        raise DataError(f"{path}: empty file")
+    path = check_source_file(raw, fc)
     try:
         table = _read_parquet(path, fc) if path.suffix == ".parquet" else _read_csv(path, fc)
     except OSError as exc:  # permissions, a truncated file, an I/O error
@@ -252,14 +261,23 @@ def read_source(raw: Path, fc: FileConfig) -> pa.Table:
     return _check_values(path, fc, table)
 
 
-def _read_parquet(path: Path, fc: FileConfig) -> pa.Table:
-    wanted = list(fc.columns)
+def parquet_columns_check(path: Path, fc: FileConfig) -> list[str]:
+    """The schema's names, once no name repeats and every configured column is there."""
     schema = pq.read_schema(path)
     _check_unique_names(path, schema.names, "schema")
-    missing = [c for c in wanted if c not in schema.names]
+    missing = [c for c in fc.columns if c not in schema.names]
     if missing:
         raise DataError(f"{path}: missing column(s) {missing}; file has {schema.names}")
-    table = pq.read_table(path, columns=wanted)
+    return schema.names
+
+
+def _read_parquet(path: Path, fc: FileConfig, row_group: int | None = None) -> pa.Table:
+    """The configured columns, typed; ``row_group``: only that row group (a distributed read)."""
+    parquet_columns_check(path, fc)
+    if row_group is None:
+        table = pq.read_table(path, columns=list(fc.columns))
+    else:
+        table = pq.ParquetFile(path).read_row_group(row_group, columns=list(fc.columns))
     cols = {}
     for c, kind in fc.columns.items():
         col = table[c]
@@ -270,14 +288,22 @@ def _read_parquet(path: Path, fc: FileConfig) -> pa.Table:
     return pa.table(cols)
 
 
-def _read_csv(path: Path, fc: FileConfig) -> pa.Table:
-    wanted = list(fc.columns)
+def csv_columns_check(path: Path, fc: FileConfig) -> list[str]:
+    """The header's names, once it is readable, no name repeats and every configured column is there."""
     header = _csv_header(path)
-    missing = [c for c in wanted if c not in header]
+    missing = [c for c in fc.columns if c not in header]
     if missing:
         raise DataError(f"{path}: missing column(s) {missing}; header has {header}")
+    return header
+
+
+def _read_csv(path: Path, fc: FileConfig, data: bytes | None = None) -> pa.Table:
+    """The configured columns, typed; ``data``: the header plus a row-aligned byte range of the
+    file instead of the whole file (a distributed read; rows are then numbered from 1 in it)."""
+    wanted = list(fc.columns)
+    header = csv_columns_check(path, fc)
     opts = dict(
-        read_options=pacsv.ReadOptions(use_threads=True, block_size=1 << 24),
+        read_options=pacsv.ReadOptions(use_threads=data is None, block_size=1 << 24),
         parse_options=pacsv.ParseOptions(newlines_in_values=False),
     )
 
@@ -290,12 +316,15 @@ def _read_csv(path: Path, fc: FileConfig) -> pa.Table:
             quoted_strings_can_be_null=True,
         )
 
+    def source() -> Any:
+        return path if data is None else pa.BufferReader(data)
+
     try:
-        table = pacsv.read_csv(path, convert_options=convert({c: _ARROW_TYPES[k] for c, k in fc.columns.items()}), **opts)
+        table = pacsv.read_csv(source(), convert_options=convert({c: _ARROW_TYPES[k] for c, k in fc.columns.items()}), **opts)
     except pa.ArrowInvalid:
         try:
             # bytes, not strings: a value that is not UTF-8 is then named by column and row
-            table = pacsv.read_csv(path, convert_options=convert({c: pa.binary() for c in wanted}), **opts)
+            table = pacsv.read_csv(source(), convert_options=convert({c: pa.binary() for c in wanted}), **opts)
         except pa.ArrowInvalid as exc:
             raise _locate_parse_error(path, header, exc) from None
         cols = {c: _convert_strings(_to_utf8(table[c], path, c), k, path, c) for c, k in fc.columns.items()}
@@ -495,14 +524,60 @@ def assemble_and_write(block: pa.Table, ctx: Any, out_dir: str) -> pa.Table:
     part = int(_np(block["_part"])[0])
     table = assemble_block(block, ctx)
     path = Path(out_dir) / split / f"part-{part:05d}.parquet"
+    write_part(table, path)
+    return pa.table({"split": [split], "file": [path.name], "rows": [table.num_rows]})
+
+
+def write_part(table: pa.Table, path: Path) -> None:
+    """One output Parquet file.
+
+    Args:
+        table: assembled rows; path: the file.
+    """
     # dictionary encoding only pays for id columns; trying it on float lists costs ~1/3 of the write
     ids = [f.name for f in table.schema if pa.types.is_integer(f.type)]
     pq.write_table(table, path, use_dictionary=ids)
-    return pa.table({"split": [split], "file": [path.name], "rows": [table.num_rows]})
 
 
 # --------------------------------------------------------------------------------------------
 # the driver
+
+
+def label_matrix(cfg: DatasetConfig, main_t: pa.Table, main_path: Path, main_rows: np.ndarray,
+                 repairs: dict[str, int]) -> np.ndarray:
+    """``[n, tasks]`` float32 0/1 labels of main rows (0/1 columns, or ``positive``/``negative``
+    values); counts values turned negative (``unlisted: negative``) into ``repairs``.
+
+    Args:
+        cfg: the dataset config; main_t: typed main rows; main_path: their file (for errors);
+        main_rows: their 1-based data rows; repairs: the report's repair counts (added to).
+    """
+    labels = np.zeros((main_t.num_rows, len(cfg.labels)), dtype=np.float32)
+    for j, lab in enumerate(cfg.labels):
+        col = main_t[lab.column].combine_chunks()
+        if lab.positive is not None:
+            try:
+                pos = np.asarray(pc.is_in(col, value_set=pa.array(lab.positive, type=col.type)))
+                neg = np.asarray(pc.is_in(col, value_set=pa.array(lab.negative or [], type=col.type)))
+            except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError) as exc:
+                raise ConfigError(f"label {lab.name}: positive/negative values do not fit column {lab.column!r} "
+                                  f"of type {col.type}: {exc}") from None
+            other = ~(pos | neg)
+            if other.any():
+                if lab.unlisted == "error":
+                    _raise_at(main_path, lab.column, main_rows, other,
+                              f"label value is neither positive {lab.positive} nor negative {lab.negative}", _np(col))
+                key = (f"{cfg.main.path}: {lab.column} values neither positive nor negative -> 0 "
+                       f"(label {lab.name}, unlisted: negative)")
+                repairs[key] = repairs.get(key, 0) + int(other.sum())
+            labels[:, j] = pos.astype(np.float32)
+        else:
+            v = _np(pc.cast(col, pa.float64()))
+            bad = ~np.isin(v, [0.0, 1.0])
+            if bad.any():
+                _raise_at(main_path, lab.column, main_rows, bad, "label must be 0 or 1", _np(col))
+            labels[:, j] = v
+    return labels
 
 
 def _fail_missing_key(key: str, side_path: Path, missing: np.ndarray, values: np.ndarray, sources: list[Path], src: np.ndarray, rows: np.ndarray) -> None:
@@ -541,17 +616,36 @@ def check_generated_manifest(raw: Path, cfg: DatasetConfig) -> None:
         check_digests(raw, GENERATED_MANIFEST, recorded, [fc.path for fc in fcs])
 
 
+ENGINES = ("distributed", "reference")
+
+
 def preprocess(cfg: DatasetConfig, raw: str | Path, out: str | Path, ray_num_cpus: int | None = None,
-               ray_address: str | None = None) -> dict[str, Any]:
+               ray_address: str | None = None, engine: str = "distributed",
+               object_store_memory: int | None = None) -> dict[str, Any]:
     """Run the whole stage; returns the report (also written to ``out/report.json``).
 
-    ``out`` is replaced as a whole, and only if this tool wrote it (see :mod:`pipeline.publish`)."""
+    ``out`` is replaced as a whole, and only if this tool wrote it (see :mod:`pipeline.publish`).
+
+    Args:
+        cfg: the dataset config; raw: the raw folder; out: the output folder.
+        ray_num_cpus, ray_address: see :func:`pipeline.ray_runtime.ensure_ray`.
+        engine: ``distributed`` (reads and statistics in Ray tasks, :mod:`pipeline.preprocess_dist`)
+            or ``reference`` (:func:`build_reference`, every log-sized array in this process).
+        object_store_memory: bytes of a local Ray's object store (spills to disk beyond it).
+    """
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
     raw = Path(raw)
     if not raw.is_dir():
         raise DataError(f"{raw}: raw data directory not found")
     with publishing(out, "preprocess", _is_preprocess_output, MARKER) as (tmp, stale):
         check_generated_manifest(raw, cfg)
-        report = _build(cfg, raw, tmp, ray_num_cpus, ray_address)
+        if engine == "reference":
+            report = build_reference(cfg, raw, tmp, ray_num_cpus, ray_address)
+        else:
+            from pipeline.preprocess_dist import build_distributed
+
+            report = build_distributed(cfg, raw, tmp, ray_num_cpus, ray_address, object_store_memory)
         if stale:
             report["stale_tmp_removed"] = stale
             (tmp / "report.json").write_text(json.dumps(report, indent=2, default=str))
@@ -575,10 +669,25 @@ def ordered_split(times: np.ndarray, valid_fraction: float, test_fraction: float
         >>> bounds["valid_from"], bounds["test_from"]
         (5, 6)
     """
-    n = len(times)
-    ordered = np.sort(times, kind="stable")
-    codes = np.zeros(n, dtype=np.int8)
-    boundaries: dict[str, Any] = {}
+    uniq, inverse, counts = np.unique(times, return_inverse=True, return_counts=True)
+    time_codes, boundaries = ordered_split_counts(uniq, counts, valid_fraction, test_fraction)
+    return time_codes[inverse.reshape(-1)].astype(np.int8), boundaries
+
+
+def ordered_split_counts(times: np.ndarray, counts: np.ndarray, valid_fraction: float,
+                         test_fraction: float) -> tuple[np.ndarray, dict[str, Any]]:
+    """:func:`ordered_split` from the distinct times (sorted) and their row counts: the split
+    code of each distinct time (rows sharing a time are never split apart) and the boundaries.
+
+    Args:
+        times: sorted distinct times; counts: rows per time; fractions as in :func:`ordered_split`.
+    """
+    counts = np.asarray(counts, dtype=np.int64)
+    ends = np.cumsum(counts)  # rows up to and including each time
+    n = int(ends[-1]) if len(ends) else 0
+
+    def time_at(position: int) -> int:
+        return int(np.searchsorted(ends, position, side="right"))
 
     def start(rows_before: int, wanted: int) -> int:
         """The sorted position where the last ``wanted`` of the first ``rows_before`` rows begin,
@@ -586,21 +695,21 @@ def ordered_split(times: np.ndarray, valid_fraction: float, test_fraction: float
         cut = max(rows_before - wanted, 0)
         if wanted == 0 or cut >= rows_before:
             return rows_before
-        t = ordered[cut]
-        lo = int(np.searchsorted(ordered, t, side="left"))  # the time's rows go later
-        hi = int(np.searchsorted(ordered[:rows_before], t, side="right"))  # ...or earlier
+        i = time_at(cut)
+        lo = int(ends[i] - counts[i])  # the time's rows go later
+        hi = min(int(ends[i]), rows_before)  # ...or earlier
         if hi == rows_before:  # the nearer choice would leave the asked-for split empty
             return lo
         return lo if cut - lo <= hi - cut else hi
 
     test_at = start(n, int(round(test_fraction * n)))
     valid_at = start(test_at, int(round(valid_fraction * n)))
-    order = np.argsort(times, kind="stable")
-    codes[order[valid_at:test_at]] = 1
-    codes[order[test_at:]] = 2
+    firsts = ends - counts  # sorted position of each time's first row; cuts fall on them
+    codes = np.where(firsts >= test_at, 2, np.where(firsts >= valid_at, 1, 0)).astype(np.int8)
+    boundaries: dict[str, Any] = {}
     for name, at in (("valid_from", valid_at), ("test_from", test_at)):
-        boundaries[name] = _py(ordered[at]) if at < n else None
-    boundaries["fractions"] = {s: round(float((codes == k).mean()), 6) if n else 0.0 for k, s in enumerate(SPLITS)}
+        boundaries[name] = _py(times[time_at(at)]) if at < n else None
+    boundaries["fractions"] = {s: round(float(counts[codes == k].sum() / n), 6) if n else 0.0 for k, s in enumerate(SPLITS)}
     return codes, boundaries
 
 
@@ -614,23 +723,37 @@ def history_rows(protocol: str, is_labelled: np.ndarray, split: np.ndarray) -> n
 
 def _check_splits(cfg: DatasetConfig, main_path: Path, split: np.ndarray, labels: np.ndarray,
                   is_labelled: np.ndarray) -> list[str]:
+    """:func:`check_split_counts` of row arrays."""
+    rows = {code: int((split == code).sum()) for code in range(len(SPLITS))}
+    labelled = {code: int(((split == code) & is_labelled).sum()) for code in range(len(SPLITS))}
+    positives = {code: [int((labels[(split == code) & is_labelled, j] == 1).sum()) for j in range(len(cfg.labels))]
+                 for code in range(len(SPLITS))}
+    return check_split_counts(cfg, main_path, rows, labelled, positives)
+
+
+def check_split_counts(cfg: DatasetConfig, main_path: Path, rows: dict[int, int], labelled: dict[int, int],
+                       positives: dict[int, list[int]]) -> list[str]:
     """A configured valid/test split with no rows, or a task with no positive in training, is
     an error; a task with no positive in validation is a warning (printed, and returned for the
-    report): its validation AUC is undefined, yet small samples of rare actions have none."""
+    report): its validation AUC is undefined, yet small samples of rare actions have none.
+
+    Args:
+        cfg: the config; main_path: the main file (named in messages); rows: rows per split code;
+        labelled: labelled rows per split code; positives: per split code, positives per task.
+    """
     sp = cfg.split
     wanted = {1: sp.valid_days if sp.kind == "day" else sp.valid_fraction,
               2: sp.test_days if sp.kind == "day" else sp.test_fraction}
     for code, rule in wanted.items():
-        if rule and not (split == code).any():
+        if rule and not rows.get(code, 0):
             raise DataError(f"{main_path}: the {SPLITS[code]} split is empty: no row falls in it "
                             f"(split {sp.model_dump(exclude_defaults=True)})")
     warnings_: list[str] = []
     for j, lab in enumerate(cfg.labels):
         for code in (0, 1):
-            rows = (split == code) & is_labelled
-            if rows.any() and not (labels[rows, j] == 1).any():
+            if labelled.get(code, 0) and not positives[code][j]:
                 msg = (f"{main_path}: column {lab.column!r}: label {lab.name!r} has no positive in the "
-                       f"{SPLITS[code]} split ({int(rows.sum())} rows)")
+                       f"{SPLITS[code]} split ({labelled[code]} rows)")
                 if code == 0:
                     raise DataError(msg + "; the task has nothing to learn")
                 warnings_.append(msg + "; its validation metrics are undefined")
@@ -639,7 +762,12 @@ def _check_splits(cfg: DatasetConfig, main_path: Path, split: np.ndarray, labels
     return warnings_
 
 
-def _build(cfg: DatasetConfig, raw: Path, tmp: Path, ray_num_cpus: int | None, ray_address: str | None) -> dict[str, Any]:
+def build_reference(cfg: DatasetConfig, raw: Path, tmp: Path, ray_num_cpus: int | None = None,
+                    ray_address: str | None = None) -> dict[str, Any]:
+    """The single-process builder (every log-sized array in the driver), kept as the reference
+    the distributed builder (:mod:`pipeline.preprocess_dist`) is tested against and as the one
+    that words the error when that builder finds bad input; also used for main-row list/vector
+    features, which the distributed builder does not take."""
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
     report: dict[str, Any] = {"dataset": cfg.name, "raw": str(raw.resolve()), "attribution": cfg.attribution}
@@ -650,31 +778,8 @@ def _build(cfg: DatasetConfig, raw: Path, tmp: Path, ray_num_cpus: int | None, r
     main_path = raw / cfg.main.path
     report["inputs"] = {cfg.main.path: main_t.num_rows}
     main_rows = _np(main_t["_row"])
-    labels = np.zeros((main_t.num_rows, len(cfg.labels)), dtype=np.float32)
     repairs: dict[str, int] = {}
-    for j, lab in enumerate(cfg.labels):
-        col = main_t[lab.column].combine_chunks()
-        if lab.positive is not None:
-            try:
-                pos = np.asarray(pc.is_in(col, value_set=pa.array(lab.positive, type=col.type)))
-                neg = np.asarray(pc.is_in(col, value_set=pa.array(lab.negative or [], type=col.type)))
-            except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError) as exc:
-                raise ConfigError(f"label {lab.name}: positive/negative values do not fit column {lab.column!r} "
-                                  f"of type {col.type}: {exc}") from None
-            other = ~(pos | neg)
-            if other.any():
-                if lab.unlisted == "error":
-                    _raise_at(main_path, lab.column, main_rows, other,
-                              f"label value is neither positive {lab.positive} nor negative {lab.negative}", _np(col))
-                repairs[f"{cfg.main.path}: {lab.column} values neither positive nor negative -> 0 "
-                        f"(label {lab.name}, unlisted: negative)"] = int(other.sum())
-            labels[:, j] = pos.astype(np.float32)
-        else:
-            v = _np(pc.cast(col, pa.float64()))
-            bad = ~np.isin(v, [0.0, 1.0])
-            if bad.any():
-                _raise_at(main_path, lab.column, main_rows, bad, "label must be 0 or 1", _np(col))
-            labels[:, j] = v
+    labels = label_matrix(cfg, main_t, main_path, main_rows, repairs)
     dup_info: dict[str, Any] = {"duplicates": 0}
     if cfg.dedup is not None:
         keys_df = pd.DataFrame({k: _np(main_t[k]) for k in cfg.dedup.keys})
@@ -1102,6 +1207,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="join this Ray cluster (e.g. 'auto', '127.0.0.1:6379'); default: RAY_ADDRESS "
                              "if set (as under 'ray job submit'), else a private local Ray, even when a "
                              "head runs on this machine")
+    parser.add_argument("--engine", choices=ENGINES, default="distributed",
+                        help="distributed: reads and statistics in Ray tasks (the driver holds only fitted "
+                             "objects); reference: the single-process builder (default: %(default)s)")
+    parser.add_argument("--object-store-gb", type=float, default=None,
+                        help="object store of a local Ray in GiB (default: Ray's); beyond it Ray spills to disk")
 
 
 def positive_int(text: str) -> int:
@@ -1118,7 +1228,9 @@ def positive_int(text: str) -> int:
 def run(args: argparse.Namespace) -> int:
     cfg = load_config(DatasetConfig, args.config, args.set)
     # errors (DataError, ConfigError, OutputError) are reported by pipeline.cli.main
-    report = preprocess(cfg, args.raw, args.out, ray_num_cpus=args.num_cpus, ray_address=args.address)
+    store = int(args.object_store_gb * (1 << 30)) if args.object_store_gb else None
+    report = preprocess(cfg, args.raw, args.out, ray_num_cpus=args.num_cpus, ray_address=args.address,
+                        engine=args.engine, object_store_memory=store)
     summary = {k: report[k] for k in ("splits", "vocab_sizes", "dedup", "rows_outside_splits", "timings_s")}
     print(json.dumps(summary, indent=2))
     print(f"wrote {Path(args.out).resolve()}")

@@ -412,3 +412,28 @@ def test_killed_runs_leftovers_are_removed_and_reported(tmp_path: Path, capsys: 
     shutil.rmtree(out)
     legacy.mkdir(parents=True)
     assert (gen.generate(out, seed=0, **TOY) / gen.MANIFEST).exists() and not legacy.exists()
+
+
+def test_multiplier_appends_user_shards_one_at_a_time(tiny: Path, tmp_path: Path) -> None:
+    """``multiplier=3``: shard 0 is the plain dataset, byte for byte; shards 1-2 add their own
+    users (ids disjoint) on the same feeds; the oracle rows stay aligned with the CSV rows."""
+    out = gen.generate(tmp_path / "x3", scale="tiny", seed=0, multiplier=3)
+    one = (tiny / "user_action.csv").read_bytes()
+    three = (out / "user_action.csv").read_bytes()
+    assert three.startswith(one) and len(three) > 2.5 * len(one)
+    for name in ("feed_info.csv", "feed_embeddings.csv"):
+        assert (out / name).read_bytes() == (tiny / name).read_bytes()
+    ua = pd.read_csv(out / "user_action.csv")
+    m = json.loads((out / gen.MANIFEST).read_text())
+    base = json.loads((tiny / gen.MANIFEST).read_text())
+    assert m["rows"]["user_action"] == len(ua) == 3 * base["rows"]["user_action"]
+    assert m["rows"]["test_a"] == len(pd.read_csv(out / "test_a.csv")) == 3 * base["rows"]["test_a"]
+    n = base["rows"]["user_action"]
+    users = [set(ua.userid[k * n:(k + 1) * n]) for k in range(3)]
+    assert not (users[0] & users[1]) and not (users[1] & users[2]) and m["users"] == sum(map(len, users))
+    oracle = pq.read_table(out / gen.ORACLE_DIR / "oracle_train.parquet").to_pandas()
+    assert oracle.row.tolist() == list(range(len(ua))) and (oracle.userid.to_numpy() == ua.userid.to_numpy()).all()
+    te = pq.read_table(out / gen.ORACLE_DIR / "oracle_test_a.parquet").to_pandas()
+    assert te.row.tolist() == list(range(len(te))) and len(m["shards"]) == 3
+    for a in ("like", "read_comment"):  # each shard's intercepts hit the target rate on its own rows
+        assert abs(m["rates_train"][a] - m["target_rates"][a]) < 0.25 * m["target_rates"][a]

@@ -34,6 +34,10 @@ from pipeline.preprocess import (
     preprocess,
 )
 
+# every test here may reach the row reads, which run in Ray tasks: the session's two-node
+# cluster, never a private Ray started inside a test (it would shadow the cluster)
+pytestmark = pytest.mark.usefixtures("ray_session")
+
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs" / "datasets"
 # the shared data sit next to the repository: <repo>/../shared/data/adult

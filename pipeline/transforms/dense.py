@@ -64,6 +64,26 @@ class DenseScaler:
             self.std = std if std > 0 else 1.0
         return self
 
+    def prepared(self, x: np.ndarray) -> np.ndarray:
+        """The values :meth:`fit` takes statistics of (empty -> 0, then log1p if asked).
+
+        Args:
+            x: raw values (NaN = empty).
+        """
+        return self._pre(x)
+
+    def fit_moments(self, n: int, mean: float, m2: float) -> "DenseScaler":
+        """:meth:`fit` from the count, mean and summed squared deviations of :meth:`prepared`
+        values (combined over blocks: :func:`combine_moments`); a zero std becomes 1.
+
+        Args:
+            n: values; mean: their mean; m2: sum of squared deviations from the mean.
+        """
+        if self.standard:
+            std = float(np.sqrt(m2 / n)) if n else 0.0
+            self.mean, self.std = float(mean), (std if std > 0 else 1.0)
+        return self
+
     def transform(self, x: np.ndarray) -> np.ndarray:
         """float32 scaled values.
 
@@ -106,3 +126,39 @@ class DenseScaler:
             path: the file.
         """
         return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+def moments(x: np.ndarray) -> tuple[int, np.ndarray, np.ndarray]:
+    """(n, mean, m2) of rows ``x`` (``[n]`` or ``[n, d]``): m2 is the summed squared deviations
+    (``[d, d]`` outer products for rows of vectors), combined exactly by :func:`combine_moments`.
+
+    Args:
+        x: values or vectors (float64 is used).
+    """
+    x = np.asarray(x, dtype=np.float64)
+    n = len(x)
+    mean = x.mean(axis=0) if n else np.zeros(x.shape[1:])
+    xc = x - mean
+    m2 = xc.T @ xc if x.ndim == 2 else np.asarray((xc * xc).sum())
+    return n, mean, m2
+
+
+def combine_moments(parts: list[tuple[int, np.ndarray, np.ndarray]]) -> tuple[int, np.ndarray, np.ndarray]:
+    """The moments of the union of the parts' rows (Chan et al.'s pairwise update).
+
+    Args:
+        parts: :func:`moments` results.
+    """
+    n, mean, m2 = 0, None, None
+    for nb, mb, m2b in parts:
+        if nb == 0:
+            continue
+        if n == 0:
+            n, mean, m2 = nb, np.array(mb, dtype=np.float64), np.array(m2b, dtype=np.float64)
+            continue
+        delta = mb - mean
+        total = n + nb
+        m2 = m2 + m2b + (np.multiply.outer(delta, delta) if np.ndim(delta) else delta * delta) * (n * nb / total)
+        mean = mean + delta * (nb / total)
+        n = total
+    return n, mean, m2

@@ -164,6 +164,35 @@ def build_history_group(name: str, keys: list[str], values: list[np.ndarray], da
     return HistoryGroup(name, keys, uniques, day_base, uc, prefix)
 
 
+def history_group_from_sums(name: str, keys: list[str], values: list[np.ndarray], days: np.ndarray,
+                            sums: np.ndarray, day_base: int) -> HistoryGroup:
+    """:func:`build_history_group` from per-(key values, day) sums (impressions, then each
+    action's positives), e.g. combined from per-block partial sums; the same table.
+
+    Args:
+        name, keys: as in :meth:`HistoryGroup.fit`; values: per key, the key values of each
+        sums row; days: its day; sums: ``[m, 1 + A]``; day_base: a number above every day.
+    """
+    uniques, code = [], np.zeros(len(days), dtype=np.int64)
+    total = 1
+    for v in values:
+        inv, uniq = pd.factorize(v, sort=True)
+        uniques.append(np.asarray(uniq))
+        total *= max(len(uniq), 1)
+        code = code * len(uniq) + inv.astype(np.int64)
+    if total * day_base >= 2**62:
+        raise DataError(f"history group {name}: too many key combinations ({total}) to encode")
+    comb = code * day_base + np.asarray(days, dtype=np.int64)
+    inv, uc = pd.factorize(comb, sort=True)  # (key, day) pairs may repeat across partial sums
+    uc = np.asarray(uc)
+    merged = np.zeros((len(uc), sums.shape[1]), dtype=np.float64)
+    for j in range(sums.shape[1]):
+        merged[:, j] = np.bincount(inv, weights=sums[:, j], minlength=len(uc))
+    prefix = np.zeros((len(uc) + 1, merged.shape[1]), dtype=np.float64)
+    np.cumsum(merged, axis=0, out=prefix[1:])
+    return HistoryGroup(name, keys, uniques, day_base, uc, prefix)
+
+
 def history_feature_names(group: str, windows: list[int], actions: list[str], stats: list[str], unit: str = "d") -> list[str]:
     """Column names of a group's features, in :func:`history_features` order; ``unit`` is the
     time unit's suffix after a window (``d``: ``hist_u_7d_n``; ``s``: ``hist_u_86400s_n``)."""

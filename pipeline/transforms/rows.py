@@ -130,11 +130,14 @@ class RowTransformer:
         return RowTransformer(self.inputs, self.sparse, self.dense, self.sides, [g.since(first) for g in self.history],
                               self.columns, None, self.serve_day, self.user, self.item, self.unsupported)
 
-    def save(self, folder: str | Path) -> None:
+    def save(self, folder: str | Path, history_files: list[str] | None = None) -> None:
         """``transformer.json`` plus one file per fitted object in ``folder``.
 
         Args:
             folder: a directory (created if needed); preprocess uses ``<processed>/artifacts``.
+            history_files: the history tables' files, already written into ``folder`` (by the
+                Ray tasks that built them, so they never pass through this process), in place of
+                :attr:`history`.
         """
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
@@ -142,15 +145,17 @@ class RowTransformer:
             vocab.save(folder / f"vocab_{name}.parquet")
         for i, side in enumerate(self.sides):
             side.save(folder / f"side_{i}_{side.key}.parquet")
-        for g in self.history:
-            g.save(folder / f"history_{g.name}.npz")
+        if history_files is None:
+            for g in self.history:
+                g.save(folder / f"history_{g.name}.npz")
+            history_files = [f"history_{g.name}.npz" for g in self.history]
         layout = {
             "inputs": self.inputs, "columns": self.columns, "time": self.time, "serve_day": self.serve_day,
             "user": self.user, "item": self.item, "unsupported": self.unsupported,
             "sparse": {n: c for n, (c, _) in self.sparse.items()},
             "dense": {n: {"column": c, **s.to_dict()} for n, (c, s) in self.dense.items()},
             "sides": [f"side_{i}_{s.key}.parquet" for i, s in enumerate(self.sides)],
-            "history": [f"history_{g.name}.npz" for g in self.history],
+            "history": history_files,
         }
         (folder / LAYOUT).write_text(json.dumps(layout, indent=2))
 
