@@ -4,7 +4,12 @@ final metrics as an uninterrupted run, a NaN loss named by task, step and rank."
 
 from __future__ import annotations
 
+import json
+
+from pathlib import Path
+
 import mlflow
+import numpy as np
 import pytest
 
 from pipeline.config import load_config
@@ -51,7 +56,17 @@ def test_two_workers_train_and_log_to_mlflow(uninterrupted):
     assert max(scores, key=lambda s: s.step).value == pytest.approx(m["valid/score"])
     assert len(client.get_metric_history(outcome.run_id, "train/loss_like")) >= 3
     conflict = client.get_metric_history(outcome.run_id, "grad/conflict_rate")
-    assert conflict and all(0.0 <= c.value <= 1.0 for c in conflict)
+    # each logged conflict rate is the mean off-diagonal share of steps with a negative inner
+    # product in that step's diagnostics, and the pairwise cosines are those of the same record
+    diag = json.loads(Path(client.download_artifacts(outcome.run_id, "gradient_diagnostics.json", str(out))).read_text())
+    by_step = {h["step"]: h for h in diag["history"]}
+    tasks = diag["tasks"]
+    assert conflict and {c.step for c in conflict} <= set(by_step)
+    for c in conflict:
+        matrix = np.asarray(by_step[c.step]["conflict"])
+        assert c.value == pytest.approx(matrix[~np.eye(len(tasks), dtype=bool)].mean(), abs=1e-12)
+    cos = client.get_metric_history(outcome.run_id, f"grad/cos_{tasks[0]}__{tasks[1]}")
+    assert cos and all(c.value == pytest.approx(by_step[c.step]["cosine"][0][1], abs=1e-12) for c in cos)
     arts = {a.path for a in client.list_artifacts(outcome.run_id)}
     assert {"config.yaml", "loss_curves.png", "validation_curves.png", "gradient_cosine.png",
             "gradient_conflict.png", "routing_gate.png", "valid_predictions.parquet", "model"} <= arts
