@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from mtl.features import DenseFeature, FeatureSpec, ListFeature, SparseFeature, VectorFeature
+from mtl.features import DenseFeature, FeatureSpec, ListFeature, NumericEncoding, SparseFeature, VectorFeature
 from mtl.models import MODELS, MultiTaskModel, build_model
 from mtl.models.mmoe import MMoE
 from mtl.models.ple import PLE
@@ -25,9 +25,15 @@ B = 6
 # variant id -> (registry name, kwargs as a function of the number of tasks K)
 VARIANTS: dict[str, tuple[str, Callable[[int], dict[str, Any]]]] = {
     "mmoe": ("mmoe", lambda k: dict(num_experts=3, expert_hidden=[8, 6], tower_hidden=[8])),
+    "mmoe_cross": ("mmoe", lambda k: dict(num_experts=3, expert_hidden=[6], tower_hidden=[8], expert_type="cross",
+                                          cross={"layers": 2, "rank": 3, "mixtures": 2})),
+    "mmoe_gate_remedies": ("mmoe", lambda k: dict(num_experts=3, expert_hidden=[8, 6], tower_hidden=[8],
+                                                  gate_temperature=2.5, load_balance=0.3)),
     "single_task": ("single_task", lambda k: dict(hidden=[8, 5])),
     "shared_bottom": ("shared_bottom", lambda k: dict(bottom_hidden=[8, 6], tower_hidden=[8])),
     "shared_bottom_linear_towers": ("shared_bottom", lambda k: dict(bottom_hidden=[7], tower_hidden=[])),
+    "shared_bottom_cross": ("shared_bottom", lambda k: dict(bottom_hidden=[7], tower_hidden=[4], bottom_type="cross",
+                                                            cross={"layers": 2})),
     "soft_sharing": ("soft_sharing", lambda k: dict(hidden=[8, 5], strength=0.1, penalize_bias=True)),
     "snr_trans": (
         "snr",
@@ -49,6 +55,11 @@ VARIANTS: dict[str, tuple[str, Callable[[int], dict[str, Any]]]] = {
         lambda k: dict(num_levels=2, num_shared_experts=2, task_experts=[t % 3 for t in range(k)],
                        expert_hidden=[7], tower_hidden=[8]),
     ),
+    "ple_2_cross": (
+        "ple",
+        lambda k: dict(num_levels=2, num_shared_experts=1, task_experts=[t % 2 for t in range(k)],
+                       expert_hidden=[7], tower_hidden=[8], expert_type="cross", cross={"layers": 1, "rank": 2}),
+    ),
     "ple_3": (
         "ple",
         lambda k: dict(num_levels=3, num_shared_experts=2, task_experts=[(t + 1) % 3 for t in range(k)],
@@ -61,7 +72,9 @@ def make_spec(k: int) -> FeatureSpec:
     return FeatureSpec(
         sparse=[SparseFeature("u", 11, 4), SparseFeature("i", 13, 3)],
         lists=[ListFeature("tags", 7, max_len=3, embedding_dim=2)],
-        dense=[DenseFeature("d", 2)],
+        dense=[DenseFeature("d", 2),
+               DenseFeature("n", 2, boundaries=[[-1.0, 0.0, 0.5, 1.0], [-2.0, -1.0, 1.0, 2.0]],
+                            encoding=NumericEncoding("piecewise_linear", dim=2))],
         vectors=[VectorFeature("v", 3)],
         tasks=[f"t{t}" for t in range(k)],
     )
@@ -76,6 +89,7 @@ def make_batch(b: int = B, seed: int = 0) -> dict[str, Tensor]:
         "i": torch.randint(0, 13, (b,), generator=g),
         "tags": tags,
         "d": torch.randn(b, 2, generator=g),
+        "n": torch.randn(b, 2, generator=g),
         "v": torch.randn(b, 3, generator=g),
     }
 
@@ -109,6 +123,10 @@ def _expected_penalty(model: MultiTaskModel) -> float:
     if isinstance(model, SNR):
         shift = model.beta * math.log(-model.gamma / model.zeta)
         return model.l0_strength * sum(1 / (1 + math.exp(-(float(a) - shift))) for a in model.log_alpha.detach().flatten())
+    if isinstance(model, MMoE) and model.load_balance > 0:
+        # the last forward's gates; routing_weights recomputes them from the same batch
+        usage = model.routing_weights(make_batch())["gate"].detach().mean(0)  # [K, E]
+        return model.load_balance * float((model.num_experts * usage.pow(2).sum(-1) - 1).mean())
     if isinstance(model, SoftSharing):
         tied = [w.detach() for w in list(model.towers.weights) + (list(model.towers.biases) if model.penalize_bias else [])]
         total = sum(float((w[i] - w[j]).pow(2).sum()) for w in tied
@@ -222,7 +240,7 @@ def test_task_grad_scale_contract(variant: str) -> None:
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("variant", ["mmoe", "ple_cgc", "ple_2", "ple_3"])
+@pytest.mark.parametrize("variant", ["mmoe", "mmoe_gate_remedies", "ple_cgc", "ple_2", "ple_3"])
 def test_gates_are_distributions(variant: str) -> None:
     model = build(variant, 4)
     routing = model.routing_weights(make_batch())
@@ -449,7 +467,10 @@ def test_seeded_construction_is_deterministic(variant: str) -> None:
     c = build(variant, 3, seed=8).state_dict()
     assert a.keys() == b.keys() == c.keys()
     assert all(torch.equal(a[key], b[key]) for key in a)
-    float_keys = [key for key in a if a[key].is_floating_point() and a[key].numel() > 1]
+    # randomly initialised parameters (not buffers such as fitted bin edges, not the cross
+    # layers' biases, which start at 0 as in DCN-v2)
+    params = {name for name, _ in build(variant, 3, seed=7).named_parameters()}
+    float_keys = [key for key in a if key in params and a[key].numel() > 1 and bool((a[key] != a[key].flatten()[0]).any())]
     assert float_keys and all(not torch.equal(a[key], c[key]) for key in float_keys)
 
 
