@@ -545,3 +545,44 @@ def test_snr_eval_rule_at_non_default_stretch(gamma: float, zeta: float) -> None
     assert torch.equal(z.flatten()[:4], torch.tensor([0.0, 0.0, 1.0, 1.0]))
     # asymmetric stretch: log_alpha = +-0.01 straddles 0 but not the threshold (|threshold| > 0.01)
     assert abs(threshold) > 0.01 and bool(z.flatten()[4] == z.flatten()[5])
+
+
+# ---------------------------------------------------------------- gate remedies (issue 14)
+
+
+def test_mmoe_gate_temperature_in_the_fused_body_equals_the_modules() -> None:
+    """softmax(z / T) gates: the fused kernel (gate layer scaled by 1/T) gives the per-module
+    path's logits and gradients; T > 1 flattens the gates."""
+    torch.manual_seed(0)
+    spec = make_spec(2)
+    model = MMoE(spec, num_experts=3, expert_hidden=[8, 6], tower_hidden=[4], gate_temperature=3.0)
+    batch = make_batch()
+    x = model.inputs(batch)
+    z = (x @ model.gates.weight.T + model.gates.bias).view(B, 2, 3)
+    torch.testing.assert_close(model.gate_weights(x), torch.softmax(z / 3.0, dim=-1))
+    grads = []
+    for forward in (model.forward_representation, model.forward_modules):
+        model.zero_grad()
+        logits = forward(model.inputs(batch))
+        torch.stack(task_losses(logits)).sum().backward()
+        grads.append((logits.detach(), model.gates.weight.grad.clone(), model.experts.weights[0].grad.clone()))
+    for fused, modules in zip(*grads):
+        torch.testing.assert_close(fused, modules, rtol=1e-5, atol=1e-6)
+    plain = MMoE(spec, num_experts=3, expert_hidden=[8, 6], tower_hidden=[4])
+    plain.load_state_dict(model.state_dict())
+    entropy = [-(g * g.log()).sum(-1).mean() for g in (model.gate_weights(x), plain.gate_weights(x))]
+    assert entropy[0] > entropy[1]
+
+
+def test_mmoe_load_balance_penalty_reaches_the_gates_only_in_training() -> None:
+    torch.manual_seed(0)
+    model = MMoE(make_spec(2), num_experts=3, expert_hidden=[6], tower_hidden=[4], load_balance=1.0)
+    model(make_batch())
+    penalty = model.regularization()
+    assert float(penalty) > 0 and penalty.requires_grad
+    penalty.backward()
+    assert model.gates.weight.grad.abs().sum() > 0 and model.experts.weights[0].grad is None
+    assert float(model.regularization()) == 0.0  # consumed: one penalty per forward
+    model.eval()
+    model(make_batch())
+    assert float(model.regularization()) == 0.0
