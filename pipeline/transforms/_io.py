@@ -12,6 +12,34 @@ import pyarrow.parquet as pq
 _KEY = b"mtlrank"
 
 
+class JsonFitted:
+    """``save``/``load`` of a fitted object as the JSON of its ``to_dict``/``from_dict``."""
+
+    def to_dict(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Any:
+        raise NotImplementedError
+
+    def save(self, path: str | Path) -> None:
+        """Write :meth:`to_dict` as JSON (floats round-trip exactly).
+
+        Args:
+            path: the file.
+        """
+        Path(path).write_text(json.dumps(self.to_dict()))
+
+    @classmethod
+    def load(cls, path: str | Path) -> Any:
+        """Read what :meth:`save` wrote.
+
+        Args:
+            path: the file.
+        """
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+
 def write_table(table: pa.Table, meta: dict[str, Any], path: str | Path) -> None:
     """Write ``table`` with ``meta`` (JSON) in its schema metadata.
 

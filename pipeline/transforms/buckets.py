@@ -12,21 +12,21 @@ Example:
     >>> q.edges.tolist()
     [[0.0, 2.0, 4.0]]
     >>> q.transform(np.array([[-1.0], [1.5], [9.0]])).tolist()
-    [[0], [2], [3]]
+    [[0], [1], [3]]
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from mtl.features import FeatureSpec
+from pipeline.transforms._io import JsonFitted
 
 
-class QuantileBoundaries:
+class QuantileBoundaries(JsonFitted):
     """Per-component quantile bin edges of one dense feature.
 
     Args:
@@ -80,23 +80,6 @@ class QuantileBoundaries:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "QuantileBoundaries":
         return cls(int(d["bins"]), np.asarray(d["edges"], dtype=np.float64))
-
-    def save(self, path: str | Path) -> None:
-        """Write :meth:`to_dict` as JSON (exact: floats round-trip through ``repr``).
-
-        Args:
-            path: the file.
-        """
-        Path(path).write_text(json.dumps(self.to_dict()))
-
-    @classmethod
-    def load(cls, path: str | Path) -> "QuantileBoundaries":
-        """Read what :meth:`save` wrote.
-
-        Args:
-            path: the file.
-        """
-        return cls.from_dict(json.loads(Path(path).read_text()))
 
 
 def fit_numeric_boundaries(spec: FeatureSpec, train_dir: Path, bins: int, artifacts: Path) -> FeatureSpec:
