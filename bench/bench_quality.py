@@ -45,6 +45,8 @@ from pipeline.train.local import train_local  # noqa: E402
 
 #: LightGBM grid searched on the validation split (per task)
 LGBM_GRID = {"num_leaves": [15, 31, 63], "learning_rate": [0.02, 0.05], "min_child_samples": [20, 50]}
+#: ``--lgbm-fixed``: LightGBM's defaults at lr 0.05 (the number of trees still chosen on valid)
+LGBM_FIXED = {"num_leaves": [31], "learning_rate": [0.05], "min_child_samples": [20]}
 
 
 def lgbm_matrix(data_dir: Path, split: str, spec: FeatureSpec) -> tuple[Any, np.ndarray | None, list[str]]:
@@ -71,15 +73,16 @@ def lgbm_matrix(data_dir: Path, split: str, spec: FeatureSpec) -> tuple[Any, np.
     return frame, labels, cats
 
 
-def lightgbm_task(train: tuple, valid: tuple, test_x: Any, k: int, seeds: list[int]) -> tuple[np.ndarray, dict[str, Any]]:
+def lightgbm_task(train: tuple, valid: tuple, test_x: Any, k: int, seeds: list[int],
+                  grid: dict[str, list[Any]]) -> tuple[np.ndarray, dict[str, Any]]:
     """Tune on valid (grid x early stopping), then the chosen set-up per seed; mean test
     probabilities over seeds and the chosen parameters."""
     import lightgbm as lgb
 
     (xt, yt), (xv, yv) = train, valid
     best: tuple[float, dict[str, Any], int] = (-1.0, {}, 0)
-    for values in itertools.product(*LGBM_GRID.values()):
-        params = dict(zip(LGBM_GRID, values))
+    for values in itertools.product(*grid.values()):
+        params = dict(zip(grid, values))
         model = lgb.LGBMClassifier(n_estimators=2000, subsample=0.8, subsample_freq=1, colsample_bytree=0.8,
                                    random_state=0, verbose=-1, n_jobs=2, **params)
         model.fit(xt, yt[:, k], eval_set=[(xv, yv[:, k])], eval_metric="auc",
@@ -97,14 +100,15 @@ def lightgbm_task(train: tuple, valid: tuple, test_x: Any, k: int, seeds: list[i
     return np.mean(probs, 0), {**params, "n_estimators": trees, "valid_auc": best[0]}
 
 
-def run_lightgbm(data_dir: Path, spec: FeatureSpec, split: str, seeds: list[int]) -> tuple[list[np.ndarray], dict[str, Any]]:
+def run_lightgbm(data_dir: Path, spec: FeatureSpec, split: str, seeds: list[int],
+                 grid: dict[str, list[Any]]) -> tuple[list[np.ndarray], dict[str, Any]]:
     """Per seed test probabilities ``[N, K]`` (LightGBM's seeds: row and column subsampling)."""
     xt, yt, _ = lgbm_matrix(data_dir, "train", spec)
     xv, yv, _ = lgbm_matrix(data_dir, "valid", spec)
     xs, _, _ = lgbm_matrix(data_dir, split, spec)
     per_task, chosen = [], {}
     for k, task in enumerate(spec.tasks):
-        probs, chosen[task] = lightgbm_task((xt, yt), (xv, yv), xs, k, seeds)
+        probs, chosen[task] = lightgbm_task((xt, yt), (xv, yv), xs, k, seeds, grid)
         per_task.append(probs)
     return [np.stack(per_task, 1)], chosen
 
@@ -145,6 +149,7 @@ def main() -> None:
     ap.add_argument("--raw", type=Path, help="generator folder: the oracle's scores too")
     ap.add_argument("--baseline", help="config name the others are compared with (outcome classes)")
     ap.add_argument("--no-lightgbm", action="store_true")
+    ap.add_argument("--lgbm-fixed", action="store_true", help="no grid: LGBM_FIXED (large data)")
     ap.add_argument("--json", type=Path, help="write all results here")
     args = ap.parse_args()
 
@@ -175,7 +180,7 @@ def main() -> None:
         _, labels, meta = predict_first_split(args.data, args.split, spec)
     if not args.no_lightgbm:
         t0 = time.time()
-        runs, chosen = run_lightgbm(args.data, spec, args.split, args.seeds)
+        runs, chosen = run_lightgbm(args.data, spec, args.split, args.seeds, LGBM_FIXED if args.lgbm_fixed else LGBM_GRID)
         results["lightgbm"] = summarize("lightgbm", runs, labels, meta, spec, args.split) | {"params": chosen}
         preds["lightgbm"] = runs[0]
         print(f"lightgbm: {time.time() - t0:.0f}s, chosen {chosen}", flush=True)

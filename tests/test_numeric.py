@@ -89,3 +89,21 @@ def test_spec_round_trip_and_train_config_encodings() -> None:
     with pytest.raises(ValueError, match="no such dense feature"):
         TrainConfig(numeric={"zz": {"kind": "bucket"}}).model_spec(spec)
     assert TrainConfig(numeric={"*": {"kind": "raw"}}).model_spec(spec).input_dim == 2 + 1 + 2
+
+
+def test_build_uses_and_keeps_the_encoded_spec() -> None:
+    """The train step's model reads the run's encodings, ``state.spec`` (what is saved with the
+    model for serving) carries them, and the optimizer's embedding group holds the numeric
+    embeddings with the embedding learning rate and weight decay."""
+    from pipeline.train.step import build
+
+    spec = FeatureSpec(sparse=[SparseFeature("u", 5, 2)], dense=[DenseFeature("a", 1, boundaries=[[0.0, 1.0, 2.0]])],
+                       tasks=["t", "s"])
+    cfg = TrainConfig(numeric={"a": {"kind": "bucket", "dim": 3}}, model={"name": "shared_bottom"},
+                      optimizer={"lr": 0.01, "embedding_lr": 0.001, "embedding_weight_decay": 0.5})
+    state = build(cfg, spec)
+    assert state.spec.dense[0].encoding == NumericEncoding("bucket", dim=3)
+    emb_group = state.optimizers[0].param_groups[0]
+    numeric = list(state.model.inputs.numeric.parameters())
+    assert numeric and {id(p) for p in numeric} <= {id(p) for p in emb_group["params"]}
+    assert emb_group["lr"] == 0.001 and emb_group["weight_decay"] == 0.5
