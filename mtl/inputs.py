@@ -32,8 +32,9 @@ class InputModule(nn.Module):
     """Embeds sparse ids, pools id lists, and concatenates them with dense and vector inputs.
 
     Output layout (fixed, so diagnostics can slice it): sparse embeddings in spec order, then
-    pooled lists, then dense, then vectors. ``output_dim == spec.input_dim``. Table rows start
-    as ``N(0, EMBEDDING_INIT_STD^2)``.
+    pooled lists, then dense (a dense feature with a numeric encoding as its embedding,
+    :mod:`mtl.numeric`), then vectors. ``output_dim == spec.input_dim``. Table rows start as
+    ``N(0, EMBEDDING_INIT_STD^2)``.
 
     With ``sparse_gradients=True`` the single-id features are looked up through one
     unique-row lookup per group of equal-width tables (each distinct row gathered once; the

@@ -6,7 +6,9 @@ its ``dim`` components are encoded independently (each with its own parameters, 
 concatenated: ``[B, dim] -> [B, dim * encoding.dim]``.
 
 - ``bucket``: the component's quantile bin (edges fitted on training rows) indexes an
-  embedding table of ``bins + 2`` rows (below the first edge, the bins, above the last).
+  embedding table of ``bins + 2`` rows: row ``r`` = the number of edges strictly below the value
+  (0 at or below the smallest training value, ``bins + 1`` above the largest); the same ids as
+  :meth:`pipeline.transforms.buckets.QuantileBoundaries.transform`.
 - ``piecewise_linear`` (PLE, paper eq. 2): bins ``[b_{t-1}, b_t)``, ``t = 1..T``;
   ``e_t = 0`` if ``x < b_{t-1}`` and ``t > 1``, ``1`` if ``x >= b_t`` and ``t < T``, otherwise
   ``(x - b_{t-1}) / (b_t - b_{t-1})`` (the first and last bins extrapolate linearly); a bin of
