@@ -46,6 +46,8 @@ from pipeline.train.local import train_local  # noqa: E402
 #: LightGBM grid searched on the validation split (per task)
 LGBM_GRID = {"num_leaves": [15, 31, 63], "learning_rate": [0.02, 0.05], "min_child_samples": [20, 50]}
 #: ``--lgbm-fixed``: LightGBM's defaults at lr 0.05, at most 400 trees (chosen on valid)
+#: threads of LightGBM and of each model's training (``--threads``)
+THREADS = 2
 LGBM_FIXED = {"num_leaves": [31], "learning_rate": [0.05], "min_child_samples": [20], "n_estimators": [400]}
 
 
@@ -85,7 +87,7 @@ def lightgbm_task(train: tuple, valid: tuple, test_x: Any, k: int, seeds: list[i
         params = dict(zip(grid, values))
         max_trees = params.pop("n_estimators", 2000)
         model = lgb.LGBMClassifier(n_estimators=max_trees, subsample=0.8, subsample_freq=1, colsample_bytree=0.8,
-                                   random_state=0, verbose=-1, n_jobs=2, **params)
+                                   random_state=0, verbose=-1, n_jobs=THREADS, **params)
         model.fit(xt, yt[:, k], eval_set=[(xv, yv[:, k])], eval_metric="auc",
                   callbacks=[lgb.early_stopping(100, verbose=False)])
         score = auc(yv[:, k], model.predict_proba(xv)[:, 1])
@@ -95,7 +97,7 @@ def lightgbm_task(train: tuple, valid: tuple, test_x: Any, k: int, seeds: list[i
     probs = []
     for seed in seeds:
         model = lgb.LGBMClassifier(n_estimators=trees, subsample=0.8, subsample_freq=1, colsample_bytree=0.8,
-                                   random_state=seed, verbose=-1, n_jobs=2, **params)
+                                   random_state=seed, verbose=-1, n_jobs=THREADS, **params)
         model.fit(xt, yt[:, k])
         probs.append(model.predict_proba(test_x)[:, 1])
     return np.mean(probs, 0), {**params, "n_estimators": trees, "valid_auc": best[0]}
@@ -152,7 +154,11 @@ def main() -> None:
     ap.add_argument("--no-lightgbm", action="store_true")
     ap.add_argument("--lgbm-fixed", action="store_true", help="no grid: LGBM_FIXED (large data)")
     ap.add_argument("--json", type=Path, help="write all results here")
+    ap.add_argument("--threads", type=int, default=2,
+                    help="LightGBM and torch threads (1 on a heavily shared machine: 2-thread regions stall)")
     args = ap.parse_args()
+    global THREADS
+    THREADS = args.threads
 
     spec = load_spec(args.data)
     started = time.time()
@@ -167,7 +173,7 @@ def main() -> None:
         job = load_config(TrainJobConfig, path, overrides)
         runs = []
         for seed in args.seeds:
-            cfg = job.train.model_copy(update={"seed": seed})
+            cfg = job.train.model_copy(update={"seed": seed, "torch_threads": args.threads})
             t0 = time.time()
             res = train_local(cfg, args.data)
             probs, labels, meta = predict(res.model, args.data, args.split, res.spec)
