@@ -40,7 +40,8 @@ from pipeline.config import load_config  # noqa: E402
 from pipeline.data import load_spec, read_split  # noqa: E402
 from pipeline.report.outcome import BETTER, EQUAL, WORSE, classify, paired_bootstrap_uauc  # noqa: E402
 from pipeline.train.config import TrainJobConfig  # noqa: E402
-from pipeline.train.evaluate import oracle_probabilities, predict, score_predictions  # noqa: E402
+from pipeline.data import iter_local_batches  # noqa: E402
+from pipeline.train.evaluate import mean_routing, oracle_probabilities, predict, score_predictions  # noqa: E402
 from pipeline.train.local import train_local  # noqa: E402
 
 #: LightGBM grid searched on the validation split (per task)
@@ -178,6 +179,10 @@ def main() -> None:
             res = train_local(cfg, args.data)
             probs, labels, meta = predict(res.model, args.data, args.split, res.spec)
             runs.append(probs)
+            gates = mean_routing(res.model, iter_local_batches(args.data, args.split, 8192, spec=res.spec)).get("gate")
+            if gates is not None:  # per task: the largest share on one expert; per expert: its least use
+                print(f"{name} seed {seed}: gate max share per task {np.round(gates.max(1), 3).tolist()}, "
+                      f"expert use (mean over tasks) {np.round(gates.mean(0), 3).tolist()}", flush=True)
             print(f"{name} seed {seed}: {time.time() - t0:.0f}s, steps {res.metrics.get('train/steps')}, "
                   f"valid {res.metrics.get('valid/score', res.metrics.get('valid/auc_' + spec.tasks[0]))}", flush=True)
         assert labels is not None
