@@ -583,6 +583,11 @@ def test_mmoe_load_balance_penalty_reaches_the_gates_only_in_training() -> None:
     penalty.backward()
     assert model.gates.weight.grad.abs().sum() > 0 and model.experts.weights[0].grad is None
     assert float(model.regularization()) == 0.0  # consumed: one penalty per forward
+    # as the training step runs it: the task losses' backward first (it frees the forward's graph)
+    model(make_batch()).sum().backward()
+    model.gates.weight.grad = None
+    model.regularization().backward()
+    assert model.gates.weight.grad.abs().sum() > 0
     model.eval()
     model(make_batch())
     assert float(model.regularization()) == 0.0

@@ -36,7 +36,8 @@ class MMoE(MultiTaskModel):
         load_balance: weight ``lambda`` of the load-balancing penalty
             ``lambda * mean_k (E * sum_e u_ke^2 - 1)``, ``u_ke`` = task ``k``'s mean gate weight on
             expert ``e`` over the training batch (0 when every expert gets ``1/E`` of each task's
-            weight; :meth:`regularization`, added to the training loss).
+            weight; :meth:`regularization`, added to the training loss; its gradient reaches the
+            gate layer only).
         compute_dtype: precision of the body (:mod:`mtl.precision`; ``None`` = the parameters'
             dtype). ``"bfloat16"`` runs the experts, gates and towers in bfloat16 (about 2x faster
             GEMMs on CPUs with AVX512-BF16/AMX) while parameters, gradients, the optimizer and
@@ -112,8 +113,10 @@ class MMoE(MultiTaskModel):
         if task_grad_scale is not None and task_grad_scale.shape != (self.num_tasks,):
             raise ValueError(f"task_grad_scale must have shape [{self.num_tasks}], got {list(task_grad_scale.shape)}")
         if self.load_balance > 0 and self.training and torch.is_grad_enabled():
-            # the gates once more outside the fused kernel (one small GEMM): the penalty's graph
-            self._balance_gates = self.gate_weights(x, task_grad_scale)
+            # the gates once more outside the fused kernel (one small GEMM): the penalty's graph.
+            # The input is detached: the training step backpropagates the penalty after the task
+            # losses' backward has freed the input's graph, so the penalty trains the gates only.
+            self._balance_gates = self.gate_weights(x.detach())
         if not self.fused:
             return self.forward_modules(x, task_grad_scale)
         gate_w, gate_b = self.gates.weight, self.gates.bias
