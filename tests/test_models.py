@@ -68,16 +68,21 @@ VARIANTS: dict[str, tuple[str, Callable[[int], dict[str, Any]]]] = {
 }
 
 
-def make_spec(k: int) -> FeatureSpec:
-    return FeatureSpec(
+def make_spec(k: int, numeric: bool = False) -> FeatureSpec:
+    """The test spec; ``numeric`` adds a dense feature with a piecewise-linear embedding."""
+    spec = FeatureSpec(
         sparse=[SparseFeature("u", 11, 4), SparseFeature("i", 13, 3)],
         lists=[ListFeature("tags", 7, max_len=3, embedding_dim=2)],
-        dense=[DenseFeature("d", 2),
-               DenseFeature("n", 2, boundaries=[[-1.0, 0.0, 0.5, 1.0], [-2.0, -1.0, 1.0, 2.0]],
-                            encoding=NumericEncoding("piecewise_linear", dim=2))],
+        dense=[DenseFeature("d", 2)],
         vectors=[VectorFeature("v", 3)],
         tasks=[f"t{t}" for t in range(k)],
     )
+    if not numeric:
+        return spec
+    encoded = DenseFeature("n", 2, boundaries=[[-1.0, 0.0, 0.5, 1.0], [-2.0, -1.0, 1.0, 2.0]],
+                           encoding=NumericEncoding("piecewise_linear", dim=2))
+    return FeatureSpec(sparse=spec.sparse, lists=spec.lists, dense=[*spec.dense, encoded], vectors=spec.vectors,
+                       tasks=spec.tasks)
 
 
 def make_batch(b: int = B, seed: int = 0) -> dict[str, Tensor]:
@@ -97,7 +102,7 @@ def make_batch(b: int = B, seed: int = 0) -> dict[str, Tensor]:
 def build(variant: str, k: int, seed: int = 0) -> MultiTaskModel:
     name, kwargs = VARIANTS[variant]
     torch.manual_seed(seed)
-    return build_model(name, make_spec(k), **kwargs(k))
+    return build_model(name, make_spec(k, numeric=True), **kwargs(k))
 
 
 def task_losses(logits: Tensor, seed: int = 1) -> list[Tensor]:
@@ -477,7 +482,7 @@ def test_seeded_construction_is_deterministic(variant: str) -> None:
 @pytest.mark.parametrize("variant", ["mmoe", "shared_bottom", "snr_trans", "ple_2"])
 def test_sparse_embedding_gradients_match_dense(variant: str) -> None:
     name, kwargs = VARIANTS[variant]
-    spec, batch, c = make_spec(3), make_batch(), torch.tensor([0.5, 1.0, 2.0])
+    spec, batch, c = make_spec(3, numeric=True), make_batch(), torch.tensor([0.5, 1.0, 2.0])
     models = []
     for sparse in (False, True):
         torch.manual_seed(0)
@@ -486,9 +491,15 @@ def test_sparse_embedding_gradients_match_dense(variant: str) -> None:
         torch.stack(task_losses(model(batch, task_grad_scale=c))).sum().backward()
         models.append(model)
     dense, sparse_model = models
-    for p_dense, p_sparse in zip(dense.embedding_parameters(), sparse_model.embedding_parameters()):
+    for p_dense, p_sparse in zip(dense.inputs.row_sparse_parameters(), sparse_model.inputs.row_sparse_parameters()):
         assert p_sparse.grad is not None and p_sparse.grad.is_sparse
         torch.testing.assert_close(p_sparse.grad.to_dense(), p_dense.grad)
+    # the numeric embeddings (the rest of the input's parameters) have dense gradients either way
+    numeric = list(zip(dense.inputs.numeric.parameters(), sparse_model.inputs.numeric.parameters()))
+    assert numeric
+    for p_dense, p_sparse in numeric:
+        assert not p_sparse.grad.is_sparse
+        torch.testing.assert_close(p_sparse.grad, p_dense.grad)
 
 
 # ---------------------------------------------------------------- last shared layer (GradNorm's W)
