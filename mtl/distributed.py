@@ -170,7 +170,7 @@ class GradientSync:
         # tables with row-sparse gradients, fixed up front so that every rank runs the same
         # collectives even when a table got no gradient on one rank
         inputs = getattr(model, "inputs", None)
-        sparse_tables = model.embedding_parameters() if getattr(inputs, "sparse_gradients", False) else []
+        sparse_tables = inputs.row_sparse_parameters() if getattr(inputs, "sparse_gradients", False) else []
         self._sparse_ids = {id(p) for p in sparse_tables}
         self._attach(strategy)
 

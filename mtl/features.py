@@ -30,7 +30,7 @@ Example:
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -86,15 +86,78 @@ class ListFeature:
             raise ValueError(f"list feature {self.name!r}: pooling must be 'mean' or 'sum', got {self.pooling!r}")
 
 
+NUMERIC_ENCODINGS = ("bucket", "piecewise_linear", "periodic")
+
+
+@dataclass(frozen=True)
+class NumericEncoding:
+    """How the model turns one number into a vector (Gorishniy, Rubachev, Babenko, "On
+    Embeddings for Numerical Features in Tabular Deep Learning", NeurIPS 2022).
+
+    Args:
+        kind: ``"bucket"`` (the quantile bin's embedding row), ``"piecewise_linear"`` (PLE over
+            the quantile bins, then a linear layer and ReLU) or ``"periodic"`` (``sin``/``cos`` of
+            learned frequencies, then a linear layer and ReLU: PLR). The first two need the
+            feature's ``boundaries`` (fitted on training rows by preprocessing).
+        dim: output width per component.
+        frequencies: periodic only: learned frequencies per component.
+        sigma: periodic only: std of the frequencies' N(0, sigma^2) initialisation.
+    """
+
+    kind: str
+    dim: int = 8
+    frequencies: int = 16
+    sigma: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.kind not in NUMERIC_ENCODINGS:
+            raise ValueError(f"numeric encoding {self.kind!r} unknown; choose from {NUMERIC_ENCODINGS}")
+        _check_positive(f"encoding {self.kind}", dim=self.dim, frequencies=self.frequencies)
+        if not self.sigma > 0:
+            raise ValueError(f"numeric encoding: sigma must be > 0, got {self.sigma}")
+
+    @property
+    def needs_boundaries(self) -> bool:
+        return self.kind != "periodic"
+
+
 @dataclass(frozen=True)
 class DenseFeature:
-    """A real-valued feature of width ``dim`` (already scaled by preprocessing)."""
+    """A real-valued feature of width ``dim`` (already scaled by preprocessing).
+
+    Args:
+        name: column name.
+        dim: number of components.
+        boundaries: per component, the quantile bin edges of the training rows' values
+            (``dim`` lists of ``bins + 1`` non-decreasing numbers), written by preprocessing
+            when the dataset config asks for ``numeric_bins``.
+        encoding: how the model embeds each component; ``None`` = the number itself.
+    """
 
     name: str
     dim: int = 1
+    boundaries: list[list[float]] | None = None
+    encoding: NumericEncoding | None = None
 
     def __post_init__(self) -> None:
         _check_positive(self.name, dim=self.dim)
+        if isinstance(self.encoding, dict):
+            object.__setattr__(self, "encoding", NumericEncoding(**self.encoding))
+        if self.boundaries is not None:
+            if len(self.boundaries) != self.dim or any(len(b) < 2 for b in self.boundaries):
+                raise ValueError(f"feature {self.name!r}: boundaries must be {self.dim} lists of >= 2 edges")
+            if any(b[i] > b[i + 1] for b in self.boundaries for i in range(len(b) - 1)):
+                raise ValueError(f"feature {self.name!r}: boundaries must be non-decreasing")
+        if self.encoding is not None and self.encoding.needs_boundaries and self.boundaries is None:
+            raise ValueError(
+                f"feature {self.name!r}: encoding {self.encoding.kind!r} needs quantile boundaries fitted on "
+                f"training rows (set numeric_bins in the dataset config and preprocess again)"
+            )
+
+    @property
+    def output_dim(self) -> int:
+        """Width of this feature in the input representation."""
+        return self.dim * (self.encoding.dim if self.encoding is not None else 1)
 
 
 @dataclass(frozen=True)
@@ -150,7 +213,7 @@ class FeatureSpec:
         return (
             sum(f.embedding_dim for f in self.sparse)
             + sum(f.embedding_dim for f in self.lists)
-            + sum(f.dim for f in self.dense)
+            + sum(f.output_dim for f in self.dense)
             + sum(f.dim for f in self.vectors)
         )
 
@@ -170,6 +233,22 @@ class FeatureSpec:
             tasks=list(data.get("tasks", [])),
             user_column=data.get("user_column"),
         )
+
+    def with_numeric_encodings(self, encodings: dict[str, NumericEncoding | None]) -> "FeatureSpec":
+        """This spec with dense features' encodings set by name; the key ``"*"`` applies to
+        every dense feature not named (``None`` = the raw number).
+
+        Raises:
+            ValueError: a name that is no dense feature, or an encoding that needs boundaries the
+                feature lacks.
+        """
+        names = {f.name for f in self.dense}
+        unknown = sorted(set(encodings) - names - {"*"})
+        if unknown:
+            raise ValueError(f"numeric encodings for {unknown}: no such dense feature (dense: {sorted(names)})")
+        default = encodings.get("*")
+        dense = [replace(f, encoding=encodings.get(f.name, default)) for f in self.dense]
+        return replace(self, dense=dense)
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2))

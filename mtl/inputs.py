@@ -11,6 +11,7 @@ from torch.autograd.function import once_differentiable
 from torch.nn import functional as F
 
 from mtl.features import PAD_ID, WEIGHT_SUFFIX, FeatureSpec, ListFeature, SparseFeature
+from mtl.numeric import NumericEmbedding
 
 
 # Standard deviation of the N(0, std^2) initialisation of embedding rows. Chosen on bench-v1
@@ -31,8 +32,9 @@ class InputModule(nn.Module):
     """Embeds sparse ids, pools id lists, and concatenates them with dense and vector inputs.
 
     Output layout (fixed, so diagnostics can slice it): sparse embeddings in spec order, then
-    pooled lists, then dense, then vectors. ``output_dim == spec.input_dim``. Table rows start
-    as ``N(0, EMBEDDING_INIT_STD^2)``.
+    pooled lists, then dense (a dense feature with a numeric encoding as its embedding,
+    :mod:`mtl.numeric`), then vectors. ``output_dim == spec.input_dim``. Table rows start as
+    ``N(0, EMBEDDING_INIT_STD^2)``.
 
     With ``sparse_gradients=True`` the single-id features are looked up through one
     unique-row lookup per group of equal-width tables (each distinct row gathered once; the
@@ -61,6 +63,8 @@ class InputModule(nn.Module):
             nn.init.normal_(table.weight, std=EMBEDDING_INIT_STD)
             self.tables[f.name] = table
         self.output_dim = spec.input_dim
+        # Dense features with a numeric encoding (mtl.numeric): dense parameters of the input.
+        self.numeric = nn.ModuleDict({f.name: NumericEmbedding(f) for f in spec.dense if f.encoding is not None})
         # Fast row-sparse path: sparse features grouped by embedding width, each group looked up
         # with one unique + one gather (see :class:`_UniqueRowsLookup`).
         self._groups: list[_SparseGroup] = []
@@ -85,6 +89,12 @@ class InputModule(nn.Module):
         self._in_spec_order = len(self._groups) == 1
 
     def embedding_parameters(self) -> list[nn.Parameter]:
+        """The input's parameters: id tables (:meth:`row_sparse_parameters`), then the numeric
+        embeddings' (dense gradients)."""
+        return self.row_sparse_parameters() + list(self.numeric.parameters())
+
+    def row_sparse_parameters(self) -> list[nn.Parameter]:
+        """The id embedding tables (row-sparse gradients with ``sparse_gradients=True``)."""
         return [t.weight for t in self.tables.values()]
 
     def forward(self, batch: Mapping[str, Tensor]) -> Tensor:
@@ -99,7 +109,10 @@ class InputModule(nn.Module):
         dtype = self.dtype
         for f in self.spec.dense:
             x = _get(batch, f.name).to(dtype)
-            parts.append(x.unsqueeze(-1) if x.dim() == 1 else x)
+            if f.name in self.numeric:
+                parts.append(self.numeric[f.name](x))
+            else:
+                parts.append(x.unsqueeze(-1) if x.dim() == 1 else x)
         for f in self.spec.vectors:
             parts.append(_get(batch, f.name).to(dtype))
         return torch.cat(parts, dim=1)

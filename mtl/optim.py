@@ -10,7 +10,11 @@ kinds of parameter groups:
   ``p_r <- p_r - lr * sqrt(1-b2^t) / (1-b1^t) * m_r / (sqrt(v_r) + eps)``, with one step
   counter ``t`` per table (incremented on every step the table has a gradient). Rows not in
   the batch keep their parameters and moments unchanged. A dense gradient on such a group
-  updates every row with the same formula.
+  updates every row with the same formula. A group ``weight_decay`` ``wd`` adds ``wd * p_r`` to
+  the gradient of the touched rows only (``g_r`` above), so a row is regularised each time it
+  occurs: frequent ids more, rare ids less, a lazy counterpart of L2 (the "mini-batch aware"
+  regularisation of Zhou et al., "Deep Interest Network", KDD 2018, sec. 5.1, without its
+  ``1/n_j`` factor).
 - ``row_sparse=False`` (all other parameters): :func:`torch.optim.adam.adam` (``fused=True``
   where the device supports it, otherwise ``foreach``), i.e. the maths of
   :class:`torch.optim.Adam` including its optional L2 ``weight_decay``.
@@ -49,8 +53,8 @@ class MixedAdam(torch.optim.Optimizer):
         lr: learning rate.
         betas: ``(beta1, beta2)``.
         eps: the epsilon added to the denominator.
-        weight_decay: L2 penalty added to the gradient of dense groups (as in ``torch.optim.Adam``);
-            must be 0 for row-sparse groups (a lazy update cannot decay untouched rows).
+        weight_decay: L2 penalty added to the gradient (as in ``torch.optim.Adam``); in
+            row-sparse groups to the touched rows' gradient only (untouched rows stay as they are).
         fused: use the fused dense kernel; ``None`` = use it when all dense parameters are on a
             device that supports it (CPU and CUDA float tensors), else ``foreach``.
     """
@@ -72,9 +76,6 @@ class MixedAdam(torch.optim.Optimizer):
             raise ValueError(f"invalid eps {eps}")
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, row_sparse=False, fused=fused)
         super().__init__(params, defaults)
-        for group in self.param_groups:
-            if group["row_sparse"] and group["weight_decay"] != 0.0:
-                raise ValueError("MixedAdam: weight_decay must be 0 for row_sparse groups")
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:  # type: ignore[override]
@@ -158,8 +159,10 @@ class MixedAdam(torch.optim.Optimizer):
                 values = grad._values()
                 if values.numel() == 0:
                     continue
+                if group["weight_decay"]:
+                    values = values + group["weight_decay"] * F.embedding(rows, p.detach())
             else:
-                values = grad
+                values = grad if not group["weight_decay"] else grad + group["weight_decay"] * p.detach()
             state = self.state[p]
             if len(state) == 0:
                 state["step"] = 0
@@ -222,6 +225,7 @@ def build_optimizer(
     eps: float = 1e-8,
     weight_decay: float = 0.0,
     embedding_lr: float | None = None,
+    embedding_weight_decay: float = 0.0,
     fused: bool | None = None,
 ) -> MixedAdam:
     """The default optimizer of a model: row-sparse lazy Adam on its embedding tables, Adam
@@ -236,6 +240,8 @@ def build_optimizer(
         eps: Adam epsilon.
         weight_decay: L2 penalty on the dense parameters only.
         embedding_lr: learning rate of the embedding tables (default ``lr``).
+        embedding_weight_decay: L2 on the embedding group, applied to the rows a batch touches
+            (see the module docstring).
         fused: see :class:`MixedAdam`.
 
     Returns:
@@ -251,7 +257,7 @@ def build_optimizer(
     if embedding_params:
         groups.append(
             {"params": embedding_params, "row_sparse": True, "lr": lr if embedding_lr is None else embedding_lr,
-             "weight_decay": 0.0}
+             "weight_decay": embedding_weight_decay}
         )
     if dense_params:
         groups.append({"params": dense_params, "row_sparse": False})

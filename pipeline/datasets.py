@@ -331,6 +331,11 @@ class DatasetConfig(_Strict):
     """Categorical id features."""
     dense: list[DenseConfig] = Field(default_factory=list)
     """Numeric features."""
+    numeric_bins: int | None = Field(None, ge=1)
+    """Quantile bins fitted per dense feature component (history counts and rates included) on
+    the training rows' scaled values, saved as ``artifacts/bins_<name>.json`` and written into
+    the feature spec as ``boundaries``: what a train config's ``numeric`` encodings
+    ``bucket`` / ``piecewise_linear`` read (None: no boundaries)."""
     lists: list[ListConfig] = Field(default_factory=list)
     """Multi-hot list features (ids or string tokens in one string column)."""
     vectors: list[VectorConfig] = Field(default_factory=list)

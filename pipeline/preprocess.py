@@ -76,6 +76,7 @@ from pipeline.transforms import (  # noqa: F401  (HistoryGroup, fit_pca, ...: th
     history_feature_names,
     history_features,
 )
+from pipeline.transforms.buckets import fit_numeric_boundaries
 
 SPLITS = ("train", "valid", "test")
 SUCCESS = "_SUCCESS"
@@ -1168,6 +1169,8 @@ def build_reference(cfg: DatasetConfig, raw: Path, tmp: Path, ray_num_cpus: int 
 
     # ---- 9. spec, report ----------------------------------------------------------------------
     spec = FeatureSpec(sparse=spec_sparse, lists=spec_lists, dense=spec_dense, vectors=spec_vectors, tasks=lab_names, user_column="_user" if cfg.user else None)
+    if cfg.numeric_bins is not None:  # issue 14: quantile edges of the written training rows
+        spec = fit_numeric_boundaries(spec, tmp / "train", cfg.numeric_bins, artifacts)
     spec.save(tmp / "feature_spec.json")
     (artifacts / "dense_stats.json").write_text(json.dumps(dense_stats, indent=2))
     report.update(

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from mtl.features import DenseFeature, FeatureSpec, ListFeature, SparseFeature, VectorFeature
+from mtl.features import DenseFeature, FeatureSpec, ListFeature, NumericEncoding, SparseFeature, VectorFeature
 from mtl.models import MODELS, MultiTaskModel, build_model
 from mtl.models.mmoe import MMoE
 from mtl.models.ple import PLE
@@ -25,9 +25,15 @@ B = 6
 # variant id -> (registry name, kwargs as a function of the number of tasks K)
 VARIANTS: dict[str, tuple[str, Callable[[int], dict[str, Any]]]] = {
     "mmoe": ("mmoe", lambda k: dict(num_experts=3, expert_hidden=[8, 6], tower_hidden=[8])),
+    "mmoe_cross": ("mmoe", lambda k: dict(num_experts=3, expert_hidden=[6], tower_hidden=[8], expert_type="cross",
+                                          cross={"layers": 2, "rank": 3, "mixtures": 2})),
+    "mmoe_gate_remedies": ("mmoe", lambda k: dict(num_experts=3, expert_hidden=[8, 6], tower_hidden=[8],
+                                                  gate_temperature=2.5, load_balance=0.3)),
     "single_task": ("single_task", lambda k: dict(hidden=[8, 5])),
     "shared_bottom": ("shared_bottom", lambda k: dict(bottom_hidden=[8, 6], tower_hidden=[8])),
     "shared_bottom_linear_towers": ("shared_bottom", lambda k: dict(bottom_hidden=[7], tower_hidden=[])),
+    "shared_bottom_cross": ("shared_bottom", lambda k: dict(bottom_hidden=[7], tower_hidden=[4], bottom_type="cross",
+                                                            cross={"layers": 2})),
     "soft_sharing": ("soft_sharing", lambda k: dict(hidden=[8, 5], strength=0.1, penalize_bias=True)),
     "snr_trans": (
         "snr",
@@ -49,6 +55,11 @@ VARIANTS: dict[str, tuple[str, Callable[[int], dict[str, Any]]]] = {
         lambda k: dict(num_levels=2, num_shared_experts=2, task_experts=[t % 3 for t in range(k)],
                        expert_hidden=[7], tower_hidden=[8]),
     ),
+    "ple_2_cross": (
+        "ple",
+        lambda k: dict(num_levels=2, num_shared_experts=1, task_experts=[t % 2 for t in range(k)],
+                       expert_hidden=[7], tower_hidden=[8], expert_type="cross", cross={"layers": 1, "rank": 2}),
+    ),
     "ple_3": (
         "ple",
         lambda k: dict(num_levels=3, num_shared_experts=2, task_experts=[(t + 1) % 3 for t in range(k)],
@@ -57,14 +68,21 @@ VARIANTS: dict[str, tuple[str, Callable[[int], dict[str, Any]]]] = {
 }
 
 
-def make_spec(k: int) -> FeatureSpec:
-    return FeatureSpec(
+def make_spec(k: int, numeric: bool = False) -> FeatureSpec:
+    """The test spec; ``numeric`` adds a dense feature with a piecewise-linear embedding."""
+    spec = FeatureSpec(
         sparse=[SparseFeature("u", 11, 4), SparseFeature("i", 13, 3)],
         lists=[ListFeature("tags", 7, max_len=3, embedding_dim=2)],
         dense=[DenseFeature("d", 2)],
         vectors=[VectorFeature("v", 3)],
         tasks=[f"t{t}" for t in range(k)],
     )
+    if not numeric:
+        return spec
+    encoded = DenseFeature("n", 2, boundaries=[[-1.0, 0.0, 0.5, 1.0], [-2.0, -1.0, 1.0, 2.0]],
+                           encoding=NumericEncoding("piecewise_linear", dim=2))
+    return FeatureSpec(sparse=spec.sparse, lists=spec.lists, dense=[*spec.dense, encoded], vectors=spec.vectors,
+                       tasks=spec.tasks)
 
 
 def make_batch(b: int = B, seed: int = 0) -> dict[str, Tensor]:
@@ -76,6 +94,7 @@ def make_batch(b: int = B, seed: int = 0) -> dict[str, Tensor]:
         "i": torch.randint(0, 13, (b,), generator=g),
         "tags": tags,
         "d": torch.randn(b, 2, generator=g),
+        "n": torch.randn(b, 2, generator=g),
         "v": torch.randn(b, 3, generator=g),
     }
 
@@ -83,7 +102,7 @@ def make_batch(b: int = B, seed: int = 0) -> dict[str, Tensor]:
 def build(variant: str, k: int, seed: int = 0) -> MultiTaskModel:
     name, kwargs = VARIANTS[variant]
     torch.manual_seed(seed)
-    return build_model(name, make_spec(k), **kwargs(k))
+    return build_model(name, make_spec(k, numeric=True), **kwargs(k))
 
 
 def task_losses(logits: Tensor, seed: int = 1) -> list[Tensor]:
@@ -109,6 +128,10 @@ def _expected_penalty(model: MultiTaskModel) -> float:
     if isinstance(model, SNR):
         shift = model.beta * math.log(-model.gamma / model.zeta)
         return model.l0_strength * sum(1 / (1 + math.exp(-(float(a) - shift))) for a in model.log_alpha.detach().flatten())
+    if isinstance(model, MMoE) and model.load_balance > 0:
+        # the last forward's gates; routing_weights recomputes them from the same batch
+        usage = model.routing_weights(make_batch())["gate"].detach().mean(0)  # [K, E]
+        return model.load_balance * float((model.num_experts * usage.pow(2).sum(-1) - 1).mean())
     if isinstance(model, SoftSharing):
         tied = [w.detach() for w in list(model.towers.weights) + (list(model.towers.biases) if model.penalize_bias else [])]
         total = sum(float((w[i] - w[j]).pow(2).sum()) for w in tied
@@ -222,7 +245,7 @@ def test_task_grad_scale_contract(variant: str) -> None:
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("variant", ["mmoe", "ple_cgc", "ple_2", "ple_3"])
+@pytest.mark.parametrize("variant", ["mmoe", "mmoe_gate_remedies", "ple_cgc", "ple_2", "ple_3"])
 def test_gates_are_distributions(variant: str) -> None:
     model = build(variant, 4)
     routing = model.routing_weights(make_batch())
@@ -449,14 +472,17 @@ def test_seeded_construction_is_deterministic(variant: str) -> None:
     c = build(variant, 3, seed=8).state_dict()
     assert a.keys() == b.keys() == c.keys()
     assert all(torch.equal(a[key], b[key]) for key in a)
-    float_keys = [key for key in a if a[key].is_floating_point() and a[key].numel() > 1]
+    # randomly initialised parameters (not buffers such as fitted bin edges, not the cross
+    # layers' biases, which start at 0 as in DCN-v2)
+    params = {name for name, _ in build(variant, 3, seed=7).named_parameters()}
+    float_keys = [key for key in a if key in params and a[key].numel() > 1 and bool((a[key] != a[key].flatten()[0]).any())]
     assert float_keys and all(not torch.equal(a[key], c[key]) for key in float_keys)
 
 
 @pytest.mark.parametrize("variant", ["mmoe", "shared_bottom", "snr_trans", "ple_2"])
 def test_sparse_embedding_gradients_match_dense(variant: str) -> None:
     name, kwargs = VARIANTS[variant]
-    spec, batch, c = make_spec(3), make_batch(), torch.tensor([0.5, 1.0, 2.0])
+    spec, batch, c = make_spec(3, numeric=True), make_batch(), torch.tensor([0.5, 1.0, 2.0])
     models = []
     for sparse in (False, True):
         torch.manual_seed(0)
@@ -465,9 +491,15 @@ def test_sparse_embedding_gradients_match_dense(variant: str) -> None:
         torch.stack(task_losses(model(batch, task_grad_scale=c))).sum().backward()
         models.append(model)
     dense, sparse_model = models
-    for p_dense, p_sparse in zip(dense.embedding_parameters(), sparse_model.embedding_parameters()):
+    for p_dense, p_sparse in zip(dense.inputs.row_sparse_parameters(), sparse_model.inputs.row_sparse_parameters()):
         assert p_sparse.grad is not None and p_sparse.grad.is_sparse
         torch.testing.assert_close(p_sparse.grad.to_dense(), p_dense.grad)
+    # the numeric embeddings (the rest of the input's parameters) have dense gradients either way
+    numeric = list(zip(dense.inputs.numeric.parameters(), sparse_model.inputs.numeric.parameters()))
+    assert numeric
+    for p_dense, p_sparse in numeric:
+        assert not p_sparse.grad.is_sparse
+        torch.testing.assert_close(p_sparse.grad, p_dense.grad)
 
 
 # ---------------------------------------------------------------- last shared layer (GradNorm's W)
@@ -524,3 +556,49 @@ def test_snr_eval_rule_at_non_default_stretch(gamma: float, zeta: float) -> None
     assert torch.equal(z.flatten()[:4], torch.tensor([0.0, 0.0, 1.0, 1.0]))
     # asymmetric stretch: log_alpha = +-0.01 straddles 0 but not the threshold (|threshold| > 0.01)
     assert abs(threshold) > 0.01 and bool(z.flatten()[4] == z.flatten()[5])
+
+
+# ---------------------------------------------------------------- gate remedies (issue 14)
+
+
+def test_mmoe_gate_temperature_in_the_fused_body_equals_the_modules() -> None:
+    """softmax(z / T) gates: the fused kernel (gate layer scaled by 1/T) gives the per-module
+    path's logits and gradients; T > 1 flattens the gates."""
+    torch.manual_seed(0)
+    spec = make_spec(2)
+    model = MMoE(spec, num_experts=3, expert_hidden=[8, 6], tower_hidden=[4], gate_temperature=3.0)
+    batch = make_batch()
+    x = model.inputs(batch)
+    z = (x @ model.gates.weight.T + model.gates.bias).view(B, 2, 3)
+    torch.testing.assert_close(model.gate_weights(x), torch.softmax(z / 3.0, dim=-1))
+    grads = []
+    for forward in (model.forward_representation, model.forward_modules):
+        model.zero_grad()
+        logits = forward(model.inputs(batch))
+        torch.stack(task_losses(logits)).sum().backward()
+        grads.append((logits.detach(), model.gates.weight.grad.clone(), model.experts.weights[0].grad.clone()))
+    for fused, modules in zip(*grads):
+        torch.testing.assert_close(fused, modules, rtol=1e-5, atol=1e-6)
+    plain = MMoE(spec, num_experts=3, expert_hidden=[8, 6], tower_hidden=[4])
+    plain.load_state_dict(model.state_dict())
+    entropy = [-(g * g.log()).sum(-1).mean() for g in (model.gate_weights(x), plain.gate_weights(x))]
+    assert entropy[0] > entropy[1]
+
+
+def test_mmoe_load_balance_penalty_reaches_the_gates_only_in_training() -> None:
+    torch.manual_seed(0)
+    model = MMoE(make_spec(2), num_experts=3, expert_hidden=[6], tower_hidden=[4], load_balance=1.0)
+    model(make_batch())
+    penalty = model.regularization()
+    assert float(penalty) > 0 and penalty.requires_grad
+    penalty.backward()
+    assert model.gates.weight.grad.abs().sum() > 0 and model.experts.weights[0].grad is None
+    assert float(model.regularization()) == 0.0  # consumed: one penalty per forward
+    # as the training step runs it: the task losses' backward first (it frees the forward's graph)
+    model(make_batch()).sum().backward()
+    model.gates.weight.grad = None
+    model.regularization().backward()
+    assert model.gates.weight.grad.abs().sum() > 0
+    model.eval()
+    model(make_batch())
+    assert float(model.regularization()) == 0.0

@@ -191,10 +191,32 @@ def test_works_with_lr_scheduler_and_zero_grad() -> None:
     assert p.grad is None
 
 
+def test_row_sparse_weight_decay_is_l2_on_touched_rows_only() -> None:
+    """Touched rows: SparseAdam's update of ``g_r + wd * p_r``; other rows unchanged."""
+    torch.manual_seed(0)
+    p = nn.Parameter(torch.randn(6, 3))
+    ref = p.detach().clone()
+    m, v = torch.zeros_like(ref), torch.zeros_like(ref)
+    wd, lr, (b1, b2), eps = 0.3, 0.1, (0.9, 0.999), 1e-8
+    opt = MixedAdam([{"params": [p], "row_sparse": True, "weight_decay": wd}], lr=lr)
+    for t, rows in enumerate([[1, 4], [0, 1]], start=1):
+        rows_t = torch.tensor(rows)
+        g = torch.randn(len(rows), 3)
+        p.grad = torch.sparse_coo_tensor(rows_t.unsqueeze(0), g, p.shape, check_invariants=True).coalesce()
+        untouched_before = p.detach().clone()
+        opt.step()
+        g_eff = g + wd * ref[rows_t]
+        m[rows_t] = b1 * m[rows_t] + (1 - b1) * g_eff
+        v[rows_t] = b2 * v[rows_t] + (1 - b2) * g_eff**2
+        step = lr * (1 - b2**t) ** 0.5 / (1 - b1**t)
+        ref[rows_t] -= step * m[rows_t] / (v[rows_t].sqrt() + eps)
+        torch.testing.assert_close(p.detach(), ref)
+        others = torch.ones(6, dtype=torch.bool)
+        others[rows_t] = False
+        assert torch.equal(p.detach()[others], untouched_before[others])
+
+
 def test_clear_errors() -> None:
-    p = nn.Parameter(torch.ones(3, 2))
-    with pytest.raises(ValueError, match="weight_decay"):
-        MixedAdam([{"params": [p], "row_sparse": True, "weight_decay": 0.1}])
     q = nn.Parameter(torch.ones(3, 2))
     opt = MixedAdam([q])
     q.grad = torch.sparse_coo_tensor(torch.tensor([[1]]), torch.ones(1, 2), (3, 2), check_invariants=True)

@@ -506,9 +506,37 @@ def test_adult_end_to_end(tmp_path: Path, ray_session) -> None:
     for s in ("valid", "test"):
         unseen = ~raw.iloc[parts[s]._row.to_numpy() - 1]["native-country"].isin(train_src["native-country"])
         assert report["oov"]["native_country"][s] == int(unseen.sum())
+    # numeric_bins: quantile edges of the training rows' written values, saved and in the spec
+    check_bins_fitted_on_train(out, spec, cfg.numeric_bins)
+    ages = np.concatenate([p.age.to_numpy() for p in parts.values()])
+    assert spec.dense[0].name == "age"
+    assert spec.dense[0].boundaries[0] != np.quantile(ages.astype(np.float64), np.linspace(0, 1, cfg.numeric_bins + 1)).tolist()
     again = preprocess(cfg, ADULT, tmp_path / "adult2")
     assert again["splits"] == report["splits"]
     assert read_split(tmp_path / "adult2", "valid").equals(read_split(out, "valid"))
+
+
+def check_bins_fitted_on_train(out: Path, spec: FeatureSpec, bins: int) -> None:
+    """Every dense feature (history ones included) has ``bins + 1`` edges per component equal to
+    the quantiles of its training split values, saved as a fitted transform that loads back."""
+    from pipeline.transforms.buckets import QuantileBoundaries
+
+    train = read_split(out, "train")
+    assert spec.dense
+    for f in spec.dense:
+        col = train[f.name].combine_chunks()
+        values = np.asarray(col.flatten() if f.dim > 1 else col, dtype=np.float64).reshape(train.num_rows, f.dim)
+        expected = np.quantile(values, np.linspace(0, 1, bins + 1), axis=0).T
+        assert np.array_equal(np.asarray(f.boundaries), expected), f.name
+        assert QuantileBoundaries.load(out / "artifacts" / f"bins_{f.name}.json").to_list() == f.boundaries
+
+
+def test_numeric_bins_cover_history_features(tiny_processed: Path) -> None:
+    spec = load_spec(tiny_processed)
+    assert any(f.name.startswith("hist_") and f.dim > 1 for f in spec.dense)
+    from pipeline.preprocess import DEFAULT_CONFIG
+
+    check_bins_fitted_on_train(tiny_processed, spec, load_config(DatasetConfig, DEFAULT_CONFIG).numeric_bins)
 
 
 def test_read_source_types(tmp_path: Path) -> None:

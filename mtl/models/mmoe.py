@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -14,6 +14,7 @@ from torch.autograd.graph import GradientEdge
 from mtl.device import host_to_device
 from mtl.features import FeatureSpec
 from mtl.models.base import Batch, MultiTaskModel
+from mtl.models.cross import expert_block
 from mtl.models.layers import BatchedMLP, mix_experts, shared_input_linear, stacked_owners
 from mtl.precision import Precision
 
@@ -27,6 +28,16 @@ class MMoE(MultiTaskModel):
         expert_hidden: expert MLP widths (ReLU after each); the last is the expert output width.
         tower_hidden: tower MLP widths before the final logit.
         sparse_gradients: row-sparse embedding gradients.
+        expert_type: ``"mlp"`` or ``"cross"`` (DCN-v2 cross layers then the ``expert_hidden``
+            MLP, :class:`~mtl.models.cross.BatchedCrossNet`; runs the per-module body, not the
+            fused kernel, and has no batched ``shared_task_gradients``).
+        cross: cross expert options (``layers``, ``rank``, ``mixtures``).
+        gate_temperature: the gates are ``softmax(logits / T)``; ``T > 1`` flattens them.
+        load_balance: weight ``lambda`` of the load-balancing penalty
+            ``lambda * mean_k (E * sum_e u_ke^2 - 1)``, ``u_ke`` = task ``k``'s mean gate weight on
+            expert ``e`` over the training batch (0 when every expert gets ``1/E`` of each task's
+            weight; :meth:`regularization`, added to the training loss; its gradient reaches the
+            gate layer only).
         compute_dtype: precision of the body (:mod:`mtl.precision`; ``None`` = the parameters'
             dtype). ``"bfloat16"`` runs the experts, gates and towers in bfloat16 (about 2x faster
             GEMMs on CPUs with AVX512-BF16/AMX) while parameters, gradients, the optimizer and
@@ -52,13 +63,27 @@ class MMoE(MultiTaskModel):
         tower_hidden: list[int] | None = None,
         sparse_gradients: bool = False,
         compute_dtype: Precision = None,
+        expert_type: str = "mlp",
+        cross: dict[str, Any] | None = None,
+        gate_temperature: float = 1.0,
+        load_balance: float = 0.0,
     ) -> None:
         super().__init__(spec, sparse_gradients=sparse_gradients, compute_dtype=compute_dtype)
         expert_hidden = expert_hidden or [128, 64]
         tower_hidden = tower_hidden if tower_hidden is not None else [32]
+        if not gate_temperature > 0 or load_balance < 0:
+            raise ValueError(f"mmoe: need gate_temperature > 0 and load_balance >= 0, got {gate_temperature}, {load_balance}")
         d, k = self.inputs.output_dim, self.num_tasks
         self.num_experts = num_experts
-        self.experts = BatchedMLP(num_experts, d, expert_hidden, shared_input=True)
+        self.gate_temperature, self.load_balance = float(gate_temperature), float(load_balance)
+        self.experts = expert_block(expert_type, num_experts, d, expert_hidden, shared_input=True, cross=cross)
+        self.fused = expert_type == "mlp"
+        if not self.fused:
+            # the batched per-task expert gradients are the fused MLP kernel's: the strategy
+            # driver takes per-task gradients by autograd instead
+            self.shared_task_gradients = None  # type: ignore[assignment]
+            self.shared_task_gradient_options = None
+        self._balance_gates: Tensor | None = None
         # All K gates as one Linear(d, K*E); rows k*E:(k+1)*E belong to task k.
         self.gates = nn.Linear(d, k * num_experts)
         self.towers = BatchedMLP(k, expert_hidden[-1], tower_hidden, out_dim=1, shared_input=False)
@@ -71,14 +96,33 @@ class MMoE(MultiTaskModel):
     def gate_weights(self, x: Tensor, task_grad_scale: Tensor | None = None) -> Tensor:
         """Per-task distributions over experts, ``[B, K, E]``."""
         logits = shared_input_linear(x, self.gates.weight, self.gates.bias, task_grad_scale)
-        return torch.softmax(logits.view(x.shape[0], self.num_tasks, self.num_experts), dim=-1)
+        logits = logits.view(x.shape[0], self.num_tasks, self.num_experts)
+        return torch.softmax(logits / self.gate_temperature if self.gate_temperature != 1.0 else logits, dim=-1)
+
+    def regularization(self) -> Tensor:
+        """The load-balancing penalty of the last training forward (see ``load_balance``)."""
+        gates, self._balance_gates = self._balance_gates, None
+        if gates is None:
+            return super().regularization()
+        usage = gates.float().mean(0)  # [K, E]
+        return self.load_balance * (self.num_experts * usage.pow(2).sum(-1) - 1.0).mean()
 
     def forward_representation(self, x: Tensor, task_grad_scale: Tensor | None = None) -> Tensor:
         if x.dim() != 2 or x.shape[1] != self.inputs.output_dim:
             raise ValueError(f"MMoE: expected input [B, {self.inputs.output_dim}], got {list(x.shape)}")
         if task_grad_scale is not None and task_grad_scale.shape != (self.num_tasks,):
             raise ValueError(f"task_grad_scale must have shape [{self.num_tasks}], got {list(task_grad_scale.shape)}")
-        params = [*self.experts.weights, *self.experts.biases, self.gates.weight, self.gates.bias]
+        if self.load_balance > 0 and self.training and torch.is_grad_enabled():
+            # the gates once more outside the fused kernel (one small GEMM): the penalty's graph.
+            # The input is detached: the training step backpropagates the penalty after the task
+            # losses' backward has freed the input's graph, so the penalty trains the gates only.
+            self._balance_gates = self.gate_weights(x.detach())
+        if not self.fused:
+            return self.forward_modules(x, task_grad_scale)
+        gate_w, gate_b = self.gates.weight, self.gates.bias
+        if self.gate_temperature != 1.0:  # softmax(z / T): the gate layer scaled by 1 / T
+            gate_w, gate_b = gate_w / self.gate_temperature, gate_b / self.gate_temperature
+        params = [*self.experts.weights, *self.experts.biases, gate_w, gate_b]
         params += [*self.towers.weights, *self.towers.biases]
         out_dtype = x.dtype
         dtype = self.body_dtype(x)

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from mtl.features import FeatureSpec
 from mtl.models.base import Batch, MultiTaskModel
+from mtl.models.cross import expert_block
 from mtl.models.grad_scale import LiveScale, Scale, scale_grad
 from mtl.models.layers import BatchedMLP, mix_experts, shared_input_linear, stacked_owners
 from mtl.precision import Precision
@@ -36,6 +38,8 @@ class _ExtractionLevel(nn.Module):
         first: bool,
         shared_gate: bool,
         gate_shared: list[bool],
+        expert_type: str = "mlp",
+        cross: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         k = num_tasks
@@ -44,9 +48,12 @@ class _ExtractionLevel(nn.Module):
         self.num_task_experts = sum(task_experts)
         self.num_shared = num_shared
         self.num_experts = e = self.num_task_experts + num_shared
-        self.shared_experts = BatchedMLP(num_shared, in_dim, expert_hidden, shared_input=True) if num_shared else None
+        self.shared_experts = (
+            expert_block(expert_type, num_shared, in_dim, expert_hidden, shared_input=True, cross=cross)
+            if num_shared else None
+        )
         self.task_experts = (
-            BatchedMLP(self.num_task_experts, in_dim, expert_hidden, shared_input=first)
+            expert_block(expert_type, self.num_task_experts, in_dim, expert_hidden, shared_input=first, cross=cross)
             if self.num_task_experts
             else None
         )
@@ -168,6 +175,9 @@ class PLE(MultiTaskModel):
         tower_hidden: tower widths before the final logit.
         sparse_gradients: row-sparse embedding gradients.
         compute_dtype: body precision (:mod:`mtl.precision`), applied by ``forward``.
+        expert_type: ``"mlp"`` or ``"cross"`` (every expert: DCN-v2 cross layers, then the
+            ``expert_hidden`` MLP; :class:`~mtl.models.cross.BatchedCrossNet`).
+        cross: cross expert options (``layers``, ``rank``, ``mixtures``).
 
     Example:
         >>> from mtl.features import FeatureSpec, SparseFeature
@@ -188,6 +198,8 @@ class PLE(MultiTaskModel):
         tower_hidden: list[int] | None = None,
         sparse_gradients: bool = False,
         compute_dtype: Precision = None,
+        expert_type: str = "mlp",
+        cross: dict[str, Any] | None = None,
     ) -> None:
         super().__init__(spec, sparse_gradients=sparse_gradients, compute_dtype=compute_dtype)
         k = self.num_tasks
@@ -218,6 +230,7 @@ class PLE(MultiTaskModel):
             level = _ExtractionLevel(
                 k, in_dim, counts, num_shared_experts, expert_hidden,
                 first=lvl == 0, shared_gate=lvl < n_lvl - 1, gate_shared=gate_shared,
+                expert_type=expert_type, cross=cross,
             )  # fmt: skip
             # Where task k's gradient is scaled (a shared tensor entering task-specific code):
             gate_mask = torch.tensor([not gs and ins for gs, ins in zip(gate_shared, in_shared)])

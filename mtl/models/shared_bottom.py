@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import Tensor, nn
 
 from mtl.features import FeatureSpec
 from mtl.models.base import MultiTaskModel
+from mtl.models.cross import expert_block
 from mtl.models.layers import BatchedMLP, stacked_owners
 from mtl.precision import Precision
 
@@ -27,6 +30,9 @@ class SharedBottom(MultiTaskModel):
         tower_hidden: tower widths before the final logit (``[]`` = a linear tower).
         sparse_gradients: row-sparse embedding gradients.
         compute_dtype: body precision (:mod:`mtl.precision`), applied by ``forward``.
+        bottom_type: ``"mlp"`` or ``"cross"`` (DCN-v2 cross layers, then the ``bottom_hidden``
+            MLP: :class:`~mtl.models.cross.BatchedCrossNet`).
+        cross: cross bottom options (``layers``, ``rank``, ``mixtures``).
 
     Example:
         >>> import torch
@@ -43,11 +49,13 @@ class SharedBottom(MultiTaskModel):
         tower_hidden: list[int] | None = None,
         sparse_gradients: bool = False,
         compute_dtype: Precision = None,
+        bottom_type: str = "mlp",
+        cross: dict[str, Any] | None = None,
     ) -> None:
         super().__init__(spec, sparse_gradients=sparse_gradients, compute_dtype=compute_dtype)
         bottom_hidden = list(bottom_hidden) if bottom_hidden else [128, 64]
         tower_hidden = list(tower_hidden) if tower_hidden is not None else [32]
-        self.bottom = BatchedMLP(1, self.inputs.output_dim, bottom_hidden, shared_input=True)
+        self.bottom = expert_block(bottom_type, 1, self.inputs.output_dim, bottom_hidden, shared_input=True, cross=cross)
         self.towers = BatchedMLP(self.num_tasks, bottom_hidden[-1], tower_hidden, out_dim=1, shared_input=True)
 
     def forward_representation(self, x: Tensor, task_grad_scale: Tensor | None = None) -> Tensor:

@@ -201,11 +201,12 @@ class Scorer:
             if not (model_dir / name).is_file():
                 raise FileNotFoundError(f"{model_dir}: no {name} (expected a training run's model/ folder)")
         spec = FeatureSpec.load(model_dir / SPEC_FILE)
-        data_spec = load_spec(processed_dir)
+        job = TrainJobConfig.model_validate(yaml.safe_load((model_dir / "config.yaml").read_text()))
+        # the model's spec is the data's with the run's numeric encodings (train.numeric)
+        data_spec = job.train.model_spec(load_spec(processed_dir))
         if spec.to_dict() != data_spec.to_dict():
             raise ValueError(f"{model_dir}/{SPEC_FILE} differs from {processed_dir}/feature_spec.json: "
                              "the model was not trained on this preprocessed data")
-        job = TrainJobConfig.model_validate(yaml.safe_load((model_dir / "config.yaml").read_text()))
         info = {"name": job.train.model.name, "params": dict(job.train.model.params), "precision": job.train.precision}
         model = build_model(info["name"], spec, sparse_gradients=False, compute_dtype=info["precision"], **info["params"])
         load_checkpoint(model_dir / STATE_FILE, model, restore_rng=False)

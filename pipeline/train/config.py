@@ -17,6 +17,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from mtl.distributed import SYNC_MODES
+from mtl.features import FeatureSpec, NumericEncoding
 from mtl.models import MODELS
 from mtl.precision import DEFAULT_PRECISION, check_precision
 from mtl.strategies import STRATEGIES
@@ -69,11 +70,29 @@ class OptimizerConfig(Strict):
     """The library's optimizer (:func:`mtl.optim.build_optimizer`) and gradient clipping."""
 
     lr: float = Field(1e-3, gt=0)
+    #: learning rate of the input module (id tables and numeric embeddings); None = lr
     embedding_lr: float | None = Field(None, gt=0)
     weight_decay: float = Field(0.0, ge=0)
+    #: L2 on the input module's parameters, applied to the id-table rows a batch touches (so a
+    #: row is regularised in proportion to how often it occurs: mtl.optim.MixedAdam)
+    embedding_weight_decay: float = Field(0.0, ge=0)
     #: clip the global gradient norm (all parameters, embeddings included, after the ranks'
     #: gradients are averaged, so identical on every rank); None = no clipping
     clip_grad_norm: float | None = Field(None, gt=0)
+
+
+class NumericEncodingConfig(Strict):
+    """How the model embeds a dense feature (:class:`mtl.features.NumericEncoding`)."""
+
+    kind: Literal["raw", "bucket", "piecewise_linear", "periodic"]
+    dim: int = Field(8, ge=1)
+    frequencies: int = Field(16, ge=1)
+    sigma: float = Field(1.0, gt=0)
+
+    def encoding(self) -> NumericEncoding | None:
+        if self.kind == "raw":
+            return None
+        return NumericEncoding(self.kind, dim=self.dim, frequencies=self.frequencies, sigma=self.sigma)
 
 
 class EarlyStoppingConfig(Strict):
@@ -109,6 +128,16 @@ class TrainConfig(Strict):
     #: also evaluate (and checkpoint) every this many steps within an epoch; None = per epoch only
     eval_every_steps: int | None = Field(None, ge=1)
     early_stopping: EarlyStoppingConfig = Field(default_factory=EarlyStoppingConfig)
+    #: numeric features as embeddings, by dense feature name ("*": every other dense feature);
+    #: bucket / piecewise_linear need the dataset's numeric_bins (issue 14)
+    numeric: dict[str, NumericEncodingConfig] = Field(default_factory=dict)
+
+    def model_spec(self, spec: FeatureSpec) -> FeatureSpec:
+        """The data's spec with this run's numeric encodings (what the model is built from and
+        saved with)."""
+        if not self.numeric:
+            return spec
+        return spec.with_numeric_encodings({name: c.encoding() for name, c in self.numeric.items()})
 
     @model_validator(mode="after")
     def _check(self) -> "TrainConfig":

@@ -64,7 +64,7 @@ def log_loss(y: np.ndarray, p: np.ndarray) -> float:
 
 def score_predictions(probs: np.ndarray, labels: np.ndarray, users: np.ndarray | None,
                       tasks: list[str], prefix: str, mask: np.ndarray | None = None) -> dict[str, float]:
-    """Per-task AUC, log loss and (with users) uAUC, and the weighted score: the official
+    """Per-task AUC, log loss and (with users) uAUC, the mean AUC over tasks, and the weighted score: the official
     weights (4, 3, 2, 1, 1, 1, 1) when every task is a WeChat action, equal weights otherwise.
 
     Args:
@@ -84,6 +84,9 @@ def score_predictions(probs: np.ndarray, labels: np.ndarray, users: np.ndarray |
             u = user_auc(y, p, users[rows])
             if not math.isnan(u):
                 uaucs[task] = metrics[f"{prefix}/uauc_{task}"] = u
+    aucs = [v for k, v in metrics.items() if k.startswith(f"{prefix}/auc_")]
+    if aucs:  # an early-stopping score for data without users (issue 14)
+        metrics[f"{prefix}/mean_auc"] = float(np.mean(aucs))
     if uaucs:
         weights = WECHAT_ACTION_WEIGHTS if all(t in WECHAT_ACTION_WEIGHTS for t in uaucs) else {t: 1.0 for t in uaucs}
         metrics[f"{prefix}/score"] = weighted_score(uaucs, weights)

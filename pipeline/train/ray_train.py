@@ -441,7 +441,7 @@ def check_job(job: TrainJobConfig, data_dir: str | Path) -> FeatureSpec:
     for split in (job.data.train_split, job.data.valid_split):
         if not split_files(data_dir, split):  # raises if the split is missing
             raise ValueError(f"{data_dir}/{split}: no Parquet files (empty split)")
-    build_model(job.train.model.name, spec, **job.train.model.params)  # bad params fail here, not in a worker
+    build_model(job.train.model.name, job.train.model_spec(spec), **job.train.model.params)  # bad params fail here, not in a worker
     nan = job.failure.nan_label_at
     if nan is not None and nan.task not in spec.tasks:
         raise ValueError(f"failure.nan_label_at.task {nan.task!r} is not a task of {data_dir}: {spec.tasks}")

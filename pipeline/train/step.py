@@ -77,7 +77,8 @@ def build(cfg: TrainConfig, spec: FeatureSpec, device: torch.device | str = "cpu
           sync_mode: str | None = None, check_finite: str = "auto") -> TrainState:
     """The seeded model, strategy, optimizers and gradient sync for ``spec`` on ``device``.
 
-    Every rank builds the same initial state from ``cfg.seed``. Optimizers: the library's set-up
+    Every rank builds the same initial state from ``cfg.seed``. The model reads
+    ``cfg.model_spec(spec)`` (the run's numeric encodings), which ``state.spec`` holds. Optimizers: the library's set-up
     (:func:`mtl.optim.build_optimizer`) plus Adam for a strategy's own parameters (Uncertainty
     weighting's log-variances).
 
@@ -88,6 +89,7 @@ def build(cfg: TrainConfig, spec: FeatureSpec, device: torch.device | str = "cpu
     """
     device = torch.device(device)
     seed_everything(cfg.seed)
+    spec = cfg.model_spec(spec)
     model = build_model(cfg.model.name, spec, sparse_gradients=True, compute_dtype=cfg.precision, **cfg.model.params)
     model.to(device)
     params = dict(cfg.strategy.params)
@@ -96,7 +98,8 @@ def build(cfg: TrainConfig, spec: FeatureSpec, device: torch.device | str = "cpu
     params.setdefault("check_finite", check_finite)
     strategy = build_strategy(cfg.strategy.name, num_tasks=spec.num_tasks, **params).to(device)
     optimizers: list[torch.optim.Optimizer] = [build_optimizer(
-        model, lr=cfg.optimizer.lr, embedding_lr=cfg.optimizer.embedding_lr, weight_decay=cfg.optimizer.weight_decay
+        model, lr=cfg.optimizer.lr, embedding_lr=cfg.optimizer.embedding_lr, weight_decay=cfg.optimizer.weight_decay,
+        embedding_weight_decay=cfg.optimizer.embedding_weight_decay,
     )]
     own = [p for p in strategy.parameters() if p.requires_grad]
     if own:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 import json
 from pathlib import Path
 from typing import Any
@@ -10,6 +12,36 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 _KEY = b"mtlrank"
+
+
+class JsonFitted(ABC):
+    """``save``/``load`` of a fitted object as the JSON of its ``to_dict``/``from_dict``."""
+
+    @abstractmethod
+    def to_dict(self) -> dict[str, Any]:
+        """The fitted state as plain JSON values."""
+
+    @classmethod
+    @abstractmethod
+    def from_dict(cls, d: dict[str, Any]) -> Any:
+        """The object :meth:`to_dict` describes."""
+
+    def save(self, path: str | Path) -> None:
+        """Write :meth:`to_dict` as JSON (floats round-trip exactly).
+
+        Args:
+            path: the file.
+        """
+        Path(path).write_text(json.dumps(self.to_dict()))
+
+    @classmethod
+    def load(cls, path: str | Path) -> Any:
+        """Read what :meth:`save` wrote.
+
+        Args:
+            path: the file.
+        """
+        return cls.from_dict(json.loads(Path(path).read_text()))
 
 
 def write_table(table: pa.Table, meta: dict[str, Any], path: str | Path) -> None:

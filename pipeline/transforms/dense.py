@@ -3,6 +3,7 @@ mean and standard deviation (``transform``: none, log1p, standard, log1p_standar
 
 Example:
     >>> import numpy as np
+
     >>> s = DenseScaler("standard").fit(np.array([1.0, 3.0]))
     >>> s.transform(np.array([2.0, 3.0])).tolist()
     [0.0, 1.0]
@@ -10,16 +11,16 @@ Example:
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from pipeline.transforms._io import JsonFitted
+
 KINDS = ("none", "log1p", "standard", "log1p_standard")
 
 
-class DenseScaler:
+class DenseScaler(JsonFitted):
     """One dense feature's fitted scaling.
 
     Args:
@@ -109,23 +110,6 @@ class DenseScaler:
             d: a :meth:`to_dict` result.
         """
         return cls(d["transform"], d.get("mean"), d.get("std"))
-
-    def save(self, path: str | Path) -> None:
-        """Write :meth:`to_dict` as JSON.
-
-        Args:
-            path: the file.
-        """
-        Path(path).write_text(json.dumps(self.to_dict()))
-
-    @classmethod
-    def load(cls, path: str | Path) -> "DenseScaler":
-        """Read what :meth:`save` wrote.
-
-        Args:
-            path: the file.
-        """
-        return cls.from_dict(json.loads(Path(path).read_text()))
 
 
 def moments(x: np.ndarray) -> tuple[int, np.ndarray, np.ndarray]:

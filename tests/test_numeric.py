@@ -1,0 +1,109 @@
+"""Numeric features as embeddings (mtl/numeric.py, pipeline/transforms/buckets.py): the
+encodings equal Gorishniy et al. 2022's definitions, the fitted edges round-trip through
+save/load, and the spec carries them."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mtl.features import DenseFeature, FeatureSpec, NumericEncoding, SparseFeature
+from mtl.inputs import InputModule
+from mtl.numeric import NumericEmbedding, piecewise_linear_encoding
+from pipeline.train.config import TrainConfig
+from pipeline.transforms.buckets import QuantileBoundaries
+
+
+def test_piecewise_linear_encoding_follows_the_paper() -> None:
+    edges = torch.tensor([[0.0, 1.0, 3.0, 3.0, 4.0]])  # bins [0,1) [1,3) [3,3) (zero width) [3,4)
+    x = torch.tensor([[-1.0], [0.5], [2.0], [3.0], [5.0]])
+    got = piecewise_linear_encoding(x, edges)[:, 0]
+
+    def expected(v: float) -> list[float]:
+        out = []
+        lo_hi = list(zip(edges[0, :-1].tolist(), edges[0, 1:].tolist()))
+        for t, (lo, hi) in enumerate(lo_hi):
+            if hi == lo:
+                out.append(float(v >= hi))
+            elif v < lo and t > 0:
+                out.append(0.0)
+            elif v >= hi and t < len(lo_hi) - 1:
+                out.append(1.0)
+            else:
+                out.append((v - lo) / (hi - lo))
+        return out
+
+    torch.testing.assert_close(got, torch.tensor([expected(float(v)) for v in x[:, 0]]))
+    assert got[0, 0] == -1.0 and got[4, 3] == 2.0  # first and last bins extrapolate
+
+
+def test_bucket_rows_and_periodic_formula() -> None:
+    f = DenseFeature("x", 2, boundaries=[[0.0, 1.0, 2.0], [10.0, 20.0, 30.0]], encoding=NumericEncoding("bucket", dim=3))
+    emb = NumericEmbedding(f)
+    x = torch.tensor([[-5.0, 25.0], [1.5, 10.0]])
+    rows = QuantileBoundaries(2, np.asarray(f.boundaries)).transform(x.numpy())  # the fitted transform's ids
+    assert rows.tolist() == [[0, 2], [2, 0]]
+    expected = torch.cat([emb.table[0, rows[:, 0]], emb.table[1, rows[:, 1]]], dim=1)
+    torch.testing.assert_close(emb(x), expected)
+
+    p = NumericEmbedding(DenseFeature("y", 1, encoding=NumericEncoding("periodic", dim=4, frequencies=3)))
+    v = torch.tensor([0.7, -1.2])
+    c = p.frequencies[0]
+    feats = torch.cat([torch.sin(2 * math.pi * c * v[:, None]), torch.cos(2 * math.pi * c * v[:, None])], dim=1)
+    torch.testing.assert_close(p(v), torch.relu(feats @ p.weight[0] + p.bias[0]))
+
+
+def test_quantile_boundaries_round_trip(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    train = rng.exponential(size=(500, 3))
+    q = QuantileBoundaries(7).fit(train)
+    assert q.edges.shape == (3, 8)
+    np.testing.assert_array_equal(q.edges[1], np.quantile(train[:, 1], np.linspace(0, 1, 8)))
+    q.save(tmp_path / "b.json")
+    back = QuantileBoundaries.load(tmp_path / "b.json")
+    assert back.bins == 7 and np.array_equal(back.edges, q.edges)
+    other = rng.normal(size=(50, 3))
+    assert np.array_equal(back.transform(other), q.transform(other))
+    with pytest.raises(ValueError, match="non-finite"):
+        QuantileBoundaries(3).fit(np.array([1.0, np.nan]))
+
+
+def test_spec_round_trip_and_train_config_encodings() -> None:
+    spec = FeatureSpec(
+        sparse=[SparseFeature("u", 5, 2)],
+        dense=[DenseFeature("a", 1, boundaries=[[0.0, 1.0, 2.0]]), DenseFeature("h", 2)],
+        tasks=["t"],
+    )
+    cfg = TrainConfig(numeric={"a": {"kind": "piecewise_linear", "dim": 3}, "*": {"kind": "periodic", "dim": 2}})
+    enc = cfg.model_spec(spec)
+    assert [f.output_dim for f in enc.dense] == [3, 4] and enc.input_dim == 2 + 3 + 4
+    assert FeatureSpec.from_dict(enc.to_dict()) == enc
+    out = InputModule(enc)({"u": torch.tensor([1, 2]), "a": torch.tensor([0.5, 3.0]), "h": torch.randn(2, 2)})
+    assert out.shape == (2, 9)
+    with pytest.raises(ValueError, match="needs quantile boundaries"):
+        TrainConfig(numeric={"h": {"kind": "bucket"}}).model_spec(spec)
+    with pytest.raises(ValueError, match="no such dense feature"):
+        TrainConfig(numeric={"zz": {"kind": "bucket"}}).model_spec(spec)
+    assert TrainConfig(numeric={"*": {"kind": "raw"}}).model_spec(spec).input_dim == 2 + 1 + 2
+
+
+def test_build_uses_and_keeps_the_encoded_spec() -> None:
+    """The train step's model reads the run's encodings, ``state.spec`` (what is saved with the
+    model for serving) carries them, and the optimizer's embedding group holds the numeric
+    embeddings with the embedding learning rate and weight decay."""
+    from pipeline.train.step import build
+
+    spec = FeatureSpec(sparse=[SparseFeature("u", 5, 2)], dense=[DenseFeature("a", 1, boundaries=[[0.0, 1.0, 2.0]])],
+                       tasks=["t", "s"])
+    cfg = TrainConfig(numeric={"a": {"kind": "bucket", "dim": 3}}, model={"name": "shared_bottom"},
+                      optimizer={"lr": 0.01, "embedding_lr": 0.001, "embedding_weight_decay": 0.5})
+    state = build(cfg, spec)
+    assert state.spec.dense[0].encoding == NumericEncoding("bucket", dim=3)
+    emb_group = state.optimizers[0].param_groups[0]
+    numeric = list(state.model.inputs.numeric.parameters())
+    assert numeric and {id(p) for p in numeric} <= {id(p) for p in emb_group["params"]}
+    assert emb_group["lr"] == 0.001 and emb_group["weight_decay"] == 0.5
