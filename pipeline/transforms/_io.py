@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
-
 import json
+from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any
 
