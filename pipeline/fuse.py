@@ -14,8 +14,8 @@ Reported against equal weights; MLflow gets the best weights, both objectives, t
 uAUCs, the trial table and a trade-off plot (each action's uAUC as one action's share of the
 weights moves from 0 to 1, the others keeping their proportions).
 
-Predictions files (:func:`save_predictions`): Parquet with ``_user``, ``_row``, ``p_<task>``
-and ``y_<task>``; ``python -m pipeline tune`` writes one for its best trial.
+Predictions files (:func:`save_predictions`): :class:`pipeline.valid_predictions.Predictions`'
+Parquet layout (the report's too); ``python -m pipeline tune`` writes one for its best trial.
 
 Example:
     >>> # preds = load_predictions("runs/tune/predictions/valid.parquet")
@@ -39,6 +39,7 @@ from mtl.fusion import FUSIONS, fuse
 from mtl.metrics import WECHAT_ACTION_WEIGHTS, user_auc, weighted_score
 from pipeline.errors import ConfigError, DataError
 from pipeline.tune.space import Domain, SearchSection, SpaceSampler, Strict, make_searcher
+from pipeline.valid_predictions import Predictions
 
 METRIC = "score"
 
@@ -97,54 +98,19 @@ class FuseConfig(Strict):
 # ---------------------------------------------------------------------- predictions
 
 
-@dataclass
-class Predictions:
-    """Validation predictions: probabilities and labels ``[N, K]`` and the users ``[N]``."""
-
-    tasks: list[str]
-    probs: np.ndarray
-    labels: np.ndarray
-    users: np.ndarray
-    rows: np.ndarray | None = None
-
-
 def save_predictions(preds: Predictions, path: str | Path) -> Path:
-    """Write ``preds`` as Parquet (``_user``, ``_row``, ``p_<task>``, ``y_<task>``)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    cols: dict[str, Any] = {"_user": preds.users}
-    if preds.rows is not None:
-        cols["_row"] = preds.rows
-    for k, t in enumerate(preds.tasks):
-        cols[f"p_{t}"] = preds.probs[:, k]
-        cols[f"y_{t}"] = preds.labels[:, k]
-    pq.write_table(pa.table(cols), path)
-    return path
+    """Write ``preds`` as Parquet (:mod:`pipeline.valid_predictions`' layout)."""
+    return preds.save(path)
 
 
 def load_predictions(path: str | Path) -> Predictions:
-    """Read what :func:`save_predictions` wrote (bad files fail with their name and column)."""
-    import pyarrow.parquet as pq
-
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: predictions file not found")
-    table = pq.read_table(path)
-    names = table.column_names
-    tasks = [c[2:] for c in names if c.startswith("p_")]
-    missing = [f"y_{t}" for t in tasks if f"y_{t}" not in names] + ([] if "_user" in names else ["_user"])
-    if not tasks or missing:
-        raise DataError(f"{path}: a predictions file needs _user and p_<task>/y_<task> columns; "
-                        f"has {names}, missing {missing or ['p_<task>']}")
-    probs = np.stack([table.column(f"p_{t}").to_numpy() for t in tasks], axis=1).astype(np.float64)
-    labels = np.stack([table.column(f"y_{t}").to_numpy() for t in tasks], axis=1).astype(np.float64)
-    if not np.isfinite(probs).all():
-        raise DataError(f"{path}: non-finite probabilities in {[t for k, t in enumerate(tasks) if not np.isfinite(probs[:, k]).all()]}")
-    rows = table.column("_row").to_numpy() if "_row" in names else None
-    return Predictions(tasks, probs, labels, table.column("_user").to_numpy(), rows)
+    """Read what :func:`save_predictions` wrote; bad files fail with their name and column, and
+    so do non-finite probabilities (a fused score of NaN ranks nothing)."""
+    preds = Predictions.load(path)
+    bad = [t for k, t in enumerate(preds.tasks) if not np.isfinite(preds.probs[:, k]).all()]
+    if bad:
+        raise DataError(f"{path}: non-finite probabilities in {bad}")
+    return preds
 
 
 # ---------------------------------------------------------------------- the objective
@@ -191,9 +157,9 @@ def sweep(preds: Predictions, weights: np.ndarray, cfg: FuseConfig) -> dict[str,
 
 def tradeoff_figure(data: dict[str, Any]) -> Any:
     """One panel per moved action: every action's uAUC and the objective against its share."""
-    from pipeline.train.plots import _plt
+    from pipeline.train.plots import pyplot
 
-    plt = _plt()
+    plt = pyplot()
     tasks = list(data["moves"])
     cols = min(4, len(tasks))
     rows = math.ceil(len(tasks) / cols)
@@ -285,9 +251,9 @@ def run_fusion(preds: Predictions, cfg: FuseConfig, out: str | Path, tracking_ur
         log.dict(curves, "tradeoff.json")
         fig = tradeoff_figure(curves)
         log.figure(fig, "tradeoff.png")
-        import matplotlib.pyplot as plt
+        from pipeline.train.plots import close_all
 
-        plt.close(fig)
+        close_all({"tradeoff.png": fig})
     return FuseOutcome(weights, best, equal, run_id, uri, table)
 
 

@@ -18,7 +18,8 @@ import pytest
 from pipeline.cli import main
 from pipeline.config import load_config
 from pipeline.errors import ConfigError, DataError
-from pipeline.fuse import FuseConfig, Predictions, evaluate_weights, load_predictions, run_fusion, save_predictions
+from pipeline.fuse import FuseConfig, evaluate_weights, load_predictions, run_fusion, save_predictions
+from pipeline.valid_predictions import Predictions
 
 REPO = Path(__file__).resolve().parents[1]
 TASKS = ["read_comment", "like", "click_avatar"]
@@ -60,19 +61,40 @@ def test_a_floor_makes_a_trial_infeasible_and_costs_its_shortfall() -> None:
     assert evaluate_weights(preds, W_STAR, cfg)["feasible"] == 1.0
 
 
-def test_predictions_file_round_trip_and_bad_files(tmp_path: Path) -> None:
+def test_predictions_file_round_trip_one_layout_for_fuse_and_report(tmp_path: Path) -> None:
+    """The fusion search's file is the report's artifact layout; files in the search's earlier
+    layout still load; a bad file names the missing column."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.report import Predictions as ReportPredictions
+
     preds = constructed(n=50)
-    back = load_predictions(save_predictions(preds, tmp_path / "p.parquet"))
+    path = save_predictions(preds, tmp_path / "p.parquet")
+    back = load_predictions(path)
     assert back.tasks == TASKS
     np.testing.assert_array_equal(back.probs, preds.probs)
     np.testing.assert_array_equal(back.labels, preds.labels)
     np.testing.assert_array_equal(back.users, preds.users)
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
+    np.testing.assert_array_equal(back.rows, preds.rows)
+    table = pq.read_table(path)
+    assert table.column_names[:4] == ["user", "row", "prob_read_comment", "label_read_comment"]
+    report = ReportPredictions.from_table(table)  # what the report reads from a run's artifact
+    np.testing.assert_array_equal(report.task("like")[0], preds.probs[:, 1])
+    legacy = {"_user": preds.users, "_row": preds.rows, **{f"p_{t}": preds.probs[:, k] for k, t in enumerate(TASKS)},
+              **{f"y_{t}": preds.labels[:, k] for k, t in enumerate(TASKS)}}
+    pq.write_table(pa.table(legacy), tmp_path / "legacy.parquet")
+    old = load_predictions(tmp_path / "legacy.parquet")
+    assert old.tasks == TASKS and np.array_equal(old.probs, preds.probs) and np.array_equal(old.rows, preds.rows)
     pq.write_table(pa.table({"_user": [1], "p_like": [0.5]}), tmp_path / "bad.parquet")
     with pytest.raises(DataError, match="y_like"):
         load_predictions(tmp_path / "bad.parquet")
+    pq.write_table(pa.table({"prob_like": [0.5], "label_like": [1.0]}), tmp_path / "nouser.parquet")
+    with pytest.raises(DataError, match=r"nouser.parquet.*missing \['user'\]"):
+        load_predictions(tmp_path / "nouser.parquet")
+    pq.write_table(pa.table({"user": [1], "prob_like": [float("nan")], "label_like": [1.0]}), tmp_path / "nan.parquet")
+    with pytest.raises(DataError, match="non-finite"):
+        load_predictions(tmp_path / "nan.parquet")
 
 
 def test_config_errors_name_the_registered_fusions_and_the_tasks(tmp_path: Path) -> None:

@@ -193,3 +193,21 @@ def test_batch_predict_submission(registered: dict, tiny_raw: Path, ray_session,
     bad.write_text("userid,feedid,device\n1,2,1\n3,x,1\n")
     assert main(["predict", "--model", f"models:/{NAME}@{ALIAS}", "--input", str(bad), "--out", str(tmp_path / "s.csv"),
                  "--tracking-uri", registered["uri"]]) == 2
+
+
+def test_submission_lines_equal_pandas_six_decimals() -> None:
+    """The vectorised formatter writes pandas' ``%.6f`` text, including 0, 1 and halves of 1e-6
+    that are exact in binary; values that are no probability are refused."""
+    from pipeline.predict import fixed_decimals, submission_lines
+
+    rng = np.random.default_rng(0)
+    probs = rng.random((5000, 3)) ** 3  # many small values: leading zeros in the decimals
+    probs[:8, 0] = [0.0, 1.0, 0.5, 1e-7, 0.9999996, 0.0000015, 0.25, 0.125]
+    keep = {"userid": rng.integers(0, 10**9, 5000), "feedid": np.arange(5000)}
+    frame = pd.DataFrame({**keep, **{f"t{k}": probs[:, k] for k in range(3)}})
+    want = frame.to_csv(index=False, header=False, float_format="%.6f")
+    assert submission_lines(keep, probs) == want
+    assert submission_lines(keep, probs[:0]) == ""
+    for bad in (np.nan, -1e-9, 1.0 + 1e-9):
+        with pytest.raises(ValueError, match="no probability"):
+            fixed_decimals(np.array([0.5, bad]))

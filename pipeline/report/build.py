@@ -166,7 +166,7 @@ def _uauc_figure(report: Report) -> dict[str, Any]:
     tasks = list(dict.fromkeys(t for r in report.runs for t in r.metrics["uauc"]))
     if not tasks:
         return {}
-    plt = plots._plt()
+    plt = plots.pyplot()
     fig, ax = plt.subplots(figsize=(max(6.0, 1.2 * len(tasks) + 2) + 3, 4))
     width = 0.8 / len(report.runs)
     x = np.arange(len(tasks))
@@ -190,7 +190,7 @@ def _difference_figure(report: Report) -> dict[str, Any]:
     if not compared:
         return {}
     tasks = list(dict.fromkeys(t for c in compared for t in c.differences))
-    plt = plots._plt()
+    plt = plots.pyplot()
     fig, ax = plt.subplots(figsize=(max(6.0, 1.2 * len(tasks) + 2) + 3, 4))
     x = np.arange(len(tasks))
     step = 0.8 / len(compared)

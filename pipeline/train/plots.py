@@ -13,7 +13,8 @@ from typing import Any
 import numpy as np
 
 
-def _plt() -> Any:
+def pyplot() -> Any:
+    """``matplotlib.pyplot`` on the non-interactive Agg backend (figures are files, never windows)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -26,7 +27,7 @@ def loss_curves(history: list[dict[str, Any]], tasks: list[str]) -> dict[str, An
     rows = [h for h in history if all(f"train/loss_{t}" in h for t in tasks)]
     if not rows:
         return {}
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
     steps = [h["step"] for h in rows]
     for t in tasks:
@@ -40,7 +41,7 @@ def loss_curves(history: list[dict[str, Any]], tasks: list[str]) -> dict[str, An
 def validation_curves(evaluations: list[dict[str, float]], tasks: list[str], split: str = "valid") -> dict[str, Any]:
     if not evaluations:
         return {}
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
     steps = [e["step"] for e in evaluations]
     for t in tasks:
@@ -60,7 +61,7 @@ def gradient_plots(history: list[dict[str, Any]], tasks: list[str]) -> dict[str,
     rows = [h for h in history if "gradients" in h]
     if not rows:
         return {}
-    plt = _plt()
+    plt = pyplot()
     weights = np.array([h["gradients"]["steps"] for h in rows], dtype=float)
     cos = np.average([np.array(h["gradients"]["cosine"]) for h in rows], axis=0, weights=weights)
     conflict = np.average([np.array(h["gradients"]["conflict"]) for h in rows], axis=0, weights=weights)
@@ -95,7 +96,7 @@ def gradient_plots(history: list[dict[str, Any]], tasks: list[str]) -> dict[str,
 
 def routing_heatmaps(routing: dict[str, np.ndarray], tasks: list[str]) -> dict[str, Any]:
     """One tasks x experts heatmap per routing tensor (mean gate weight per task)."""
-    plt = _plt()
+    plt = pyplot()
     out = {}
     for name, mean in routing.items():
         fig, ax = plt.subplots(figsize=(1.2 + 0.6 * mean.shape[1], 1.0 + 0.4 * mean.shape[0]))
@@ -113,6 +114,7 @@ def routing_heatmaps(routing: dict[str, np.ndarray], tasks: list[str]) -> dict[s
 
 
 def close_all(figures: dict[str, Any]) -> None:
-    plt = _plt()
+    """Close every figure of ``{artifact path: figure}`` (matplotlib keeps open ones alive)."""
+    plt = pyplot()
     for fig in figures.values():
         plt.close(fig)

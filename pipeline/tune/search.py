@@ -30,9 +30,10 @@ import yaml
 from mtl.features import FeatureSpec
 from pipeline.config import dump_config
 from pipeline.errors import ConfigError, OutputError, UserError
-from pipeline.fuse import FuseOutcome, Predictions, run_fusion, save_predictions
+from pipeline.fuse import FuseOutcome, run_fusion, save_predictions
 from pipeline.tune.config import TuneConfig, trial_job
 from pipeline.tune.space import make_searcher
+from pipeline.valid_predictions import Predictions
 
 STATE_FILE = "search.yaml"
 TRIAL_TAG = "tune.trial_id"
