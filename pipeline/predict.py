@@ -35,6 +35,7 @@ from pipeline.errors import ConfigError, OutputError
 
 ROW = "_row"  # input row number carried through scoring to check the order
 DECIMALS = 6
+BLOCKS_PER_ACTOR = 4  # blocks the input is cut into per scoring actor (see _score)
 
 
 def fixed_decimals(values: np.ndarray, decimals: int = DECIMALS) -> pa.Array:
@@ -96,10 +97,10 @@ class BatchScorer:
 
     def __init__(self, model_path: str | None = None, keep: list[str] | None = None, torch_threads: int = 1,
                  scorer: Any = None) -> None:
+        self.born = time.time()  # wall clock: the driver compares it with its own (one machine)
         import ray
         import torch
 
-        t0 = time.perf_counter()
         torch.set_num_threads(torch_threads)
         if isinstance(scorer, ray.ObjectRef):
             scorer = ray.get(scorer)
@@ -109,22 +110,23 @@ class BatchScorer:
             scorer = load_scorer(model_path)
         self.scorer = scorer
         self.keep = list(keep or [])
-        self.load_s = time.perf_counter() - t0  # reported with the first block
+        self.ready = time.time()
 
     def __call__(self, batch: pa.Table) -> dict[str, np.ndarray]:
         """One contiguous block of input rows (Arrow) -> one row: its first input row, its row
-        count and its submission lines (formatted here, in parallel, rather than in the driver)."""
+        count, its submission lines (formatted here, in parallel, rather than in the driver) and
+        when the actor started, had the model, began and ended the block (wall-clock seconds)."""
+        start = time.time()
         rows = batch[ROW].to_numpy()
         if len(rows) and not (np.diff(rows) == 1).all():
             raise RuntimeError("BatchScorer: a block of non-contiguous input rows")
-        t0 = time.perf_counter()
         probs = self.scorer.predict_table(batch.select(list(self.scorer.request_columns)))
         text = submission_lines({c: batch[c].to_numpy() for c in self.keep}, probs)
-        load_s, self.load_s = self.load_s, 0.0
         header = ",".join([*self.keep, *self.scorer.spec.tasks])
         return {ROW: np.array([int(rows[0]) if len(rows) else 0]), "rows": np.array([len(rows)]),
                 "header": np.array([header], dtype=object), "text": np.array([text], dtype=object),
-                "load_s": np.array([load_s]), "score_s": np.array([time.perf_counter() - t0])}
+                **{k: np.array([v]) for k, v in (("born", self.born), ("ready", self.ready), ("start", start),
+                                                 ("end", time.time()))}}
 
 
 def load_scorer(model_path: str | Path) -> Any:
@@ -217,9 +219,9 @@ def predict_file(model_uri: str, input_path: str | Path, out_path: str | Path, t
         model_uri: e.g. ``models:/mtlrank@champion``; tracking_uri: the registry's store.
         input_path: the requests; out_path: the CSV written (replaced only when complete).
         num_cpus, address: the Ray to use (see :func:`pipeline.ray_runtime.ensure_ray`).
-        batch_size: at most this many rows per scoring call (blocks are the input split evenly
-            over the actors, cut further to this size); concurrency: scoring actors (default: the
-            cluster's CPUs).
+        batch_size: at most this many rows per scoring call (the input is cut into
+            :data:`BLOCKS_PER_ACTOR` blocks per actor, smaller ones if this says so);
+            concurrency: scoring actors (default: the cluster's CPUs).
 
     Returns:
         rows and timings (seconds) of each phase.
@@ -235,7 +237,7 @@ def predict_file(model_uri: str, input_path: str | Path, out_path: str | Path, t
     t1 = time.perf_counter()
     scorer, actors = _start(model_path, num_cpus, address, concurrency)
     timings["ray_init_and_model_load"] = time.perf_counter() - t1
-    t2 = time.perf_counter()
+    t2, began = time.perf_counter(), time.time()
     chunks = _score(table, scorer, submission_columns(cols), actors, batch_size)
     timings["score"] = time.perf_counter() - t2
     t3 = time.perf_counter()
@@ -244,8 +246,21 @@ def predict_file(model_uri: str, input_path: str | Path, out_path: str | Path, t
     timings["total"] = time.perf_counter() - t0
     return {"rows": table.num_rows, "actors": actors, "columns": chunks["header"].iloc[0].split(","),
             "out": str(out_path.resolve()), "timings_s": {k: round(v, 3) for k, v in timings.items()},
-            "actor_timings_s": {"model_get_max": round(float(chunks["load_s"].max()), 3),
-                                "predict_and_format_sum": round(float(chunks["score_s"].sum()), 3)}}
+            "actor_timings_s": actor_timings(chunks, began)}
+
+
+def actor_timings(chunks: pd.DataFrame, began: float) -> dict[str, float]:
+    """Where the scoring phase went (seconds): actors up (process, imports) after the phase
+    began, the model in hand after an actor started, scoring and formatting of the blocks.
+
+    Args:
+        chunks: :class:`BatchScorer` rows; began: the phase's start (``time.time()``).
+    """
+    work = chunks["end"] - chunks["start"]
+    return {k: round(float(v), 3) for k, v in {
+        "first_actor_up": chunks["born"].min() - began, "last_actor_up": chunks["born"].max() - began,
+        "model_get_max": (chunks["ready"] - chunks["born"]).max(), "predict_and_format_sum": work.sum(),
+        "predict_and_format_max": work.max(), "last_block_done": chunks["end"].max() - began}.items()}
 
 
 def _start(model_path: Path, num_cpus: int | None, address: str | None, concurrency: int | None) -> tuple[Any, int]:
@@ -275,11 +290,14 @@ def _score(table: pa.Table, scorer_ref: Any, keep: list[str], actors: int, batch
     import ray
 
     n = table.num_rows
-    step = max(1, min(batch_size, -(-n // actors)))
+    # a few blocks per actor, each taken by one idle actor at a time: an actor that starts late
+    # (its process and imports) gets fewer blocks instead of leaving the first one two in a row
+    step = max(1, min(batch_size, -(-n // (actors * BLOCKS_PER_ACTOR))))
     blocks = [table.slice(s, step) for s in range(0, n, step)]
+    pool = ray.data.ActorPoolStrategy(size=min(actors, len(blocks)), max_tasks_in_flight_per_actor=1)
     ds = ray.data.from_arrow(blocks).map_batches(
         BatchScorer, fn_constructor_kwargs={"keep": keep, "scorer": scorer_ref}, batch_size=None,
-        batch_format="pyarrow", concurrency=min(actors, len(blocks)), num_cpus=1,
+        batch_format="pyarrow", compute=pool, num_cpus=1,
     )
     chunks = pd.concat(list(ds.iter_batches(batch_format="pandas", batch_size=None)), ignore_index=True)
     first = table[ROW][0].as_py() if n else 1
@@ -298,7 +316,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="submission CSV written")
     tracking_uri_arg(parser)
     parser.add_argument("--batch-size", type=positive_int, default=250_000,
-                        help="at most this many rows per scoring call (the input is split evenly over the actors)")
+                        help="at most this many rows per scoring call (default: the input cut into 4 blocks per actor)")
     parser.add_argument("--concurrency", type=positive_int, default=None, help="scoring actors (default: Ray's CPUs)")
     parser.add_argument("--num-cpus", type=positive_int, default=None, help="CPUs for a local Ray (default: all)")
     parser.add_argument("--address", default=None, help="join this Ray cluster (default: RAY_ADDRESS, else a local Ray)")
