@@ -2,6 +2,8 @@
 
 - ``in_process``: the pyfunc loaded by URI and called once on the whole pandas frame, the
   submission written with the same formatter (:func:`pipeline.predict.submission_lines`);
+- ``in_process_fresh``: the same in a new interpreter (its imports of MLflow, torch and pandas
+  included): what ``cli`` compares with;
 - ``ray_local``: :func:`pipeline.predict.predict_file` starting its own local Ray (shut down after
   each run, so every run pays Ray's start-up, as a command does);
 - ``ray_cluster``: the same joining a Ray head started once by this script (``--address``, how a
@@ -102,8 +104,14 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1, help="rounds run first and not counted")
     p.add_argument("--batch-size", type=int, default=None, help="predict's --batch-size (default: its own)")
-    p.add_argument("--skip", nargs="*", default=[], help="set-ups left out (in_process ray_local ray_cluster cli)")
+    p.add_argument("--skip", nargs="*", default=[],
+                   help="set-ups left out (in_process in_process_fresh ray_local ray_cluster cli)")
+    p.add_argument("--in-process-to", default=None, help=argparse.SUPPRESS)  # in_process_fresh's child
     args = p.parse_args()
+    os.environ["MLFLOW_TRACKING_URI"] = args.tracking_uri
+    if args.in_process_to:
+        in_process(args.model, args.input, Path(args.in_process_to))
+        return
     import mlflow
     import ray
 
@@ -132,12 +140,20 @@ def main() -> None:
             subprocess.run(cmd, check=True, env={**env, "PYTHONPATH": str(REPO)}, cwd=REPO, stdout=subprocess.DEVNULL)
             return {"total": time.perf_counter() - t0}
 
+        def fresh() -> dict[str, float]:
+            cmd = [sys.executable, __file__, "--model", args.model, "--tracking-uri", args.tracking_uri,
+                   "--input", args.input, "--in-process-to", str(sub)]
+            t0 = time.perf_counter()
+            subprocess.run(cmd, check=True, env={**os.environ, "PYTHONPATH": str(REPO)}, cwd=REPO, stdout=subprocess.DEVNULL)
+            return {"total": time.perf_counter() - t0}
+
         def in_proc() -> dict[str, float]:
             t, reference["probs"] = in_process(args.model, args.input, sub)
             return t
 
         setups: dict[str, Callable[[], dict[str, float]]] = {
-            "in_process": in_proc, "ray_local": lambda: ray_run(None), "ray_cluster": lambda: ray_run(address), "cli": cli}
+            "in_process": in_proc, "in_process_fresh": fresh, "ray_local": lambda: ray_run(None),
+            "ray_cluster": lambda: ray_run(address), "cli": cli}
         setups = {k: f for k, f in setups.items() if k not in args.skip}
         for r in range(args.warmup + args.repeats):
             for name, fn in setups.items():
