@@ -1113,6 +1113,10 @@ def _write(cfg: DatasetConfig, ctx: RowsContext, refs: list[Any], fit: Fitted, t
         oov[name] = {s: int(total[k]) for k, s in enumerate(SPLITS)}
     report["oov"] = {f.name: (oov[f.name] if f.name in oov else report["oov"][f.name])
                      for f in [*cfg.sparse, *cfg.lists]}
+    if cfg.numeric_bins is not None:  # quantile edges of the written training rows, as the reference builder
+        from pipeline.transforms.buckets import fit_numeric_boundaries
+
+        fit.spec = fit_numeric_boundaries(fit.spec, tmp / "train", cfg.numeric_bins, tmp / "artifacts")
     fit.spec.save(tmp / "feature_spec.json")
     report["splits"] = split_rows
     report["labelled_splits"] = [s for k, s in enumerate(SPLITS) if split_rows[s] and fit.labelled_rows[k] == fit.rows[k]]
