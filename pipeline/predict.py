@@ -2,16 +2,16 @@
 
 ``python -m pipeline predict --model models:/NAME@champion --input test_a.csv --out submission.csv``
 
-The input (``userid, feedid, device``, as the challenge's ``test_a.csv``) is read and
-type-checked in the driver (a bad value names file, column and row) before Ray starts. The
-model's bundle (the :class:`~pipeline.serve.scorer.Scorer` the pyfunc wraps) is loaded once, in
-the driver, while Ray starts, and shared through the object store: the scoring actors of
-``map_batches`` (a callable class holding the loaded model) get it with one ``ray.get`` (its
-history tables are numpy arrays, read in place from shared memory) instead of each importing
-MLflow and reading the bundle from disk. A local Ray is started lean (no dashboard: batch
-scoring needs no State API). Each actor scores one contiguous block of rows and formats its
-submission lines (vectorised, see :func:`submission_lines`); the driver writes them in the
-input's order.
+Start-up is most of a run on a small machine, so its parts overlap: a thread finds the model
+(MLflow), reads and type-checks the input (a bad value names file, column and row) while Ray
+starts; then one task on this node loads the model's bundle (the
+:class:`~pipeline.serve.scorer.Scorer` the pyfunc wraps) into the object store while Ray Data
+starts the scoring actors of ``map_batches`` (a callable class holding the loaded model), which
+import torch meanwhile and take the loaded model with one ``ray.get`` (its history tables are
+numpy arrays, read in place from shared memory) instead of each reading the bundle from disk.
+The driver never imports torch. A local Ray is started lean (no dashboard: batch scoring needs
+no State API). Each actor scores one contiguous block of rows and formats its submission lines
+(vectorised, see :func:`submission_lines`); the driver writes them in the input's order.
 
 The output has exactly the input's rows in the input's order: ``userid, feedid``, then one
 probability per task of the model, with 6 decimals (the challenge scores rounded predictions).
@@ -136,13 +136,23 @@ def load_scorer(model_path: str | Path) -> Any:
     Args:
         model_path: a local copy of the logged model (see :func:`local_model`).
     """
-    from pipeline.serve.pyfunc import BUNDLE
     from pipeline.serve.scorer import Scorer
+
+    return Scorer.load(bundle_dir(model_path))
+
+
+def bundle_dir(model_path: str | Path) -> Path:
+    """The bundle folder inside a logged mtlrank pyfunc.
+
+    Raises:
+        ConfigError: the model is no mtlrank pyfunc.
+    """
+    from pipeline.serve import BUNDLE
 
     bundle = Path(model_path) / "artifacts" / BUNDLE
     if not bundle.is_dir():
         raise ConfigError(f"{model_path}: not an mtlrank pyfunc (no artifacts/{BUNDLE})")
-    return Scorer.load(bundle)
+    return bundle
 
 
 def local_model(model_uri: str, tracking_uri: str | None, dst: str | Path | None = None) -> Path:
@@ -212,7 +222,7 @@ def submission_columns(columns: dict[str, str]) -> list[str]:
 
 def predict_file(model_uri: str, input_path: str | Path, out_path: str | Path, tracking_uri: str | None = None,
                  num_cpus: int | None = None, address: str | None = None, batch_size: int = 250_000,
-                 concurrency: int | None = None) -> dict[str, Any]:
+                 concurrency: int | None = None, threads_per_actor: int = 1) -> dict[str, Any]:
     """Score ``input_path`` with the model on Ray Data and write the submission CSV.
 
     Args:
@@ -221,7 +231,9 @@ def predict_file(model_uri: str, input_path: str | Path, out_path: str | Path, t
         num_cpus, address: the Ray to use (see :func:`pipeline.ray_runtime.ensure_ray`).
         batch_size: at most this many rows per scoring call (the input is cut into
             :data:`BLOCKS_PER_ACTOR` blocks per actor, smaller ones if this says so);
-            concurrency: scoring actors (default: the cluster's CPUs).
+            concurrency: scoring actors (default: the cluster's free CPUs / ``threads_per_actor``).
+            threads_per_actor: CPUs each scoring actor holds and torch's intra-op threads in it
+                (fewer actors start faster; more score more blocks at once).
 
     Returns:
         rows and timings (seconds) of each phase.
@@ -230,21 +242,22 @@ def predict_file(model_uri: str, input_path: str | Path, out_path: str | Path, t
     out_path = Path(out_path)
     if out_path.is_dir():
         raise OutputError(f"--out {out_path}: is a directory")
-    model_path = local_model(model_uri, tracking_uri)
-    cols = request_columns(model_path)
-    table = read_requests(input_path, cols)
-    timings = {"locate_and_read": time.perf_counter() - t0}
-    t1 = time.perf_counter()
-    scorer, actors = _start(model_path, num_cpus, address, concurrency)
-    timings["ray_init_and_model_load"] = time.perf_counter() - t1
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        located = pool.submit(_locate_and_read, model_uri, tracking_uri, input_path)
+        _start_ray(num_cpus, address, located)  # meanwhile
+        model_path, cols, table = located.result()
+    timings = {"ray_init_locate_and_read": time.perf_counter() - t0}
+    _check_threads(threads_per_actor)
+    scorer = _load_on_this_node(model_path)
+    actors = concurrency or max(1, int(ray_cpus()) // threads_per_actor)
     t2, began = time.perf_counter(), time.time()
-    chunks = _score(table, scorer, submission_columns(cols), actors, batch_size)
+    chunks = _score(table, scorer, submission_columns(cols), actors, batch_size, threads_per_actor)
     timings["score"] = time.perf_counter() - t2
     t3 = time.perf_counter()
     write_submission(out_path, chunks["header"].iloc[0], chunks["text"])
     timings["write"] = time.perf_counter() - t3
     timings["total"] = time.perf_counter() - t0
-    return {"rows": table.num_rows, "actors": actors, "columns": chunks["header"].iloc[0].split(","),
+    return {"rows": table.num_rows, "actors": actors, "threads_per_actor": threads_per_actor, "columns": chunks["header"].iloc[0].split(","),
             "out": str(out_path.resolve()), "timings_s": {k: round(v, 3) for k, v in timings.items()},
             "actor_timings_s": actor_timings(chunks, began)}
 
@@ -263,25 +276,57 @@ def actor_timings(chunks: pd.DataFrame, began: float) -> dict[str, float]:
         "predict_and_format_max": work.max(), "last_block_done": chunks["end"].max() - began}.items()}
 
 
-def _start(model_path: Path, num_cpus: int | None, address: str | None, concurrency: int | None) -> tuple[Any, int]:
-    """Start (or join) Ray while a thread loads the model; put the model in the object store.
+def _locate_and_read(model_uri: str, tracking_uri: str | None, input_path: str | Path) -> tuple[Path, dict[str, str], pa.Table]:
+    """The model's local copy (checked to be an mtlrank pyfunc), its request columns and the
+    type-checked requests."""
+    model_path = local_model(model_uri, tracking_uri)
+    cols = request_columns(model_path)
+    bundle_dir(model_path)
+    return model_path, cols, read_requests(input_path, cols)
 
-    Returns:
-        the object-store reference of the loaded scorer and the number of scoring actors.
-    """
-    import ray
 
+def _start_ray(num_cpus: int | None, address: str | None, located: Any) -> None:
+    """Start (or join) Ray; if that fails while ``located`` failed too, the input's error wins
+    (it is the user's to fix, and Ray's failure may follow from it)."""
     from pipeline.ray_runtime import ensure_ray
 
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        loading = pool.submit(load_scorer, model_path)  # file reads and numpy: overlaps Ray's start-up
+    try:
         ensure_ray(num_cpus=num_cpus, address=address)
-        scorer = loading.result()
-    actors = concurrency or max(1, int(ray.available_resources().get("CPU", 1)))
-    return ray.put(scorer), actors
+    except BaseException:
+        if located.exception() is not None:
+            raise located.exception() from None
+        raise
 
 
-def _score(table: pa.Table, scorer_ref: Any, keep: list[str], actors: int, batch_size: int) -> pd.DataFrame:
+def ray_cpus() -> float:
+    """CPUs of the Ray this process is connected to that are free now."""
+    import ray
+
+    return float(ray.available_resources().get("CPU", 1))
+
+
+def _check_threads(threads_per_actor: int) -> None:
+    """An actor holds ``threads_per_actor`` CPUs of one node: refuse a number no node has (its
+    actors would wait forever)."""
+    import ray
+
+    most = max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]), default=0)
+    if threads_per_actor > most:
+        raise ConfigError(f"--threads-per-actor {threads_per_actor}: no Ray node has that many CPUs (at most {most:g})")
+
+
+def _load_on_this_node(model_path: Path) -> Any:
+    """An object-store reference to the loaded scorer, loaded by a task on the driver's node (the
+    model's local copy is there) that holds no CPU, so the scoring actors start meanwhile."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
+    return ray.remote(load_scorer).options(num_cpus=0, scheduling_strategy=here).remote(str(model_path))
+
+
+def _score(table: pa.Table, scorer_ref: Any, keep: list[str], actors: int, batch_size: int,
+           threads_per_actor: int = 1) -> pd.DataFrame:
     """Score ``table`` in contiguous blocks on ``actors`` actors; one row per block, in order.
 
     Raises:
@@ -296,8 +341,8 @@ def _score(table: pa.Table, scorer_ref: Any, keep: list[str], actors: int, batch
     blocks = [table.slice(s, step) for s in range(0, n, step)]
     pool = ray.data.ActorPoolStrategy(size=min(actors, len(blocks)), max_tasks_in_flight_per_actor=1)
     ds = ray.data.from_arrow(blocks).map_batches(
-        BatchScorer, fn_constructor_kwargs={"keep": keep, "scorer": scorer_ref}, batch_size=None,
-        batch_format="pyarrow", compute=pool, num_cpus=1,
+        BatchScorer, fn_constructor_kwargs={"keep": keep, "scorer": scorer_ref, "torch_threads": threads_per_actor},
+        batch_size=None, batch_format="pyarrow", compute=pool, num_cpus=threads_per_actor,
     )
     chunks = pd.concat(list(ds.iter_batches(batch_format="pandas", batch_size=None)), ignore_index=True)
     first = table[ROW][0].as_py() if n else 1
@@ -317,14 +362,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     tracking_uri_arg(parser)
     parser.add_argument("--batch-size", type=positive_int, default=250_000,
                         help="at most this many rows per scoring call (default: the input cut into 4 blocks per actor)")
-    parser.add_argument("--concurrency", type=positive_int, default=None, help="scoring actors (default: Ray's CPUs)")
+    parser.add_argument("--concurrency", type=positive_int, default=None,
+                        help="scoring actors (default: Ray's free CPUs / --threads-per-actor)")
+    parser.add_argument("--threads-per-actor", type=positive_int, default=1,
+                        help="CPUs (torch threads) per scoring actor (default 1)")
     parser.add_argument("--num-cpus", type=positive_int, default=None, help="CPUs for a local Ray (default: all)")
     parser.add_argument("--address", default=None, help="join this Ray cluster (default: RAY_ADDRESS, else a local Ray)")
 
 
 def run(args: argparse.Namespace) -> int:
     report = predict_file(args.model, args.input, args.out, args.tracking_uri, args.num_cpus, args.address,
-                          args.batch_size, args.concurrency)
+                          args.batch_size, args.concurrency, args.threads_per_actor)
     print(json.dumps(report, indent=2))
     return 0
 

@@ -22,6 +22,7 @@ import pandas as pd
 import pytest
 
 from pipeline.data import arrow_to_batch, read_split
+from pipeline.errors import ConfigError
 from pipeline.serve import SCORE, write_model_dir
 from pipeline.serve.registry import ALIAS, promotion_rule, register_model
 from pipeline.train import TrainConfig, predict_batches, train_local
@@ -180,6 +181,7 @@ def test_batch_predict_submission(registered: dict, tiny_raw: Path, ray_session,
     raw = pd.read_csv(tiny_raw / "test_a.csv")
     tasks = registered["spec"].tasks
     assert list(sub.columns) == ["userid", "feedid", *tasks] and report["rows"] == len(raw) == len(sub)
+    assert report["actors"] == 2  # one per CPU of the two one-CPU nodes; the model loads on the driver's
     assert sub[["userid", "feedid"]].equals(raw[["userid", "feedid"]])  # same rows, same order
     probs = sub[tasks].to_numpy()
     assert ((probs >= 0) & (probs <= 1)).all()
@@ -188,6 +190,9 @@ def test_batch_predict_submission(registered: dict, tiny_raw: Path, ray_session,
 
     want = mlflow.pyfunc.load_model(f"models:/{NAME}@{ALIAS}").predict(raw)[tasks].to_numpy()
     np.testing.assert_allclose(probs, want, atol=5e-7 + 1e-9)
+    # an actor can hold at most one node's CPUs: refused at once, not left waiting
+    with pytest.raises(ConfigError, match="threads-per-actor 2: no Ray node has that many CPUs"):
+        predict_file(f"models:/{NAME}@{ALIAS}", tiny_raw / "test_a.csv", out, registered["uri"], threads_per_actor=2)
     # a bad request file: one message naming file, column and row; exit status 2
     bad = tmp_path / "bad.csv"
     bad.write_text("userid,feedid,device\n1,2,1\n3,x,1\n")

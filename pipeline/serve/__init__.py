@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
+BUNDLE = "bundle"  # the pyfunc's artifact key of the scorer's folder (artifacts/bundle/)
+
 __all__ = ["SCORE", "RequestError", "Scorer", "default_fusion_weights", "write_model_dir"]
 
 

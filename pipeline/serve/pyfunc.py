@@ -17,7 +17,7 @@ import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
-BUNDLE = "bundle"  # the artifact key of the scorer's folder
+from pipeline.serve import BUNDLE
 
 
 class MtlRankModel(mlflow.pyfunc.PythonModel):
