@@ -53,6 +53,8 @@ from pipeline.errors import ConfigError, DataError
 from pipeline.ray_runtime import ensure_ray
 from pipeline.transforms import PCA, DenseScaler, HistoryGroup, ListEncoder, RowTransformer, SideTable, Vocabulary
 from pipeline.transforms import history_feature_names
+from pipeline.transforms.buckets import boundaries_from_parts, bucket_counts, bucket_values, feature_matrix
+from pipeline.transforms.buckets import wanted_buckets, with_boundaries
 from pipeline.transforms.dense import combine_moments, moments
 from pipeline.transforms.history import history_group_from_sums
 
@@ -649,6 +651,7 @@ class AssembleContext:
     history: list[Any]  # object refs of HistoryGroup
     orders: dict[str, list[str]]
     out_dir: str
+    bins: list[tuple[str, int]]  # numeric_bins: the dense features (name, width) whose training values are counted
 
 
 _GROUPS: dict[str, list[HistoryGroup]] = {}
@@ -699,7 +702,7 @@ def _assemble(block: pa.Table, ctx: AssembleContext) -> dict[str, Any]:
         cols[pp.MASK_PREFIX + name] = pa.array(m.astype(np.float32))
     table = pa.table(cols)
     actx = pp.AssemblyContext(ctx.sides, groups, ctx.orders)
-    written = {}
+    written, bins = {}, {}
     # file names in file order: source, then the block's first row
     stem = f"part-{int(pp._np(block['_source'])[0]):02d}-{int(pp._np(block['_row'])[0]):012d}"
     for code, sname in enumerate(SPLITS):
@@ -708,8 +711,13 @@ def _assemble(block: pa.Table, ctx: AssembleContext) -> dict[str, Any]:
         for k, start in enumerate(range(0, part.num_rows, cfg.rows_per_block)):
             b = part.slice(start, cfg.rows_per_block)
             b = b.append_column("_split", pa.array(np.full(b.num_rows, code, np.int8)))
-            pp.write_part(pp.assemble_block(b, actx), Path(ctx.out_dir) / sname / f"{stem}-{k:03d}.parquet")
-    return {"rows": written, "oov": oov}
+            out = pp.assemble_block(b, actx)
+            if code == 0:  # numeric_bins' first pass over the training rows, while they are in memory
+                for name, dim in ctx.bins:
+                    counts = bucket_counts(feature_matrix(out[name], dim))
+                    bins[name] = bins[name] + counts if name in bins else counts
+            pp.write_part(out, Path(ctx.out_dir) / sname / f"{stem}-{k:03d}.parquet")
+    return {"rows": written, "oov": oov, "bins": bins}
 
 
 def _assemble_batch(block: pa.Table, ctx: Any) -> pa.Table:
@@ -1097,7 +1105,9 @@ def _write(cfg: DatasetConfig, ctx: RowsContext, refs: list[Any], fit: Fitted, t
         user=cfg.user, item=cfg.item, unsupported=fit.unsupported,
     )
     transformer.save(tmp / "artifacts", history_files=fit.history_files)
-    actx = AssembleContext(ctx, fit.main_sparse, fit.main_dense, fit.sides, fit.side_index, fit.history, orders, str(tmp))
+    bins = [(f.name, f.dim) for f in fit.spec.dense] if cfg.numeric_bins is not None else []
+    actx = AssembleContext(ctx, fit.main_sparse, fit.main_dense, fit.sides, fit.side_index, fit.history, orders, str(tmp),
+                           bins)
     actx_ref = ray.put(actx)
     ds = ray.data.from_arrow_refs(refs).map_batches(
         _assemble_batch, batch_size=None, batch_format="pyarrow", num_cpus=1, fn_kwargs={"ctx": actx_ref})
@@ -1114,9 +1124,36 @@ def _write(cfg: DatasetConfig, ctx: RowsContext, refs: list[Any], fit: Fitted, t
     report["oov"] = {f.name: (oov[f.name] if f.name in oov else report["oov"][f.name])
                      for f in [*cfg.sparse, *cfg.lists]}
     if cfg.numeric_bins is not None:  # quantile edges of the written training rows, as the reference builder
-        from pipeline.transforms.buckets import fit_numeric_boundaries
-
-        fit.spec = fit_numeric_boundaries(fit.spec, tmp / "train", cfg.numeric_bins, tmp / "artifacts")
+        fit.spec = _fit_bins(fit.spec, results, tmp / "train", cfg.numeric_bins, tmp / "artifacts")
     fit.spec.save(tmp / "feature_spec.json")
     report["splits"] = split_rows
     report["labelled_splits"] = [s for k, s in enumerate(SPLITS) if split_rows[s] and fit.labelled_rows[k] == fit.rows[k]]
+
+
+
+def _fit_bins(spec: FeatureSpec, results: list[dict[str, Any]], train_dir: Path, bins: int,
+              artifacts: Path) -> FeatureSpec:
+    """``numeric_bins``: the edges :func:`pipeline.transforms.buckets.fit_numeric_boundaries`
+    fits on the written training rows, from the assembly tasks' bucket counts (first pass) and
+    one task per training file collecting the values of the buckets the edges fall in (second
+    pass); the driver never holds the training values."""
+    import ray
+
+    dense = [(f.name, f.dim) for f in spec.dense]
+    if not dense:
+        return spec
+    files = sorted(train_dir.glob("*.parquet"))
+    counts = {name: sum(r["bins"][name] for r in results if name in r["bins"]) for name, _ in dense}
+    if not files or any(isinstance(c, int) for c in counts.values()):
+        raise ValueError(f"{train_dir}: no training rows to fit numeric_bins on")
+    wanted = ray.put({name: wanted_buckets(counts[name], bins)[1] for name, _ in dense})
+    task = ray.remote(_bin_values)
+    parts = ray.get([task.remote(str(f), dense, wanted) for f in files])
+    fitted = {name: boundaries_from_parts(counts[name], [p[name] for p in parts], bins) for name, _ in dense}
+    return with_boundaries(spec, fitted, artifacts)
+
+
+def _bin_values(path: str, dense: list[tuple[str, int]], wanted: dict[str, list[np.ndarray]]) -> dict[str, Any]:
+    """Second pass over one training file: per dense feature, :func:`~pipeline.transforms.buckets.bucket_values`."""
+    table = pq.read_table(path, columns=[name for name, _ in dense])
+    return {name: bucket_values(feature_matrix(table[name], dim), wanted[name]) for name, dim in dense}
