@@ -5,13 +5,15 @@ side tables, the duplicate rows' numbers).
 Phases (each a function below):
 
 1. plan: the main and extra-row files are cut into row-aligned byte ranges (CSV) or row groups
-   (Parquet); Ray tasks count each range's data rows (blank lines skipped, as the CSV reader
-   does), so every range knows the source row number of its first row;
+   (Parquet), in the driver (no pass over the data);
 2. read: each range is parsed, type-checked and labelled by the same functions as
-   :func:`pipeline.preprocess.read_source`; blocks stay in the object store (spilled to disk
+   :func:`pipeline.preprocess.read_source`, its rows numbered from 1 and counted; from the
+   counts the driver knows each range's first source row (blank lines are skipped by the CSV
+   reader, so only the parse knows them); blocks stay in the object store (spilled to disk
    beyond it);
 3. dedup: a shuffle by key (each block split into hash buckets of ``(keys, _row)``, one task
-   per bucket finds the repeats in file order); the driver gets the dropped rows' numbers;
+   per bucket finds the repeats in file order); the driver gets the dropped rows' numbers; one
+   task per block then drops them and turns its row numbers into source row numbers;
 4. side tables: one task each reads and checks a side table (item-sized, not log-sized);
 5. scan (``split.kind: ordered`` only; otherwise part of the fit): per block, side-table
    matches and times, the rows per time value, from which
@@ -82,41 +84,12 @@ class Piece:
         source: 0 for the main file, ``i`` for ``extra_rows[i - 1]``.
         path: the file.
         start, end: CSV: byte range of whole data lines; Parquet: ``start`` is the row group.
-        first_row: data rows of the file before this piece.
     """
 
     source: int
     path: str
     start: int
     end: int
-    first_row: int = 0
-
-
-def data_lines(data: bytes) -> int:
-    """Lines of ``data`` the CSV reader reads as rows (empty lines, ``\\n`` or ``\\r\\n``, are skipped).
-
-    Args:
-        data: whole lines of a CSV file (no header).
-    """
-    if not data:
-        return 0
-    if b"\n\n" not in data and b"\n\r\n" not in data and not data.startswith((b"\n", b"\r\n")):
-        # no empty line (the usual case): a count at memchr speed
-        tail = data[data.rfind(b"\n") + 1:]  # a last line without its newline
-        return data.count(b"\n") + (0 if tail in (b"", b"\r") else 1)
-    a = np.frombuffer(data, dtype=np.uint8)
-    nl = np.flatnonzero(a == 10)
-    starts = np.concatenate([[0], nl + 1])
-    ends = np.concatenate([nl, [len(a)]])
-    lengths = ends - starts
-    cr_only = (lengths == 1) & (a[np.minimum(starts, len(a) - 1)] == 13)
-    return int(((lengths > 0) & ~cr_only).sum())
-
-
-def _count_piece(path: str, start: int, end: int) -> int:
-    with open(path, "rb") as fh:
-        fh.seek(start)
-        return data_lines(fh.read(end - start))
 
 
 def _csv_ranges(path: Path, piece_bytes: int) -> list[tuple[int, int]]:
@@ -162,34 +135,16 @@ def check_files(cfg: DatasetConfig, raw: Path) -> None:
 
 
 def plan_pieces(cfg: DatasetConfig, raw: Path, piece_bytes: int) -> list[Piece]:
-    """Pieces of the main and extra-row files in file order, each with its first row number
-    (CSV ranges counted by Ray tasks); pieces without rows are left out."""
-    import ray
-
-    count = ray.remote(num_cpus=0.5)(_count_piece)
+    """Pieces of the main and extra-row files in file order (CSV byte ranges of about
+    ``piece_bytes``, Parquet row groups)."""
     pieces: list[Piece] = []
-    counted: list[tuple[Piece, Any]] = []
     for source, fc in enumerate(row_files(cfg)):
         path = raw / fc.path
         if path.suffix == ".parquet":
-            meta = pq.ParquetFile(path).metadata
-            first = 0
-            for g in range(meta.num_row_groups):
-                n = meta.row_group(g).num_rows
-                if n:
-                    pieces.append(Piece(source, str(path), g, -1, first))
-                first += n
+            pieces += [Piece(source, str(path), g, -1) for g in range(pq.ParquetFile(path).metadata.num_row_groups)]
         else:
-            for a, b in _csv_ranges(path, piece_bytes):
-                counted.append((Piece(source, str(path), a, b), count.remote(str(path), a, b)))
-    counts = ray.get([ref for _, ref in counted])
-    first_by_file: dict[str, int] = {}
-    for (piece, _), n in zip(counted, counts):
-        first = first_by_file.get(piece.path, 0)
-        first_by_file[piece.path] = first + n
-        if n:
-            pieces.append(Piece(piece.source, piece.path, piece.start, piece.end, first))
-    return sorted(pieces, key=lambda p: (p.source, p.first_row))
+            pieces += [Piece(source, str(path), a, b) for a, b in _csv_ranges(path, piece_bytes)]
+    return pieces
 
 
 # --------------------------------------------------------------------------------------------
@@ -215,13 +170,15 @@ def main_types(cfg: DatasetConfig, raw: Path) -> dict[str, pa.DataType]:
     return types
 
 
-def read_piece(piece: Piece, raw: Path, cfg: DatasetConfig, types: dict[str, pa.DataType]) -> pa.Table:
-    """One piece as a block: the needed main columns (typed as the main file's), ``_row``
-    (the source's 1-based data row), ``_source``, labels and unlisted-label flags.
+def read_piece(piece: Piece, raw: Path, cfg: DatasetConfig, types: dict[str, pa.DataType]) -> tuple[pa.Table, int]:
+    """One piece as a block and its number of rows: the needed main columns (typed as the main
+    file's), ``_row`` (the 1-based data row in the piece; :func:`_finish_block` adds the rows of
+    the file before it), ``_source``, labels and unlisted-label flags. A piece without data
+    rows (a range of blank lines, an empty row group) gives an empty table.
 
     Raises:
         DataError: as :func:`pipeline.preprocess.read_source` and the label checks (row
-            numbers right, counts of this piece only).
+            numbers and counts of this piece only: the reference builder words the error).
     """
     fc = row_files(cfg)[piece.source]
     path = Path(piece.path)
@@ -235,9 +192,11 @@ def read_piece(piece: Piece, raw: Path, cfg: DatasetConfig, types: dict[str, pa.
                 table = pp._read_csv(path, fc, header + fh.read(piece.end - piece.start))
     except OSError as exc:
         raise DataError(f"{path}: cannot read file: {exc.strerror or exc}") from None
+    if table.num_rows == 0:
+        return pa.table({}), 0
     table = pp._check_values(path, fc, table)
     n = table.num_rows
-    rows = pp._np(table["_row"]) + piece.first_row
+    rows = pp._np(table["_row"])
     cols: dict[str, pa.Array] = {}
     for c in _needed(cfg):
         if c in table.column_names:
@@ -261,26 +220,42 @@ def read_piece(piece: Piece, raw: Path, cfg: DatasetConfig, types: dict[str, pa.
                 cols[OTHER + lab.name] = pa.array(np.zeros(n, dtype=bool))
     if table.num_rows != n:
         raise RuntimeError("rows changed while reading")
-    return pa.table(cols)
+    return pa.table(cols), n
 
 
-def read_rows(cfg: DatasetConfig, raw: Path, pieces: list[Piece]) -> list[Any]:
-    """Object refs of the row blocks (one Ray task per piece), in file order (main file, then
-    extra-row files). Plain tasks, not a Ray Data read: a task's DataError then reaches the
-    driver as a DataError (Ray Data wraps a UDF's exception in one that drops its class)."""
+def read_rows(cfg: DatasetConfig, raw: Path, pieces: list[Piece]) -> tuple[list[Any], list[int]]:
+    """Read every piece (one Ray task each); returns the refs of the blocks with rows, in file
+    order (main file, then extra-row files), and per block the data rows of its file before it.
+    Plain tasks, not a Ray Data read: a task's DataError then reaches the driver as a
+    DataError (Ray Data wraps a UDF's exception in one that drops its class).
+
+    Raises:
+        BadInput: a file without data rows.
+    """
     import ray
 
-    task = ray.remote(read_piece)
+    task = ray.remote(read_piece).options(num_returns=2)
     types = main_types(cfg, raw)
-    return [task.remote(p, raw, cfg, types) for p in pieces]
+    outs = [task.remote(p, raw, cfg, types) for p in pieces]
+    counts = ray.get([n for _, n in outs])
+    refs, offsets, before = [], [], [0] * len(row_files(cfg))
+    for piece, (ref, _), n in zip(pieces, outs, counts):
+        if n:
+            refs.append(ref)
+            offsets.append(before[piece.source])
+            before[piece.source] += n
+    if not all(before):
+        raise BadInput("a file without data rows")
+    return refs, offsets
 
 
 # --------------------------------------------------------------------------------------------
 # 3. dedup
 
 
-def _dedup_buckets(block: pa.Table, keys: list[str], buckets: int) -> list[pa.Table]:
+def _dedup_buckets(block: pa.Table, offset: int, keys: list[str], buckets: int) -> list[pa.Table]:
     main = block.filter(pc.equal(block["_source"], 0)).select([*keys, "_row"])
+    main = main.set_column(len(keys), "_row", pc.add(main["_row"], offset))
     frame = main.select(keys).to_pandas()
     bucket = (pd.util.hash_pandas_object(frame, index=False).to_numpy() % np.uint64(buckets)).astype(np.int64)
     return [main.filter(pa.array(bucket == b)) for b in range(buckets)]
@@ -293,30 +268,36 @@ def _dedup_find(keep: str, keys: list[str], *parts: pa.Table) -> np.ndarray:
     return frame["_row"].to_numpy()[dup]
 
 
-def _drop_rows(block: pa.Table, dropped: np.ndarray) -> pa.Table:
-    gone = (pp._np(block["_source"]) == 0) & np.isin(pp._np(block["_row"]), dropped)
+def _finish_block(block: pa.Table, offset: int, dropped: np.ndarray | None) -> pa.Table:
+    """The block with source row numbers (``offset`` added) and without the ``dropped`` main rows."""
+    rows = pp._np(block["_row"]) + offset
+    block = block.set_column(block.column_names.index("_row"), "_row", pa.array(rows))
+    if dropped is None or not len(dropped):
+        return block
+    gone = (pp._np(block["_source"]) == 0) & np.isin(rows, dropped)
     return block.filter(pa.array(~gone)) if gone.any() else block
 
 
-def dedup(cfg: DatasetConfig, refs: list[Any]) -> tuple[list[Any], dict[str, Any]]:
-    """The blocks without the dropped repeats, and the report's ``dedup`` entry."""
+def dedup(cfg: DatasetConfig, refs: list[Any], offsets: list[int]) -> tuple[list[Any], dict[str, Any]]:
+    """The blocks with source row numbers (``offsets``: :func:`read_rows`) and without the
+    dropped repeats, and the report's ``dedup`` entry."""
     import ray
 
+    finish = ray.remote(_finish_block)
     if cfg.dedup is None:
-        return refs, {"duplicates": 0}
+        return [finish.remote(r, o, None) for r, o in zip(refs, offsets)], {"duplicates": 0}
     keys, keep = cfg.dedup.keys, cfg.dedup.keep
     split = ray.remote(_dedup_buckets).options(num_returns=DEDUP_BUCKETS)
-    parts = [split.remote(r, keys, DEDUP_BUCKETS) for r in refs]
+    parts = [split.remote(r, o, keys, DEDUP_BUCKETS) for r, o in zip(refs, offsets)]
     find = ray.remote(_dedup_find)
     found = ray.get([find.remote(keep, keys, *[p[b] for p in parts]) for b in range(DEDUP_BUCKETS)])
     dropped = np.sort(np.concatenate(found)) if found else np.zeros(0, np.int64)
     info = {"keys": keys, "keep": keep, "duplicates": int(len(dropped)), "dropped": 0}
+    gone = None
     if keep != "all" and len(dropped):
         gone = ray.put(dropped)
-        drop = ray.remote(_drop_rows)
-        refs = [drop.remote(r, gone) for r in refs]
         info["dropped"] = int(len(dropped))
-    return refs, info
+    return [finish.remote(r, o, gone) for r, o in zip(refs, offsets)], info
 
 
 # --------------------------------------------------------------------------------------------
@@ -794,12 +775,10 @@ def _build(cfg: DatasetConfig, raw: Path, tmp: Path, ray_num_cpus: int | None, r
                               "ray": {"gcs_address": ray.get_runtime_context().gcs_address}}
     t = tick("ray_init", t_start)
     pieces = plan_pieces(cfg, raw, piece_bytes)
-    if {p.source for p in pieces} != set(range(len(row_files(cfg)))):
-        raise BadInput("a file without data rows")
     t = tick("plan", t)
     sides = _read_sides(cfg, raw)  # side tables read while the rows are
-    refs = read_rows(cfg, raw, pieces)
-    refs, report["dedup"] = dedup(cfg, refs)
+    refs, offsets = read_rows(cfg, raw, pieces)
+    refs, report["dedup"] = dedup(cfg, refs, offsets)
     t = tick("read_rows_dedup", t)
     ctx, side_meta = _rows_context(cfg, sides)
     t = tick("read_side", t)
