@@ -1285,9 +1285,11 @@ def _ref_finish(cfg: DatasetConfig, rows: _RefRows, fit: _RefFit, keep: np.ndarr
     artifacts = tmp / "artifacts"
     spec = FeatureSpec(sparse=fit.spec_sparse, lists=fit.spec_lists, dense=fit.spec_dense, vectors=fit.spec_vectors,
                        tasks=lab_names, user_column="_user" if cfg.user else None)
+    t0 = time.perf_counter()
     if cfg.numeric_bins is not None:  # issue 14: quantile edges of the written training rows
         spec = fit_numeric_boundaries(spec, tmp / "train", cfg.numeric_bins, artifacts)
     spec.save(tmp / "feature_spec.json")
+    timings["numeric_bins"] = time.perf_counter() - t0
     (artifacts / "dense_stats.json").write_text(json.dumps(fit.dense_stats, indent=2))
     report.update(
         {

@@ -789,8 +789,12 @@ def _build(cfg: DatasetConfig, raw: Path, tmp: Path, ray_num_cpus: int | None, r
     fit = _fit(cfg, ctx, refs, sides, side_meta, raw, tmp, report)
     del sides  # the raw side tables: encoded copies are in the fitted objects; free the object store
     t = tick("fit", t)
-    _write(cfg, ctx, refs, fit, tmp, report)
-    tick("assemble_write", t)
+    results = _write(cfg, ctx, refs, fit, tmp, report)
+    t = tick("assemble_write", t)
+    if cfg.numeric_bins is not None:  # quantile edges of the written training rows, as the reference builder
+        fit.spec = _fit_bins(fit.spec, results, tmp / "train", cfg.numeric_bins, tmp / "artifacts")
+    fit.spec.save(tmp / "feature_spec.json")
+    tick("numeric_bins", t)
     report["timings_s"] = {k: round(v, 3) for k, v in {**timings, "total": time.perf_counter() - t_start}.items()}
     report["config"] = json.loads(json.dumps(cfg.model_dump(mode="json")))
     (tmp / "report.json").write_text(json.dumps(report, indent=2, default=str))
@@ -1056,9 +1060,10 @@ def _spec(cfg: DatasetConfig, main_sparse: dict[str, Any], main_nulls: dict[str,
     return spec, feature_cols
 
 
-def _write(cfg: DatasetConfig, ctx: RowsContext, refs: list[Any], fit: Fitted, tmp: Path, report: dict[str, Any]) -> None:
-    """Assemble and write every block (Ray Data), check the counts, write the spec and the
-    fitted row transformer."""
+def _write(cfg: DatasetConfig, ctx: RowsContext, refs: list[Any], fit: Fitted, tmp: Path,
+           report: dict[str, Any]) -> list[dict[str, Any]]:
+    """Assemble and write every block (Ray Data), check the counts, write the fitted row
+    transformer; returns the tasks' results (rows, OOV and numeric_bins counts)."""
     import pickle
 
     import ray
@@ -1102,12 +1107,9 @@ def _write(cfg: DatasetConfig, ctx: RowsContext, refs: list[Any], fit: Fitted, t
         oov[name] = {s: int(total[k]) for k, s in enumerate(SPLITS)}
     report["oov"] = {f.name: (oov[f.name] if f.name in oov else report["oov"][f.name])
                      for f in [*cfg.sparse, *cfg.lists]}
-    if cfg.numeric_bins is not None:  # quantile edges of the written training rows, as the reference builder
-        fit.spec = _fit_bins(fit.spec, results, tmp / "train", cfg.numeric_bins, tmp / "artifacts")
-    fit.spec.save(tmp / "feature_spec.json")
     report["splits"] = split_rows
     report["labelled_splits"] = [s for k, s in enumerate(SPLITS) if split_rows[s] and fit.labelled_rows[k] == fit.rows[k]]
-
+    return results
 
 
 def _fit_bins(spec: FeatureSpec, results: list[dict[str, Any]], train_dir: Path, bins: int,
