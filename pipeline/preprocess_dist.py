@@ -24,7 +24,11 @@ Phases (each a function below):
    that writes the fitted table (:class:`~pipeline.transforms.HistoryGroup`) to ``artifacts/``;
 7. side features: one task per side table fits its vocabularies, scalers, list encoders and
    PCA on the rows training rows join to, weighted by how often they do;
-8. assemble (Ray Data): per block, encode, join, look up history windows and write Parquet.
+8. assemble (Ray Data): per block, encode, join, look up history windows and write Parquet;
+   with ``numeric_bins``, count the training rows' dense values per bucket (first pass);
+9. numeric bins: one task per written training file collects the values of the buckets the
+   quantile edges fall in; the driver picks the exact order statistics
+   (:func:`pipeline.transforms.buckets.boundaries_from_parts`).
 
 Bad input: a range only sees its own rows, so it cannot count a problem over a whole file as
 the messages do ("...; 3 such row(s)"). When any phase finds bad input, the reference builder
