@@ -535,9 +535,11 @@ def write_part(table: pa.Table, path: Path) -> None:
     Args:
         table: assembled rows; path: the file.
     """
-    # dictionary encoding only pays for id columns; trying it on float lists costs ~1/3 of the write
+    # dictionary encoding only pays for id columns; trying it on float lists costs ~1/3 of the write.
+    # min/max statistics of the id columns only (split_files orders files by _row's): those of the
+    # float features (history windows, vectors) were a third of the write and nothing reads them
     ids = [f.name for f in table.schema if pa.types.is_integer(f.type)]
-    pq.write_table(table, path, use_dictionary=ids)
+    pq.write_table(table, path, use_dictionary=ids, write_statistics=ids)
 
 
 # --------------------------------------------------------------------------------------------
@@ -763,24 +765,124 @@ def check_split_counts(cfg: DatasetConfig, main_path: Path, rows: dict[int, int]
     return warnings_
 
 
+@dataclass
+class _RefRows:
+    """The reference builder's rows (main, then extra) and what later phases add to them.
+
+    Args:
+        rows_t: the needed main columns plus ``_row`` and ``_source`` of every row.
+        labels: ``[n, tasks]`` float32 labels (NaN: unlabelled); is_labelled: main rows.
+        sources: the file of each ``_source`` code.
+    """
+
+    rows_t: pa.Table
+    labels: np.ndarray
+    is_labelled: np.ndarray
+    sources: list[Path]
+    sides: list[_Table] = field(default_factory=list)
+    side_pos: list[np.ndarray] = field(default_factory=list)  # per side table, the side row of each row (-1: none)
+    days: np.ndarray | None = None
+    split: np.ndarray | None = None  # 0 train, 1 valid, 2 test, -1 outside every split
+
+    @property
+    def src(self) -> np.ndarray:
+        return _np(self.rows_t["_source"])
+
+    @property
+    def row_no(self) -> np.ndarray:
+        return _np(self.rows_t["_row"])
+
+    @property
+    def train(self) -> np.ndarray:
+        return self.split == 0
+
+    def locate(self, cfg: DatasetConfig, column: str) -> tuple[int | None, str]:
+        """The side table a column comes from (None: the main rows), and its file."""
+        for i, s in enumerate(self.sides):
+            if column in s.fc.columns and column != s.key:
+                return i, s.fc.path
+        return None, cfg.main.path
+
+    def joined(self, cfg: DatasetConfig, column: str) -> np.ndarray:
+        """Per-row values of a column (main or side), with None for missing side rows."""
+        i, _ = self.locate(cfg, column)
+        if i is None:
+            return _np(self.rows_t[column])
+        vals = self.sides[i].table[column].combine_chunks()
+        return _np(vals.take(pa.array(self.side_pos[i], mask=self.side_pos[i] < 0)))
+
+
+@dataclass
+class _RefFit:
+    """What the reference builder's fit phases produce: encoded row and side columns, the
+    fitted objects, spec entries and the report's entries."""
+
+    row_cols: dict[str, pa.Array]
+    side_enc: list[dict[str, pa.Array]]
+    oov_fill: dict[str, int] = field(default_factory=dict)
+    main_sparse: dict[str, tuple[str, Vocabulary]] = field(default_factory=dict)  # what a RowTransformer holds
+    main_dense: dict[str, tuple[str, DenseScaler]] = field(default_factory=dict)
+    main_unsupported: list[str] = field(default_factory=list)
+    spec_sparse: list[SparseFeature] = field(default_factory=list)
+    spec_lists: list[ListFeature] = field(default_factory=list)
+    spec_dense: list[DenseFeature] = field(default_factory=list)
+    spec_vectors: list[VectorFeature] = field(default_factory=list)
+    vocab_sizes: dict[str, int] = field(default_factory=dict)
+    oov: dict[str, dict[str, int]] = field(default_factory=dict)
+    missing_oov: dict[str, dict[str, int]] = field(default_factory=dict)
+    list_info: dict[str, Any] = field(default_factory=dict)
+    pca_info: dict[str, Any] = field(default_factory=dict)
+    dense_stats: dict[str, dict[str, float]] = field(default_factory=dict)
+    groups: list[HistoryGroup] = field(default_factory=list)
+    hist_names: dict[str, list[str]] = field(default_factory=dict)
+
+    def per_split(self, split: np.ndarray, per_row: np.ndarray) -> dict[str, int]:
+        return {s: int(per_row[split == k].sum()) for k, s in enumerate(SPLITS)}
+
+
 def build_reference(cfg: DatasetConfig, raw: Path, tmp: Path, ray_num_cpus: int | None = None,
                     ray_address: str | None = None) -> dict[str, Any]:
     """The single-process builder (every log-sized array in the driver), kept as the reference
     the distributed builder (:mod:`pipeline.preprocess_dist`) is tested against and as the one
     that words the error when that builder finds bad input; also used for main-row list/vector
-    features, which the distributed builder does not take."""
+    features, which the distributed builder does not take.
+
+    Phases: read the rows (:func:`_ref_read_rows`), join the side tables (:func:`_ref_join_sides`),
+    split (:func:`_ref_split`), fit encoders (:func:`_ref_fit_encoders`), history tables
+    (:func:`_ref_history`), meta columns and sampling (:func:`_ref_meta`), assemble and write
+    in Ray Data (:func:`_ref_assemble_write`), spec and report (:func:`_ref_finish`).
+    """
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
     report: dict[str, Any] = {"dataset": cfg.name, "raw": str(raw.resolve()), "attribution": cfg.attribution}
-    lab_names = [lab.name for lab in cfg.labels]
+    repairs: dict[str, int] = {}
+    rows = _ref_read_rows(cfg, raw, report, repairs)
+    timings["read_main"] = time.perf_counter() - t_start
+    t0 = time.perf_counter()
+    _ref_join_sides(cfg, raw, rows, report, repairs)
+    timings["read_side"] = time.perf_counter() - t0
+    _ref_split(cfg, raw, rows, report)
+    t0 = time.perf_counter()
+    artifacts = tmp / "artifacts"
+    artifacts.mkdir()
+    fit = _ref_fit_encoders(cfg, raw, rows, artifacts, repairs)
+    timings["fit_encoders"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    _ref_history(cfg, rows, fit, report)
+    timings["history_aggregates"] = time.perf_counter() - t0
+    keep, mask_names = _ref_meta(cfg, rows, fit, report)
+    split_rows = _ref_assemble_write(cfg, rows, fit, keep, mask_names, tmp, ray_num_cpus, ray_address, report, timings)
+    report["repairs"] = repairs
+    return _ref_finish(cfg, rows, fit, keep, split_rows, tmp, report, timings, t_start)
 
-    # ---- 1. main rows: read, labels, dedup -----------------------------------------------
+
+def _ref_read_rows(cfg: DatasetConfig, raw: Path, report: dict[str, Any], repairs: dict[str, int]) -> _RefRows:
+    """Main rows (read, labels, de-duplicated), then the extra unlabelled rows; the report's
+    ``inputs`` and ``dedup``."""
     main_t = read_source(raw, cfg.main)
     main_path = raw / cfg.main.path
     report["inputs"] = {cfg.main.path: main_t.num_rows}
-    main_rows = _np(main_t["_row"])
-    repairs: dict[str, int] = {}
-    labels = label_matrix(cfg, main_t, main_path, main_rows, repairs)
+    labels = label_matrix(cfg, main_t, main_path, _np(main_t["_row"]), repairs)
     dup_info: dict[str, Any] = {"duplicates": 0}
     if cfg.dedup is not None:
         keys_df = pd.DataFrame({k: _np(main_t[k]) for k in cfg.dedup.keys})
@@ -794,7 +896,6 @@ def build_reference(cfg: DatasetConfig, raw: Path, tmp: Path, ray_num_cpus: int 
             dup_info["dropped"] = int(n_dup)
     report["dedup"] = dup_info
 
-    # ---- 2. extra unlabelled rows ----------------------------------------------------------
     sources = [main_path]
     needed = [c for c in cfg.main.columns if c not in {lab.column for lab in cfg.labels}]
     parts = [main_t.select([*needed, "_row"]).append_column("_source", pa.array(np.zeros(main_t.num_rows, np.int8)))]
@@ -815,18 +916,15 @@ def build_reference(cfg: DatasetConfig, raw: Path, tmp: Path, ray_num_cpus: int 
         cols["_source"] = pa.array(np.full(t.num_rows, i, np.int8))
         parts.append(pa.table(cols))
         labelled.append(np.zeros(t.num_rows, dtype=bool))
-    rows_t = pa.concat_tables(parts).combine_chunks()
     is_labelled = np.concatenate(labelled)
     labels = np.concatenate([labels, np.full(((~is_labelled).sum(), len(cfg.labels)), np.nan, np.float32)])
-    n_rows = rows_t.num_rows
-    src = _np(rows_t["_source"])
-    row_no = _np(rows_t["_row"])
-    timings["read_main"] = time.perf_counter() - t_start
+    return _RefRows(pa.concat_tables(parts).combine_chunks(), labels, is_labelled, sources)
 
-    # ---- 3. side tables ---------------------------------------------------------------------
-    t0 = time.perf_counter()
-    sides: list[_Table] = []
-    side_pos: list[np.ndarray] = []
+
+def _ref_join_sides(cfg: DatasetConfig, raw: Path, rows: _RefRows, report: dict[str, Any], repairs: dict[str, int]) -> None:
+    """Read each side table (a repeated key is an error) and find each row's side row (a
+    missing one is an error unless ``on_missing: null``, then a counted repair)."""
+    src, row_no = rows.src, rows.row_no
     for sc in cfg.side_tables:
         st = read_source(raw, sc)
         report["inputs"][sc.path] = st.num_rows
@@ -837,40 +935,28 @@ def build_reference(cfg: DatasetConfig, raw: Path, tmp: Path, ray_num_cpus: int 
         if dup.any():
             i = int(order[1:][dup][0])
             raise DataError(f"{_where(spath, sc.key, i + 1, spath.suffix != '.parquet')}: duplicate key {_py(keyv[i])!r}; {int(dup.sum())} duplicate(s)")
-        pos = pc.index_in(rows_t[sc.key], value_set=st[sc.key].combine_chunks())
+        pos = pc.index_in(rows.rows_t[sc.key], value_set=st[sc.key].combine_chunks())
         pos_np = _np(pc.fill_null(pos, -1)).astype(np.int64)
         missing = pos_np < 0
         if missing.any():
             if sc.on_missing == "error":
-                _fail_missing_key(sc.key, spath, missing, _np(rows_t[sc.key]), sources, src, row_no)
+                _fail_missing_key(sc.key, spath, missing, _np(rows.rows_t[sc.key]), rows.sources, src, row_no)
             repairs[f"{sc.path}: rows without a {sc.key} match (side features missing -> OOV/0/empty)"] = int(missing.sum())
-        sides.append(_Table(sc, spath, st, key=sc.key))
-        side_pos.append(pos_np)
-    timings["read_side"] = time.perf_counter() - t0
+        rows.sides.append(_Table(sc, spath, st, key=sc.key))
+        rows.side_pos.append(pos_np)
 
-    def locate(column: str) -> tuple[int | None, str]:
-        for i, s in enumerate(sides):
-            if column in s.fc.columns and column != s.key:
-                return i, s.fc.path
-        return None, cfg.main.path
 
-    def joined(column: str) -> np.ndarray:
-        """Per-row values of a column (main or side), with None for missing side rows."""
-        i, _ = locate(column)
-        if i is None:
-            return _np(rows_t[column])
-        vals = sides[i].table[column].combine_chunks()
-        return _np(vals.take(pa.array(side_pos[i], mask=side_pos[i] < 0)))
-
-    # ---- 4. splits --------------------------------------------------------------------------
-    sp = cfg.split
-    split = np.full(n_rows, -1, dtype=np.int8)
+def _ref_split(cfg: DatasetConfig, raw: Path, rows: _RefRows, report: dict[str, Any]) -> None:
+    """Days and split codes of the rows, the split checks, each side table's training mask."""
+    sp, main_path = cfg.split, raw / cfg.main.path
+    src, row_no, is_labelled = rows.src, rows.row_no, rows.is_labelled
+    split = np.full(rows.rows_t.num_rows, -1, dtype=np.int8)
     days = None
     if cfg.time is not None:
-        days = joined(cfg.time).astype(np.int64)
+        days = rows.joined(cfg, cfg.time).astype(np.int64)
         if days.min() < 0:
             i = _first_bad(days < 0)
-            raise DataError(f"{_where(sources[src[i]], cfg.time, int(row_no[i]))}: negative time {_py(days[i])} "
+            raise DataError(f"{_where(rows.sources[src[i]], cfg.time, int(row_no[i]))}: negative time {_py(days[i])} "
                             f"(time_unit {cfg.time_unit}: times must be >= 0)")
     if sp.kind == "day":
         for code, rng in enumerate((sp.train_days, sp.valid_days, sp.test_days)):
@@ -888,72 +974,71 @@ def build_reference(cfg: DatasetConfig, raw: Path, tmp: Path, ray_num_cpus: int 
     bad = (~is_labelled) & (split == 0)
     if bad.any():
         i = _first_bad(bad)
-        raise DataError(f"{_where(sources[src[i]], cfg.time, int(row_no[i]))}: unlabelled row falls in the training split")
-    train = split == 0
+        raise DataError(f"{_where(rows.sources[src[i]], cfg.time, int(row_no[i]))}: unlabelled row falls in the training split")
+    rows.days, rows.split = days, split
+    train = rows.train
     if not train.any():
         raise DataError(f"{main_path}: no training rows under split {sp.model_dump()}")
-    report["warnings"] = _check_splits(cfg, main_path, split, labels, is_labelled)
+    report["warnings"] = _check_splits(cfg, main_path, split, rows.labels, is_labelled)
     report["rows_outside_splits"] = int((split < 0).sum())
-    for s_i, s in enumerate(sides):
-        p = side_pos[s_i][train]
+    for s_i, s in enumerate(rows.sides):
+        p = rows.side_pos[s_i][train]
         mask = np.zeros(s.table.num_rows, dtype=bool)
         mask[p[p >= 0]] = True
         s.train_mask = mask
 
-    # ---- 5. fit encoders on training rows ---------------------------------------------------
-    t0 = time.perf_counter()
-    vocab_sizes: dict[str, int] = {}
-    oov: dict[str, dict[str, int]] = {}
-    truncated: dict[str, int] = {}
-    spec_sparse, spec_lists, spec_dense, spec_vectors = [], [], [], []
-    artifacts = tmp / "artifacts"
-    artifacts.mkdir()
-    row_cols: dict[str, pa.Array] = {"_row": rows_t["_row"].combine_chunks(), "_source": rows_t["_source"].combine_chunks()}
-    side_enc: list[dict[str, pa.Array]] = [dict() for _ in sides]
-    oov_fill: dict[str, int] = {}
-    main_sparse: dict[str, tuple[str, Vocabulary]] = {}  # the fitted objects a RowTransformer holds
-    main_dense: dict[str, tuple[str, DenseScaler]] = {}
-    main_unsupported: list[str] = []
-    missing_oov: dict[str, dict[str, int]] = {}
 
-    def count_oov(name: str, per_row_oov: np.ndarray) -> None:
-        oov[name] = {s: int(per_row_oov[split == k].sum()) for k, s in enumerate(SPLITS)}
+def _ref_fit_encoders(cfg: DatasetConfig, raw: Path, rows: _RefRows, artifacts: Path, repairs: dict[str, int]) -> _RefFit:
+    """Vocabularies, scalers, list encoders and PCA fitted on the training rows; the encoded
+    row and side columns; their artifacts."""
+    fit = _RefFit({"_row": rows.rows_t["_row"].combine_chunks(), "_source": rows.rows_t["_source"].combine_chunks()},
+                  [dict() for _ in rows.sides])
+    _ref_fit_sparse(cfg, rows, fit, artifacts)
+    _ref_fit_dense(cfg, raw, rows, fit, repairs)
+    _ref_fit_lists(cfg, raw, rows, fit, artifacts)
+    _ref_fit_vectors(cfg, raw, rows, fit, artifacts)
+    return fit
 
+
+def _ref_fit_sparse(cfg: DatasetConfig, rows: _RefRows, fit: _RefFit, artifacts: Path) -> None:
+    """Sparse features: a vocabulary of the training rows' values, OOV and missing counts."""
+    split, train = rows.split, rows.train
     for f in cfg.sparse:
-        si, _ = locate(f.column)
+        si, _ = rows.locate(cfg, f.column)
         if si is None:
-            values = rows_t[f.column].combine_chunks()
+            values = rows.rows_t[f.column].combine_chunks()
             vocab = Vocabulary().fit(values.filter(pa.array(train)))
             enc = vocab.transform(values)
-            row_cols[f.name] = pa.array(enc)
-            main_sparse[f.name] = (f.column, vocab)
+            fit.row_cols[f.name] = pa.array(enc)
+            fit.main_sparse[f.name] = (f.column, vocab)
             row_null = np.asarray(pc.is_null(values))
-            count_oov(f.name, ~row_null & (enc == vocab.size))
-            if row_null.any():
-                missing_oov[f.name] = {s: int(row_null[split == k].sum()) for k, s in enumerate(SPLITS)}
+            fit.oov[f.name] = fit.per_split(split, ~row_null & (enc == vocab.size))
         else:
-            s = sides[si]
+            s = rows.sides[si]
             values = s.table[f.column].combine_chunks()
             vocab = Vocabulary().fit(values.filter(pa.array(s.train_mask)))
             enc = vocab.transform(values)
-            side_enc[si][f.name] = pa.array(enc)
-            oov_fill[f.name] = vocab.size
-            p = side_pos[si]
+            fit.side_enc[si][f.name] = pa.array(enc)
+            fit.oov_fill[f.name] = vocab.size
+            p = rows.side_pos[si]
             null_side = np.asarray(pc.is_null(values))
             row_null = (p < 0) | null_side[np.maximum(p, 0)]
-            count_oov(f.name, ~row_null & (enc[np.maximum(p, 0)] == vocab.size))
-            if row_null.any():
-                missing_oov[f.name] = {s: int(row_null[split == k].sum()) for k, s in enumerate(SPLITS)}
+            fit.oov[f.name] = fit.per_split(split, ~row_null & (enc[np.maximum(p, 0)] == vocab.size))
+        if row_null.any():
+            fit.missing_oov[f.name] = fit.per_split(split, row_null)
         if vocab.size == 0:
             raise DataError(f"sparse feature {f.name!r} (column {f.column!r}): no values in training rows")
-        vocab_sizes[f.name] = vocab.size
+        fit.vocab_sizes[f.name] = vocab.size
         vocab.save(artifacts / f"vocab_{f.name}.parquet")
-        spec_sparse.append(SparseFeature(f.name, vocab_size=vocab.size, embedding_dim=f.embedding_dim))
+        fit.spec_sparse.append(SparseFeature(f.name, vocab_size=vocab.size, embedding_dim=f.embedding_dim))
 
-    dense_stats: dict[str, dict[str, float]] = {}
+
+def _ref_fit_dense(cfg: DatasetConfig, raw: Path, rows: _RefRows, fit: _RefFit, repairs: dict[str, int]) -> None:
+    """Dense features: empty -> 0 (a counted repair), scalers fitted per training row."""
+    train = rows.train
     for f in cfg.dense:
-        si, fpath = locate(f.column)
-        tbl = rows_t if si is None else sides[si].table
+        si, fpath = rows.locate(cfg, f.column)
+        tbl = rows.rows_t if si is None else rows.sides[si].table
         col = tbl[f.column].combine_chunks()
         v = _np(pc.cast(col, pa.float64())).astype(np.float64)
         nulls = np.isnan(v)
@@ -963,24 +1048,26 @@ def build_reference(cfg: DatasetConfig, raw: Path, tmp: Path, ray_num_cpus: int 
         scaler = DenseScaler(f.transform)
         neg = scaler.invalid(v)
         if neg.any():
-            rws = row_no if si is None else _np(tbl["_row"])
+            rws = rows.row_no if si is None else _np(tbl["_row"])
             _raise_at(raw / fpath, f.column, rws, neg, "log1p needs values >= 0", v)
         # side columns: fitted per training impression (a side row counts once per row joined to it)
-        scaler.fit(v[train] if si is None else v[side_pos[si][train & (side_pos[si] >= 0)]])
-        dense_stats[f.name] = scaler.to_dict()
+        scaler.fit(v[train] if si is None else v[rows.side_pos[si][train & (rows.side_pos[si] >= 0)]])
+        fit.dense_stats[f.name] = scaler.to_dict()
         arr = pa.array(scaler.transform(v))
         if si is None:
-            row_cols[f.name] = arr
-            main_dense[f.name] = (f.column, scaler)
+            fit.row_cols[f.name] = arr
+            fit.main_dense[f.name] = (f.column, scaler)
         else:
-            side_enc[si][f.name] = arr
-        spec_dense.append(DenseFeature(f.name))
+            fit.side_enc[si][f.name] = arr
+        fit.spec_dense.append(DenseFeature(f.name))
 
-    list_info: dict[str, Any] = {}
+
+def _ref_fit_lists(cfg: DatasetConfig, raw: Path, rows: _RefRows, fit: _RefFit, artifacts: Path) -> None:
+    """List features: parsed, a vocabulary of the training rows' ids, OOV entries and truncations."""
     for f in cfg.lists:
-        si, fpath = locate(f.column)
-        tbl = rows_t if si is None else sides[si].table
-        tmask = train if si is None else sides[si].train_mask
+        si, fpath = rows.locate(cfg, f.column)
+        tbl = rows.rows_t if si is None else rows.sides[si].table
+        tmask = rows.train if si is None else rows.sides[si].train_mask
         ids, weights = _parse_list(tbl[f.column].combine_chunks(), f, raw / fpath, _np(tbl["_row"]), not fpath.endswith(".parquet"))
         lengths = _np(pc.list_value_length(ids))
         trunc = lengths > f.max_len
@@ -991,84 +1078,91 @@ def build_reference(cfg: DatasetConfig, raw: Path, tmp: Path, ray_num_cpus: int 
         enc_flat = _np(pc.list_flatten(enc))
         parents = _np(pc.list_parent_indices(enc)) if len(enc_flat) else np.zeros(0, np.int64)
         oov_entries = np.bincount(parents, weights=(enc_flat == encoder.size), minlength=len(ids)).astype(np.int64)
-        per_row_lists_oov = oov_entries if si is None else np.where(side_pos[si] >= 0, oov_entries[np.maximum(side_pos[si], 0)], 0)
-        oov[f.name] = {s: int(per_row_lists_oov[split == k].sum()) for k, s in enumerate(SPLITS)}
-        truncated[f.name] = int(trunc.sum())
-        list_info[f.name] = {"empty_lists": int((lengths == 0).sum()), "truncated": int(trunc.sum()), "max_len": f.max_len, "table_rows": len(lengths)}
-        vocab_sizes[f.name] = encoder.size
+        pos = rows.side_pos[si] if si is not None else None
+        per_row_lists_oov = oov_entries if pos is None else np.where(pos >= 0, oov_entries[np.maximum(pos, 0)], 0)
+        fit.oov[f.name] = fit.per_split(rows.split, per_row_lists_oov)
+        fit.list_info[f.name] = {"empty_lists": int((lengths == 0).sum()), "truncated": int(trunc.sum()), "max_len": f.max_len, "table_rows": len(lengths)}
+        fit.vocab_sizes[f.name] = encoder.size
         encoder.save(artifacts / f"vocab_{f.name}.parquet")
         if si is None:
-            main_unsupported.append(f.name)
-        target = row_cols if si is None else side_enc[si]
+            fit.main_unsupported.append(f.name)
+        target = fit.row_cols if si is None else fit.side_enc[si]
         target[f.name] = enc
         if f.weighted:
             target[f.name + WEIGHT_SUFFIX] = weights
-        spec_lists.append(ListFeature(f.name, vocab_size=encoder.size, max_len=f.max_len, embedding_dim=f.embedding_dim, pooling=f.pooling, weighted=f.weighted))
+        fit.spec_lists.append(ListFeature(f.name, vocab_size=encoder.size, max_len=f.max_len, embedding_dim=f.embedding_dim, pooling=f.pooling, weighted=f.weighted))
 
-    pca_info: dict[str, Any] = {}
+
+def _ref_fit_vectors(cfg: DatasetConfig, raw: Path, rows: _RefRows, fit: _RefFit, artifacts: Path) -> None:
+    """Vector features: parsed, PCA fitted on the training rows' (distinct side) rows."""
     for f in cfg.vectors:
-        si, fpath = locate(f.column)
-        tbl = rows_t if si is None else sides[si].table
-        tmask = train if si is None else sides[si].train_mask
+        si, fpath = rows.locate(cfg, f.column)
+        tbl = rows.rows_t if si is None else rows.sides[si].table
+        tmask = rows.train if si is None else rows.sides[si].train_mask
         mat = _parse_vectors(tbl[f.column].combine_chunks(), f, raw / fpath, _np(tbl["_row"]), not fpath.endswith(".parquet"))
         if si is None:
-            main_unsupported.append(f.name)
+            fit.main_unsupported.append(f.name)
         if f.pca_dim is not None:
             pca = PCA(f.pca_dim).fit(mat[tmask])
             mat = pca.transform(mat)
             pca.save(artifacts / f"pca_{f.name}.npz")
-            pca_info[f.name] = {"fit_rows": int(tmask.sum()), "dim": f.pca_dim,
-                                "explained_variance": float(pca.explained_variance_ratio.sum())}
+            fit.pca_info[f.name] = {"fit_rows": int(tmask.sum()), "dim": f.pca_dim,
+                                    "explained_variance": float(pca.explained_variance_ratio.sum())}
         dim = mat.shape[1]
         arr = pa.FixedSizeListArray.from_arrays(pa.array(mat.reshape(-1).astype(np.float32)), dim)
-        (row_cols if si is None else side_enc[si])[f.name] = arr
-        spec_vectors.append(VectorFeature(f.name, dim=dim))
-    timings["fit_encoders"] = time.perf_counter() - t0
+        (fit.row_cols if si is None else fit.side_enc[si])[f.name] = arr
+        fit.spec_vectors.append(VectorFeature(f.name, dim=dim))
 
-    # ---- 6. history ---------------------------------------------------------------------------
-    t0 = time.perf_counter()
-    groups: list[HistoryGroup] = []
-    hist_names: dict[str, list[str]] = {}
+
+def _ref_history(cfg: DatasetConfig, rows: _RefRows, fit: _RefFit, report: dict[str, Any]) -> None:
+    """History tables of each key group from the rows the protocol allows; each row's key code."""
     report["history"] = None
-    if cfg.history is not None:
-        actions_idx = [lab_names.index(a) for a in cfg.history_actions]
-        day_base = int(days.max()) + 2
-        hist_rows = history_rows(cfg.history.protocol, is_labelled, split)
-        report["history"] = {
-            "protocol": cfg.history.protocol, "time_unit": cfg.time_unit, "windows": cfg.history.windows,
-            "rows_fed": int(hist_rows.sum()),
-            "rows_fed_by_split": {name: int((hist_rows & (split == code)).sum()) for code, name in enumerate(SPLITS)}
-                                 | {"outside_splits": int((hist_rows & (split < 0)).sum())},
-        }
-        for keys in cfg.history.keys:
-            name = "hist_" + "_".join(keys)
-            vals = [joined(k) for k in keys]
-            for k, v in zip(keys, vals):
-                miss = np.asarray(pd.isna(v)) & hist_rows
-                if miss.any():
-                    i = _first_bad(miss)
-                    raise DataError(
-                        f"{_where(sources[src[i]], k, int(row_no[i]))}: history key {k!r} is missing "
-                        f"(side table on_missing=null); {int(miss.sum())} such labelled row(s)"
-                    )
-            g = HistoryGroup.fit(name, keys, [v[hist_rows] for v in vals], days[hist_rows], labels[hist_rows][:, actions_idx],
-                                 day_base, cfg.history.windows, cfg.history.stats)
-            groups.append(g)
-            row_cols[f"_hk_{name}"] = pa.array(g.row_codes(vals))
-            hist_names[name] = history_feature_names(name, cfg.history.windows, cfg.history_actions, cfg.history.stats,
+    if cfg.history is None:
+        return
+    lab_names = [lab.name for lab in cfg.labels]
+    split, days = rows.split, rows.days
+    src, row_no = rows.src, rows.row_no
+    actions_idx = [lab_names.index(a) for a in cfg.history_actions]
+    day_base = int(days.max()) + 2
+    hist_rows = history_rows(cfg.history.protocol, rows.is_labelled, split)
+    report["history"] = {
+        "protocol": cfg.history.protocol, "time_unit": cfg.time_unit, "windows": cfg.history.windows,
+        "rows_fed": int(hist_rows.sum()),
+        "rows_fed_by_split": {name: int((hist_rows & (split == code)).sum()) for code, name in enumerate(SPLITS)}
+                             | {"outside_splits": int((hist_rows & (split < 0)).sum())},
+    }
+    for keys in cfg.history.keys:
+        name = "hist_" + "_".join(keys)
+        vals = [rows.joined(cfg, k) for k in keys]
+        for k, v in zip(keys, vals):
+            miss = np.asarray(pd.isna(v)) & hist_rows
+            if miss.any():
+                i = _first_bad(miss)
+                raise DataError(
+                    f"{_where(rows.sources[src[i]], k, int(row_no[i]))}: history key {k!r} is missing "
+                    f"(side table on_missing=null); {int(miss.sum())} such labelled row(s)"
+                )
+        g = HistoryGroup.fit(name, keys, [v[hist_rows] for v in vals], days[hist_rows],
+                             rows.labels[hist_rows][:, actions_idx], day_base, cfg.history.windows, cfg.history.stats)
+        fit.groups.append(g)
+        fit.row_cols[f"_hk_{name}"] = pa.array(g.row_codes(vals))
+        fit.hist_names[name] = history_feature_names(name, cfg.history.windows, cfg.history_actions, cfg.history.stats,
                                                      TIME_UNIT_SUFFIX[cfg.time_unit])
-            spec_dense.append(DenseFeature(name, dim=len(hist_names[name])))
-    timings["history_aggregates"] = time.perf_counter() - t0
+        fit.spec_dense.append(DenseFeature(name, dim=len(fit.hist_names[name])))
 
-    # ---- 7. meta columns, labels, negative sampling ---------------------------------------------
+
+def _ref_meta(cfg: DatasetConfig, rows: _RefRows, fit: _RefFit, report: dict[str, Any]) -> tuple[np.ndarray, list[str]]:
+    """Meta and label columns; negative sampling: the rows kept and the mask columns' names."""
+    lab_names = [lab.name for lab in cfg.labels]
+    n_rows, labels, train = rows.rows_t.num_rows, rows.labels, rows.train
     if cfg.user is not None:
-        row_cols["_user"] = pa.array(joined(cfg.user))
+        fit.row_cols["_user"] = pa.array(rows.joined(cfg, cfg.user))
     if cfg.item is not None:
-        row_cols["_item"] = pa.array(joined(cfg.item))
-    if days is not None:
-        row_cols["_day"] = pa.array(days)
+        fit.row_cols["_item"] = pa.array(rows.joined(cfg, cfg.item))
+    if rows.days is not None:
+        fit.row_cols["_day"] = pa.array(rows.days)
     for j, name in enumerate(lab_names):
-        row_cols[name] = pa.array(labels[:, j])
+        fit.row_cols[name] = pa.array(labels[:, j])
     keep = np.ones(n_rows, dtype=bool)
     sampling: dict[str, Any] | None = None
     mask_names: list[str] = []
@@ -1076,12 +1170,12 @@ def build_reference(cfg: DatasetConfig, raw: Path, tmp: Path, ray_num_cpus: int 
         ns = cfg.negative_sampling
         kept_any = np.zeros(n_rows, dtype=bool)
         sampling = {"seed": ns.seed, "rates": ns.rates, "per_action": {}}
-        gid = src.astype(np.int64) * (1 << 40) + row_no
+        gid = rows.src.astype(np.int64) * (1 << 40) + rows.row_no
         for j, name in enumerate(lab_names):
             rate = ns.rates.get(name, 1.0)
             keep_a = (labels[:, j] == 1) | (hash_uniform(ns.seed, 1 + j, gid) < rate)
             kept_any |= keep_a
-            row_cols[MASK_PREFIX + name] = pa.array(keep_a.astype(np.float32))
+            fit.row_cols[MASK_PREFIX + name] = pa.array(keep_a.astype(np.float32))
             mask_names.append(MASK_PREFIX + name)
             neg_train = train & (labels[:, j] == 0)
             sampling["per_action"][name] = {"rate": rate, "train_negatives": int(neg_train.sum()), "kept_negatives": int((neg_train & keep_a).sum())}
@@ -1089,8 +1183,24 @@ def build_reference(cfg: DatasetConfig, raw: Path, tmp: Path, ray_num_cpus: int 
         sampling["train_rows_before"] = int(train.sum())
         sampling["train_rows_after"] = int((train & keep).sum())
     report["negative_sampling"] = sampling
+    return keep, mask_names
 
-    # ---- 8. Ray Data: join side tables, history windows, write ------------------------------------
+
+def _ref_feature_cols(fit: _RefFit) -> list[str]:
+    """The feature columns in output order."""
+    feature_cols = [f.name for f in fit.spec_sparse]
+    for f in fit.spec_lists:
+        feature_cols.append(f.name)
+        if f.weighted:
+            feature_cols.append(f.name + WEIGHT_SUFFIX)
+    return feature_cols + [f.name for f in fit.spec_dense] + [f.name for f in fit.spec_vectors]
+
+
+def _ref_assemble_write(cfg: DatasetConfig, rows: _RefRows, fit: _RefFit, keep: np.ndarray, mask_names: list[str],
+                        tmp: Path, ray_num_cpus: int | None, ray_address: str | None, report: dict[str, Any],
+                        timings: dict[str, float]) -> dict[str, int]:
+    """Ray Data: join the side tables, history windows, write each split; save the row
+    transformer; returns the rows written per split."""
     t0 = time.perf_counter()
     import ray
 
@@ -1098,27 +1208,24 @@ def build_reference(cfg: DatasetConfig, raw: Path, tmp: Path, ray_num_cpus: int 
     # which Ray ran the job: a local run must not have joined a head running on the machine
     report["ray"] = {"gcs_address": ray.get_runtime_context().gcs_address}
     timings["ray_init"] = time.perf_counter() - t0
+    lab_names = [lab.name for lab in cfg.labels]
+    split, is_labelled, row_cols = rows.split, rows.is_labelled, fit.row_cols
     meta = [c for c in ("_row", "_user", "_item", "_day") if c in row_cols]
-    feature_cols = [f.name for f in spec_sparse]
-    for f in spec_lists:
-        feature_cols.append(f.name)
-        if f.weighted:
-            feature_cols.append(f.name + WEIGHT_SUFFIX)
-    feature_cols += [f.name for f in spec_dense] + [f.name for f in spec_vectors]
+    feature_cols = _ref_feature_cols(fit)
     side_keys = []
     side_tables: list[SideTable] = []
     hist_keys = {k for keys in (cfg.history.keys if cfg.history else []) for k in keys}
-    for si, s in enumerate(sides):
-        raw_keep = {k: s.table[k].combine_chunks() for k in sorted(hist_keys) if locate(k)[0] == si}
-        if side_enc[si] or raw_keep:
-            fill = {name: v for name, v in oov_fill.items() if name in side_enc[si]}
-            side_tables.append(SideTable.fit(s.key, s.table[s.key].combine_chunks(), side_enc[si], fill, raw_keep))
+    for si, s in enumerate(rows.sides):
+        raw_keep = {k: s.table[k].combine_chunks() for k in sorted(hist_keys) if rows.locate(cfg, k)[0] == si}
+        if fit.side_enc[si] or raw_keep:
+            fill = {name: v for name, v in fit.oov_fill.items() if name in fit.side_enc[si]}
+            side_tables.append(SideTable.fit(s.key, s.table[s.key].combine_chunks(), fit.side_enc[si], fill, raw_keep))
             # raw join key under a reserved name: a feature may share the key's name (feedid)
             side_keys.append("_key__" + s.key)
-            row_cols["_key__" + s.key] = rows_t[s.key].combine_chunks()
-    hk_cols = [f"_hk_{g.name}" for g in groups]
+            row_cols["_key__" + s.key] = rows.rows_t[s.key].combine_chunks()
+    hk_cols = [f"_hk_{g.name}" for g in fit.groups]
     input_cols = list(dict.fromkeys([*meta, *[c for c in feature_cols if c in row_cols], *side_keys, *hk_cols, *lab_names, *mask_names]))
-    if "_day" not in input_cols and groups:
+    if "_day" not in input_cols and fit.groups:
         input_cols.append("_day")
     input_table = pa.table({c: row_cols[c] for c in input_cols})
     split_rows: dict[str, int] = {}
@@ -1139,15 +1246,15 @@ def build_reference(cfg: DatasetConfig, raw: Path, tmp: Path, ray_num_cpus: int 
             b = part.slice(start, cfg.rows_per_block)
             b = b.append_column("_split", pa.array(np.full(b.num_rows, code, np.int8)))
             blocks.append(b.append_column("_part", pa.array(np.full(b.num_rows, k, np.int32))))
-    ctx = AssemblyContext(side_tables, groups, orders)
+    ctx = AssemblyContext(side_tables, fit.groups, orders)
     main_inputs = [c for c in cfg.main.columns if c not in {lab.column for lab in cfg.labels}]
     transformer = RowTransformer(
         {c: cfg.main.columns[c] for c in main_inputs if not (cfg.time and c == cfg.time)},
-        main_sparse, main_dense, side_tables, groups, feature_cols, time=cfg.time,
-        serve_day=int(days[is_labelled].max()) + 1 if days is not None else None,
-        user=cfg.user, item=cfg.item, unsupported=main_unsupported,
+        fit.main_sparse, fit.main_dense, side_tables, fit.groups, feature_cols, time=cfg.time,
+        serve_day=int(rows.days[is_labelled].max()) + 1 if rows.days is not None else None,
+        user=cfg.user, item=cfg.item, unsupported=fit.main_unsupported,
     )
-    transformer.save(artifacts)
+    transformer.save(tmp / "artifacts")
     files: list[dict[str, Any]] = []
     if blocks:
         ctx_ref = ray.put(ctx)
@@ -1166,27 +1273,38 @@ def build_reference(cfg: DatasetConfig, raw: Path, tmp: Path, ray_num_cpus: int 
         raise RuntimeError(f"Ray tasks wrote {sum(int(f['rows']) for f in files)} rows, expected {split_rows}")
     if written != split_rows:
         raise RuntimeError(f"rows written {written} != rows selected {split_rows}")
+    return split_rows
 
-    # ---- 9. spec, report ----------------------------------------------------------------------
-    spec = FeatureSpec(sparse=spec_sparse, lists=spec_lists, dense=spec_dense, vectors=spec_vectors, tasks=lab_names, user_column="_user" if cfg.user else None)
+
+def _ref_finish(cfg: DatasetConfig, rows: _RefRows, fit: _RefFit, keep: np.ndarray, split_rows: dict[str, int],
+                tmp: Path, report: dict[str, Any], timings: dict[str, float], t_start: float) -> dict[str, Any]:
+    """``feature_spec.json`` (numeric bin edges of the written training rows), the dense
+    stats, ``report.json`` and the config; returns the report."""
+    lab_names = [lab.name for lab in cfg.labels]
+    split, is_labelled, labels = rows.split, rows.is_labelled, rows.labels
+    artifacts = tmp / "artifacts"
+    spec = FeatureSpec(sparse=fit.spec_sparse, lists=fit.spec_lists, dense=fit.spec_dense, vectors=fit.spec_vectors,
+                       tasks=lab_names, user_column="_user" if cfg.user else None)
+    t0 = time.perf_counter()
     if cfg.numeric_bins is not None:  # issue 14: quantile edges of the written training rows
         spec = fit_numeric_boundaries(spec, tmp / "train", cfg.numeric_bins, artifacts)
     spec.save(tmp / "feature_spec.json")
-    (artifacts / "dense_stats.json").write_text(json.dumps(dense_stats, indent=2))
+    timings["numeric_bins"] = time.perf_counter() - t0
+    (artifacts / "dense_stats.json").write_text(json.dumps(fit.dense_stats, indent=2))
     report.update(
         {
             "rows": {"main_after_dedup": int(is_labelled.sum()), "extra": int((~is_labelled).sum())},
             "splits": split_rows,
-            "split_rule": sp.model_dump(),
+            "split_rule": cfg.split.model_dump(),
             "labelled_splits": [s for s in SPLITS if (tmp / s).exists() and split_rows[s] and bool(is_labelled[(split == SPLITS.index(s))].all())],
             "label_rates": {s: {n: float(np.nanmean(labels[(split == k) & keep & is_labelled, j])) for j, n in enumerate(lab_names)} for k, s in enumerate(SPLITS) if ((split == k) & is_labelled).any()},
-            "vocab_sizes": vocab_sizes,
-            "oov": oov,
-            "missing_to_oov": missing_oov,
-            "repairs": repairs,
-            "lists": list_info,
-            "pca": pca_info,
-            "history_columns": hist_names,
+            "vocab_sizes": fit.vocab_sizes,
+            "oov": fit.oov,
+            "missing_to_oov": fit.missing_oov,
+            "repairs": report["repairs"],
+            "lists": fit.list_info,
+            "pca": fit.pca_info,
+            "history_columns": fit.hist_names,
             "timings_s": {k: round(v, 3) for k, v in {**timings, "total": time.perf_counter() - t_start}.items()},
             "config": json.loads(json.dumps(cfg.model_dump(mode="json"))),
         }

@@ -5,13 +5,15 @@ side tables, the duplicate rows' numbers).
 Phases (each a function below):
 
 1. plan: the main and extra-row files are cut into row-aligned byte ranges (CSV) or row groups
-   (Parquet); Ray tasks count each range's data rows (blank lines skipped, as the CSV reader
-   does), so every range knows the source row number of its first row;
+   (Parquet), in the driver (no pass over the data);
 2. read: each range is parsed, type-checked and labelled by the same functions as
-   :func:`pipeline.preprocess.read_source`; blocks stay in the object store (spilled to disk
+   :func:`pipeline.preprocess.read_source`, its rows numbered from 1 and counted; from the
+   counts the driver knows each range's first source row (blank lines are skipped by the CSV
+   reader, so only the parse knows them); blocks stay in the object store (spilled to disk
    beyond it);
 3. dedup: a shuffle by key (each block split into hash buckets of ``(keys, _row)``, one task
-   per bucket finds the repeats in file order); the driver gets the dropped rows' numbers;
+   per bucket finds the repeats in file order); the driver gets the dropped rows' numbers; one
+   task per block then drops them and turns its row numbers into source row numbers;
 4. side tables: one task each reads and checks a side table (item-sized, not log-sized);
 5. scan (``split.kind: ordered`` only; otherwise part of the fit): per block, side-table
    matches and times, the rows per time value, from which
@@ -22,7 +24,11 @@ Phases (each a function below):
    that writes the fitted table (:class:`~pipeline.transforms.HistoryGroup`) to ``artifacts/``;
 7. side features: one task per side table fits its vocabularies, scalers, list encoders and
    PCA on the rows training rows join to, weighted by how often they do;
-8. assemble (Ray Data): per block, encode, join, look up history windows and write Parquet.
+8. assemble (Ray Data): per block, encode, join, look up history windows and write Parquet;
+   with ``numeric_bins``, count the training rows' dense values per bucket (first pass);
+9. numeric bins: one task per written training file collects the values of the buckets the
+   quantile edges fall in; the driver picks the exact order statistics
+   (:func:`pipeline.transforms.buckets.boundaries_from_parts`).
 
 Bad input: a range only sees its own rows, so it cannot count a problem over a whole file as
 the messages do ("...; 3 such row(s)"). When any phase finds bad input, the reference builder
@@ -53,6 +59,8 @@ from pipeline.errors import ConfigError, DataError
 from pipeline.ray_runtime import ensure_ray
 from pipeline.transforms import PCA, DenseScaler, HistoryGroup, ListEncoder, RowTransformer, SideTable, Vocabulary
 from pipeline.transforms import history_feature_names
+from pipeline.transforms.buckets import boundaries_from_parts, bucket_counts, bucket_values, feature_matrix
+from pipeline.transforms.buckets import wanted_buckets, with_boundaries
 from pipeline.transforms.dense import combine_moments, moments
 from pipeline.transforms.history import history_group_from_sums
 
@@ -80,41 +88,12 @@ class Piece:
         source: 0 for the main file, ``i`` for ``extra_rows[i - 1]``.
         path: the file.
         start, end: CSV: byte range of whole data lines; Parquet: ``start`` is the row group.
-        first_row: data rows of the file before this piece.
     """
 
     source: int
     path: str
     start: int
     end: int
-    first_row: int = 0
-
-
-def data_lines(data: bytes) -> int:
-    """Lines of ``data`` the CSV reader reads as rows (empty lines, ``\\n`` or ``\\r\\n``, are skipped).
-
-    Args:
-        data: whole lines of a CSV file (no header).
-    """
-    if not data:
-        return 0
-    if b"\n\n" not in data and b"\n\r\n" not in data and not data.startswith((b"\n", b"\r\n")):
-        # no empty line (the usual case): a count at memchr speed
-        tail = data[data.rfind(b"\n") + 1:]  # a last line without its newline
-        return data.count(b"\n") + (0 if tail in (b"", b"\r") else 1)
-    a = np.frombuffer(data, dtype=np.uint8)
-    nl = np.flatnonzero(a == 10)
-    starts = np.concatenate([[0], nl + 1])
-    ends = np.concatenate([nl, [len(a)]])
-    lengths = ends - starts
-    cr_only = (lengths == 1) & (a[np.minimum(starts, len(a) - 1)] == 13)
-    return int(((lengths > 0) & ~cr_only).sum())
-
-
-def _count_piece(path: str, start: int, end: int) -> int:
-    with open(path, "rb") as fh:
-        fh.seek(start)
-        return data_lines(fh.read(end - start))
 
 
 def _csv_ranges(path: Path, piece_bytes: int) -> list[tuple[int, int]]:
@@ -160,34 +139,16 @@ def check_files(cfg: DatasetConfig, raw: Path) -> None:
 
 
 def plan_pieces(cfg: DatasetConfig, raw: Path, piece_bytes: int) -> list[Piece]:
-    """Pieces of the main and extra-row files in file order, each with its first row number
-    (CSV ranges counted by Ray tasks); pieces without rows are left out."""
-    import ray
-
-    count = ray.remote(num_cpus=0.5)(_count_piece)
+    """Pieces of the main and extra-row files in file order (CSV byte ranges of about
+    ``piece_bytes``, Parquet row groups)."""
     pieces: list[Piece] = []
-    counted: list[tuple[Piece, Any]] = []
     for source, fc in enumerate(row_files(cfg)):
         path = raw / fc.path
         if path.suffix == ".parquet":
-            meta = pq.ParquetFile(path).metadata
-            first = 0
-            for g in range(meta.num_row_groups):
-                n = meta.row_group(g).num_rows
-                if n:
-                    pieces.append(Piece(source, str(path), g, -1, first))
-                first += n
+            pieces += [Piece(source, str(path), g, -1) for g in range(pq.ParquetFile(path).metadata.num_row_groups)]
         else:
-            for a, b in _csv_ranges(path, piece_bytes):
-                counted.append((Piece(source, str(path), a, b), count.remote(str(path), a, b)))
-    counts = ray.get([ref for _, ref in counted])
-    first_by_file: dict[str, int] = {}
-    for (piece, _), n in zip(counted, counts):
-        first = first_by_file.get(piece.path, 0)
-        first_by_file[piece.path] = first + n
-        if n:
-            pieces.append(Piece(piece.source, piece.path, piece.start, piece.end, first))
-    return sorted(pieces, key=lambda p: (p.source, p.first_row))
+            pieces += [Piece(source, str(path), a, b) for a, b in _csv_ranges(path, piece_bytes)]
+    return pieces
 
 
 # --------------------------------------------------------------------------------------------
@@ -213,13 +174,15 @@ def main_types(cfg: DatasetConfig, raw: Path) -> dict[str, pa.DataType]:
     return types
 
 
-def read_piece(piece: Piece, raw: Path, cfg: DatasetConfig, types: dict[str, pa.DataType]) -> pa.Table:
-    """One piece as a block: the needed main columns (typed as the main file's), ``_row``
-    (the source's 1-based data row), ``_source``, labels and unlisted-label flags.
+def read_piece(piece: Piece, raw: Path, cfg: DatasetConfig, types: dict[str, pa.DataType]) -> tuple[pa.Table, int]:
+    """One piece as a block and its number of rows: the needed main columns (typed as the main
+    file's), ``_row`` (the 1-based data row in the piece; :func:`_finish_block` adds the rows of
+    the file before it), ``_source``, labels and unlisted-label flags. A piece without data
+    rows (a range of blank lines, an empty row group) gives an empty table.
 
     Raises:
         DataError: as :func:`pipeline.preprocess.read_source` and the label checks (row
-            numbers right, counts of this piece only).
+            numbers and counts of this piece only: the reference builder words the error).
     """
     fc = row_files(cfg)[piece.source]
     path = Path(piece.path)
@@ -233,9 +196,11 @@ def read_piece(piece: Piece, raw: Path, cfg: DatasetConfig, types: dict[str, pa.
                 table = pp._read_csv(path, fc, header + fh.read(piece.end - piece.start))
     except OSError as exc:
         raise DataError(f"{path}: cannot read file: {exc.strerror or exc}") from None
+    if table.num_rows == 0:
+        return pa.table({}), 0
     table = pp._check_values(path, fc, table)
     n = table.num_rows
-    rows = pp._np(table["_row"]) + piece.first_row
+    rows = pp._np(table["_row"])
     cols: dict[str, pa.Array] = {}
     for c in _needed(cfg):
         if c in table.column_names:
@@ -259,26 +224,42 @@ def read_piece(piece: Piece, raw: Path, cfg: DatasetConfig, types: dict[str, pa.
                 cols[OTHER + lab.name] = pa.array(np.zeros(n, dtype=bool))
     if table.num_rows != n:
         raise RuntimeError("rows changed while reading")
-    return pa.table(cols)
+    return pa.table(cols), n
 
 
-def read_rows(cfg: DatasetConfig, raw: Path, pieces: list[Piece]) -> list[Any]:
-    """Object refs of the row blocks (one Ray task per piece), in file order (main file, then
-    extra-row files). Plain tasks, not a Ray Data read: a task's DataError then reaches the
-    driver as a DataError (Ray Data wraps a UDF's exception in one that drops its class)."""
+def read_rows(cfg: DatasetConfig, raw: Path, pieces: list[Piece]) -> tuple[list[Any], list[int]]:
+    """Read every piece (one Ray task each); returns the refs of the blocks with rows, in file
+    order (main file, then extra-row files), and per block the data rows of its file before it.
+    Plain tasks, not a Ray Data read: a task's DataError then reaches the driver as a
+    DataError (Ray Data wraps a UDF's exception in one that drops its class).
+
+    Raises:
+        BadInput: a file without data rows.
+    """
     import ray
 
-    task = ray.remote(read_piece)
+    task = ray.remote(read_piece).options(num_returns=2)
     types = main_types(cfg, raw)
-    return [task.remote(p, raw, cfg, types) for p in pieces]
+    outs = [task.remote(p, raw, cfg, types) for p in pieces]
+    counts = ray.get([n for _, n in outs])
+    refs, offsets, before = [], [], [0] * len(row_files(cfg))
+    for piece, (ref, _), n in zip(pieces, outs, counts):
+        if n:
+            refs.append(ref)
+            offsets.append(before[piece.source])
+            before[piece.source] += n
+    if not all(before):
+        raise BadInput("a file without data rows")
+    return refs, offsets
 
 
 # --------------------------------------------------------------------------------------------
 # 3. dedup
 
 
-def _dedup_buckets(block: pa.Table, keys: list[str], buckets: int) -> list[pa.Table]:
+def _dedup_buckets(block: pa.Table, offset: int, keys: list[str], buckets: int) -> list[pa.Table]:
     main = block.filter(pc.equal(block["_source"], 0)).select([*keys, "_row"])
+    main = main.set_column(len(keys), "_row", pc.add(main["_row"], offset))
     frame = main.select(keys).to_pandas()
     bucket = (pd.util.hash_pandas_object(frame, index=False).to_numpy() % np.uint64(buckets)).astype(np.int64)
     return [main.filter(pa.array(bucket == b)) for b in range(buckets)]
@@ -291,30 +272,36 @@ def _dedup_find(keep: str, keys: list[str], *parts: pa.Table) -> np.ndarray:
     return frame["_row"].to_numpy()[dup]
 
 
-def _drop_rows(block: pa.Table, dropped: np.ndarray) -> pa.Table:
-    gone = (pp._np(block["_source"]) == 0) & np.isin(pp._np(block["_row"]), dropped)
+def _finish_block(block: pa.Table, offset: int, dropped: np.ndarray | None) -> pa.Table:
+    """The block with source row numbers (``offset`` added) and without the ``dropped`` main rows."""
+    rows = pp._np(block["_row"]) + offset
+    block = block.set_column(block.column_names.index("_row"), "_row", pa.array(rows))
+    if dropped is None or not len(dropped):
+        return block
+    gone = (pp._np(block["_source"]) == 0) & np.isin(rows, dropped)
     return block.filter(pa.array(~gone)) if gone.any() else block
 
 
-def dedup(cfg: DatasetConfig, refs: list[Any]) -> tuple[list[Any], dict[str, Any]]:
-    """The blocks without the dropped repeats, and the report's ``dedup`` entry."""
+def dedup(cfg: DatasetConfig, refs: list[Any], offsets: list[int]) -> tuple[list[Any], dict[str, Any]]:
+    """The blocks with source row numbers (``offsets``: :func:`read_rows`) and without the
+    dropped repeats, and the report's ``dedup`` entry."""
     import ray
 
+    finish = ray.remote(_finish_block)
     if cfg.dedup is None:
-        return refs, {"duplicates": 0}
+        return [finish.remote(r, o, None) for r, o in zip(refs, offsets)], {"duplicates": 0}
     keys, keep = cfg.dedup.keys, cfg.dedup.keep
     split = ray.remote(_dedup_buckets).options(num_returns=DEDUP_BUCKETS)
-    parts = [split.remote(r, keys, DEDUP_BUCKETS) for r in refs]
+    parts = [split.remote(r, o, keys, DEDUP_BUCKETS) for r, o in zip(refs, offsets)]
     find = ray.remote(_dedup_find)
     found = ray.get([find.remote(keep, keys, *[p[b] for p in parts]) for b in range(DEDUP_BUCKETS)])
     dropped = np.sort(np.concatenate(found)) if found else np.zeros(0, np.int64)
     info = {"keys": keys, "keep": keep, "duplicates": int(len(dropped)), "dropped": 0}
+    gone = None
     if keep != "all" and len(dropped):
         gone = ray.put(dropped)
-        drop = ray.remote(_drop_rows)
-        refs = [drop.remote(r, gone) for r in refs]
         info["dropped"] = int(len(dropped))
-    return refs, info
+    return [finish.remote(r, o, gone) for r, o in zip(refs, offsets)], info
 
 
 # --------------------------------------------------------------------------------------------
@@ -649,6 +636,7 @@ class AssembleContext:
     history: list[Any]  # object refs of HistoryGroup
     orders: dict[str, list[str]]
     out_dir: str
+    bins: list[tuple[str, int]]  # numeric_bins: the dense features (name, width) whose training values are counted
 
 
 _GROUPS: dict[str, list[HistoryGroup]] = {}
@@ -699,7 +687,7 @@ def _assemble(block: pa.Table, ctx: AssembleContext) -> dict[str, Any]:
         cols[pp.MASK_PREFIX + name] = pa.array(m.astype(np.float32))
     table = pa.table(cols)
     actx = pp.AssemblyContext(ctx.sides, groups, ctx.orders)
-    written = {}
+    written, bins = {}, {}
     # file names in file order: source, then the block's first row
     stem = f"part-{int(pp._np(block['_source'])[0]):02d}-{int(pp._np(block['_row'])[0]):012d}"
     for code, sname in enumerate(SPLITS):
@@ -708,8 +696,13 @@ def _assemble(block: pa.Table, ctx: AssembleContext) -> dict[str, Any]:
         for k, start in enumerate(range(0, part.num_rows, cfg.rows_per_block)):
             b = part.slice(start, cfg.rows_per_block)
             b = b.append_column("_split", pa.array(np.full(b.num_rows, code, np.int8)))
-            pp.write_part(pp.assemble_block(b, actx), Path(ctx.out_dir) / sname / f"{stem}-{k:03d}.parquet")
-    return {"rows": written, "oov": oov}
+            out = pp.assemble_block(b, actx)
+            if code == 0:  # numeric_bins' first pass over the training rows, while they are in memory
+                for name, dim in ctx.bins:
+                    counts = bucket_counts(feature_matrix(out[name], dim))
+                    bins[name] = bins[name] + counts if name in bins else counts
+            pp.write_part(out, Path(ctx.out_dir) / sname / f"{stem}-{k:03d}.parquet")
+    return {"rows": written, "oov": oov, "bins": bins}
 
 
 def _assemble_batch(block: pa.Table, ctx: Any) -> pa.Table:
@@ -786,12 +779,10 @@ def _build(cfg: DatasetConfig, raw: Path, tmp: Path, ray_num_cpus: int | None, r
                               "ray": {"gcs_address": ray.get_runtime_context().gcs_address}}
     t = tick("ray_init", t_start)
     pieces = plan_pieces(cfg, raw, piece_bytes)
-    if {p.source for p in pieces} != set(range(len(row_files(cfg)))):
-        raise BadInput("a file without data rows")
     t = tick("plan", t)
     sides = _read_sides(cfg, raw)  # side tables read while the rows are
-    refs = read_rows(cfg, raw, pieces)
-    refs, report["dedup"] = dedup(cfg, refs)
+    refs, offsets = read_rows(cfg, raw, pieces)
+    refs, report["dedup"] = dedup(cfg, refs, offsets)
     t = tick("read_rows_dedup", t)
     ctx, side_meta = _rows_context(cfg, sides)
     t = tick("read_side", t)
@@ -802,8 +793,12 @@ def _build(cfg: DatasetConfig, raw: Path, tmp: Path, ray_num_cpus: int | None, r
     fit = _fit(cfg, ctx, refs, sides, side_meta, raw, tmp, report)
     del sides  # the raw side tables: encoded copies are in the fitted objects; free the object store
     t = tick("fit", t)
-    _write(cfg, ctx, refs, fit, tmp, report)
-    tick("assemble_write", t)
+    results = _write(cfg, ctx, refs, fit, tmp, report)
+    t = tick("assemble_write", t)
+    if cfg.numeric_bins is not None:  # quantile edges of the written training rows, as the reference builder
+        fit.spec = _fit_bins(fit.spec, results, tmp / "train", cfg.numeric_bins, tmp / "artifacts")
+    fit.spec.save(tmp / "feature_spec.json")
+    tick("numeric_bins", t)
     report["timings_s"] = {k: round(v, 3) for k, v in {**timings, "total": time.perf_counter() - t_start}.items()}
     report["config"] = json.loads(json.dumps(cfg.model_dump(mode="json")))
     (tmp / "report.json").write_text(json.dumps(report, indent=2, default=str))
@@ -1069,9 +1064,10 @@ def _spec(cfg: DatasetConfig, main_sparse: dict[str, Any], main_nulls: dict[str,
     return spec, feature_cols
 
 
-def _write(cfg: DatasetConfig, ctx: RowsContext, refs: list[Any], fit: Fitted, tmp: Path, report: dict[str, Any]) -> None:
-    """Assemble and write every block (Ray Data), check the counts, write the spec and the
-    fitted row transformer."""
+def _write(cfg: DatasetConfig, ctx: RowsContext, refs: list[Any], fit: Fitted, tmp: Path,
+           report: dict[str, Any]) -> list[dict[str, Any]]:
+    """Assemble and write every block (Ray Data), check the counts, write the fitted row
+    transformer; returns the tasks' results (rows, OOV and numeric_bins counts)."""
     import pickle
 
     import ray
@@ -1097,7 +1093,9 @@ def _write(cfg: DatasetConfig, ctx: RowsContext, refs: list[Any], fit: Fitted, t
         user=cfg.user, item=cfg.item, unsupported=fit.unsupported,
     )
     transformer.save(tmp / "artifacts", history_files=fit.history_files)
-    actx = AssembleContext(ctx, fit.main_sparse, fit.main_dense, fit.sides, fit.side_index, fit.history, orders, str(tmp))
+    bins = [(f.name, f.dim) for f in fit.spec.dense] if cfg.numeric_bins is not None else []
+    actx = AssembleContext(ctx, fit.main_sparse, fit.main_dense, fit.sides, fit.side_index, fit.history, orders, str(tmp),
+                           bins)
     actx_ref = ray.put(actx)
     ds = ray.data.from_arrow_refs(refs).map_batches(
         _assemble_batch, batch_size=None, batch_format="pyarrow", num_cpus=1, fn_kwargs={"ctx": actx_ref})
@@ -1113,10 +1111,34 @@ def _write(cfg: DatasetConfig, ctx: RowsContext, refs: list[Any], fit: Fitted, t
         oov[name] = {s: int(total[k]) for k, s in enumerate(SPLITS)}
     report["oov"] = {f.name: (oov[f.name] if f.name in oov else report["oov"][f.name])
                      for f in [*cfg.sparse, *cfg.lists]}
-    if cfg.numeric_bins is not None:  # quantile edges of the written training rows, as the reference builder
-        from pipeline.transforms.buckets import fit_numeric_boundaries
-
-        fit.spec = fit_numeric_boundaries(fit.spec, tmp / "train", cfg.numeric_bins, tmp / "artifacts")
-    fit.spec.save(tmp / "feature_spec.json")
     report["splits"] = split_rows
     report["labelled_splits"] = [s for k, s in enumerate(SPLITS) if split_rows[s] and fit.labelled_rows[k] == fit.rows[k]]
+    return results
+
+
+def _fit_bins(spec: FeatureSpec, results: list[dict[str, Any]], train_dir: Path, bins: int,
+              artifacts: Path) -> FeatureSpec:
+    """``numeric_bins``: the edges :func:`pipeline.transforms.buckets.fit_numeric_boundaries`
+    fits on the written training rows, from the assembly tasks' bucket counts (first pass) and
+    one task per training file collecting the values of the buckets the edges fall in (second
+    pass); the driver never holds the training values."""
+    import ray
+
+    dense = [(f.name, f.dim) for f in spec.dense]
+    if not dense:
+        return spec
+    files = sorted(train_dir.glob("*.parquet"))
+    counts = {name: sum(r["bins"][name] for r in results if name in r["bins"]) for name, _ in dense}
+    if not files or any(isinstance(c, int) for c in counts.values()):
+        raise ValueError(f"{train_dir}: no training rows to fit numeric_bins on")
+    wanted = ray.put({name: wanted_buckets(counts[name], bins)[1] for name, _ in dense})
+    task = ray.remote(_bin_values)
+    parts = ray.get([task.remote(str(f), dense, wanted) for f in files])
+    fitted = {name: boundaries_from_parts(counts[name], [p[name] for p in parts], bins) for name, _ in dense}
+    return with_boundaries(spec, fitted, artifacts)
+
+
+def _bin_values(path: str, dense: list[tuple[str, int]], wanted: dict[str, list[np.ndarray]]) -> dict[str, Any]:
+    """Second pass over one training file: per dense feature, :func:`~pipeline.transforms.buckets.bucket_values`."""
+    table = pq.read_table(path, columns=[name for name, _ in dense])
+    return {name: bucket_values(feature_matrix(table[name], dim), wanted[name]) for name, dim in dense}

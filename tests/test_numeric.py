@@ -107,3 +107,26 @@ def test_build_uses_and_keeps_the_encoded_spec() -> None:
     numeric = list(state.model.inputs.numeric.parameters())
     assert numeric and {id(p) for p in numeric} <= {id(p) for p in emb_group["params"]}
     assert emb_group["lr"] == 0.001 and emb_group["weight_decay"] == 0.5
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_edges_from_parts_equal_the_whole(seed: int) -> None:
+    """The distributed fit (bucket counts per part, then the wanted buckets' values per part)
+    gives bit-identical edges to ``QuantileBoundaries.fit`` on all rows: float32 and float64,
+    ties (log counts, small-count rates), tiny parts and empty parts."""
+    from pipeline.transforms.buckets import boundaries_from_parts, bucket_counts, bucket_values, wanted_buckets
+
+    rng = np.random.default_rng(seed)
+    n, dim, bins = int(rng.integers(1, 2500)), int(rng.integers(1, 4)), int(rng.integers(1, 20))
+    x = [rng.normal(size=(n, dim)).astype(np.float32),
+         np.log1p(rng.integers(0, 5, size=(n, dim))).astype(np.float32),
+         (rng.integers(0, 7, size=(n, dim)) / rng.integers(1, 9, size=(n, dim))).astype(np.float32),
+         rng.normal(scale=1e6, size=n)][seed % 4]
+    parts = np.split(x, np.sort(rng.integers(0, n + 1, size=rng.integers(0, 5))))
+    counts = sum(bucket_counts(p) for p in parts)
+    _, wanted = wanted_buckets(counts, bins)
+    got = boundaries_from_parts(counts, [bucket_values(p, wanted) for p in parts], bins)
+    want = QuantileBoundaries(bins).fit(x)
+    assert np.array_equal(got.edges, want.edges)
+    with pytest.raises(ValueError, match="non-finite"):
+        bucket_counts(np.array([1.0, np.nan]))

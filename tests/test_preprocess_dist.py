@@ -160,11 +160,27 @@ def test_blank_lines_across_ranges_keep_row_numbers(tiny_raw: Path, tmp_path: Pa
     assert str(new.value) == str(ref.value) and "such row(s)" in str(new.value)
 
 
-@pytest.mark.parametrize("text", [b"", b"a\n", b"a\n\nb\n", b"a\r\n\r\nb\r\n", b"\n\n", b"a\nb", b"a\n\r\nb\n\n",
-                                  b"a\r\nb\r\n", b"a\r\nb", b"\r\na\n"])
-def test_data_lines_counts_what_the_csv_reader_reads(text: bytes) -> None:
-    want = pacsv.read_csv(pa.BufferReader(b"h\n" + text)).num_rows if text.strip() else 0
-    assert dist.data_lines(text) == want
+def test_pieces_count_their_rows_and_blank_ranges_are_empty(tiny_raw: Path, tmp_path: Path) -> None:
+    """A read task numbers and counts the rows the CSV reader reads (LF and CRLF blank lines
+    skipped); from the counts, the pieces' rows are the file's rows 1..N in order; a range of
+    blank lines only is an empty piece, not an error."""
+    raw = tmp_path / "raw"
+    shutil.copytree(tiny_raw, raw)
+    (raw / "_GENERATED.json").unlink()
+    lines = (raw / "user_action.csv").read_bytes().split(b"\n")
+    body = [line for line in lines[1:300] if line]
+    (raw / "user_action.csv").write_bytes(b"\n".join([lines[0], *body[:100], *[b""] * 60, *[b"\r"] * 30, *body[100:], b""]))
+    cfg = load_config(DatasetConfig, CONFIGS / "wechat.yaml")
+    pieces = [p for p in dist.plan_pieces(cfg, raw, 40) if p.source == 0]
+    outs = [dist.read_piece(p, raw, cfg, dist.main_types(cfg, raw)) for p in pieces]
+    counts = [n for _, n in outs]
+    want = pacsv.read_csv(raw / "user_action.csv")
+    assert sum(counts) == want.num_rows == len(body) and 0 in counts
+    offsets = np.cumsum([0, *counts[:-1]])
+    rows = np.concatenate([block["_row"].to_numpy() + off for (block, n), off in zip(outs, offsets) if n])
+    assert rows.tolist() == list(range(1, want.num_rows + 1))
+    users = np.concatenate([block["userid"].to_numpy() for block, n in outs if n])
+    assert users.tolist() == want["userid"].to_pylist()
 
 
 def _ordered_split_by_sorting(times: np.ndarray, valid_fraction: float, test_fraction: float) -> np.ndarray:
