@@ -26,9 +26,9 @@ Phases (each a function below):
    PCA on the rows training rows join to, weighted by how often they do;
 8. assemble (Ray Data): per block, encode, join, look up history windows and write Parquet;
    with ``numeric_bins``, count the training rows' dense values per bucket (first pass);
-9. numeric bins: one task per written training file collects the values of the buckets the
-   quantile edges fall in; the driver picks the exact order statistics
-   (:func:`pipeline.transforms.buckets.boundaries_from_parts`).
+9. numeric bins: rounds of one task per written training file collect the values of the
+   buckets the quantile edges fall in; the driver picks the exact order statistics
+   (:func:`pipeline.transforms.buckets.edges_from_parts`; ties take a round more).
 
 Bad input: a range only sees its own rows, so it cannot count a problem over a whole file as
 the messages do ("...; 3 such row(s)"). When any phase finds bad input, the reference builder
@@ -59,8 +59,8 @@ from pipeline.errors import ConfigError, DataError
 from pipeline.ray_runtime import ensure_ray
 from pipeline.transforms import PCA, DenseScaler, HistoryGroup, ListEncoder, RowTransformer, SideTable, Vocabulary
 from pipeline.transforms import history_feature_names
-from pipeline.transforms.buckets import boundaries_from_parts, bucket_counts, bucket_values, feature_matrix
-from pipeline.transforms.buckets import wanted_buckets, with_boundaries
+from pipeline.transforms.buckets import QuantileBoundaries, bucket_counts, bucket_values, edges_from_parts, feature_matrix
+from pipeline.transforms.buckets import first_wanted, merge_collected, with_boundaries
 from pipeline.transforms.dense import combine_moments, moments
 from pipeline.transforms.history import history_group_from_sums
 
@@ -1120,8 +1120,10 @@ def _fit_bins(spec: FeatureSpec, results: list[dict[str, Any]], train_dir: Path,
               artifacts: Path) -> FeatureSpec:
     """``numeric_bins``: the edges :func:`pipeline.transforms.buckets.fit_numeric_boundaries`
     fits on the written training rows, from the assembly tasks' bucket counts (first pass) and
-    one task per training file collecting the values of the buckets the edges fall in (second
-    pass); the driver never holds the training values."""
+    rounds of one task per training file collecting the values of the buckets the edges need
+    (the plain quantiles' buckets first; a feature with mass points asks for a round more per
+    step of :func:`~pipeline.transforms.buckets.tie_aware_edges`); the driver never holds the
+    training values."""
     import ray
 
     dense = [(f.name, f.dim) for f in spec.dense]
@@ -1131,10 +1133,26 @@ def _fit_bins(spec: FeatureSpec, results: list[dict[str, Any]], train_dir: Path,
     counts = {name: sum(r["bins"][name] for r in results if name in r["bins"]) for name, _ in dense}
     if not files or any(isinstance(c, int) for c in counts.values()):
         raise ValueError(f"{train_dir}: no training rows to fit numeric_bins on")
-    wanted = ray.put({name: wanted_buckets(counts[name], bins)[1] for name, _ in dense})
+    empty = (np.zeros(0), np.zeros(0, np.int64), np.zeros(0, np.int64))
+    have = {name: [np.zeros(0, np.int64)] * dim for name, dim in dense}
+    collected = {name: [empty] * dim for name, dim in dense}
+    wanted = {name: first_wanted(counts[name], bins) for name, _ in dense}
+    fitted: dict[str, QuantileBoundaries] = {}
     task = ray.remote(_bin_values)
-    parts = ray.get([task.remote(str(f), dense, wanted) for f in files])
-    fitted = {name: boundaries_from_parts(counts[name], [p[name] for p in parts], bins) for name, _ in dense}
+    while wanted:
+        asked = [(name, dim) for name, dim in dense if name in wanted]
+        wanted_ref = ray.put(wanted)
+        parts = ray.get([task.remote(str(f), asked, wanted_ref) for f in files])
+        for name, dim in asked:
+            have[name] = [np.union1d(have[name][j], wanted[name][j]) for j in range(dim)]
+            collected[name] = [merge_collected([collected[name][j], *[p[name][j] for p in parts]]) for j in range(dim)]
+        wanted = {}
+        for name, _ in asked:
+            edges, missing = edges_from_parts(counts[name], have[name], collected[name], bins)
+            if edges is None:
+                wanted[name] = missing
+            else:
+                fitted[name] = QuantileBoundaries(bins, edges)
     return with_boundaries(spec, fitted, artifacts)
 
 

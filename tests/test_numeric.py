@@ -111,22 +111,61 @@ def test_build_uses_and_keeps_the_encoded_spec() -> None:
 
 @pytest.mark.parametrize("seed", range(12))
 def test_edges_from_parts_equal_the_whole(seed: int) -> None:
-    """The distributed fit (bucket counts per part, then the wanted buckets' values per part)
-    gives bit-identical edges to ``QuantileBoundaries.fit`` on all rows: float32 and float64,
-    ties (log counts, small-count rates), tiny parts and empty parts."""
-    from pipeline.transforms.buckets import boundaries_from_parts, bucket_counts, bucket_values, wanted_buckets
+    """The distributed fit (bucket counts per part, then rounds of the asked buckets' values per
+    part, as ``preprocess_dist._fit_bins`` runs them) gives bit-identical edges to
+    ``QuantileBoundaries.fit`` on all rows: float32 and float64, mass points (log counts, mostly
+    zeros, small-count rates), tiny parts and empty parts."""
+    from pipeline.transforms.buckets import bucket_counts, bucket_values, edges_from_parts, first_wanted, merge_collected
 
     rng = np.random.default_rng(seed)
-    n, dim, bins = int(rng.integers(1, 2500)), int(rng.integers(1, 4)), int(rng.integers(1, 20))
+    n, dim, bins = int(rng.integers(1, 2500)), int(rng.integers(1, 4)), int(rng.integers(1, 33))
     x = [rng.normal(size=(n, dim)).astype(np.float32),
          np.log1p(rng.integers(0, 5, size=(n, dim))).astype(np.float32),
          (rng.integers(0, 7, size=(n, dim)) / rng.integers(1, 9, size=(n, dim))).astype(np.float32),
-         rng.normal(scale=1e6, size=n)][seed % 4]
+         np.where(rng.random(n) < 0.9, 0.0, rng.exponential(1e4, size=n))][seed % 4]
     parts = np.split(x, np.sort(rng.integers(0, n + 1, size=rng.integers(0, 5))))
     counts = sum(bucket_counts(p) for p in parts)
-    _, wanted = wanted_buckets(counts, bins)
-    got = boundaries_from_parts(counts, [bucket_values(p, wanted) for p in parts], bins)
+    d = counts.shape[0]
+    have = [np.zeros(0, np.int64)] * d
+    collected = [(np.zeros(0), np.zeros(0, np.int64), np.zeros(0, np.int64))] * d
+    wanted, rounds = first_wanted(counts, bins), 0
+    while True:
+        rounds += 1
+        got = [bucket_values(p, wanted) for p in parts]
+        have = [np.union1d(have[j], wanted[j]) for j in range(d)]
+        collected = [merge_collected([collected[j], *[g[j] for g in got]]) for j in range(d)]
+        edges, wanted = edges_from_parts(counts, have, collected, bins)
+        if edges is not None:
+            break
+        assert rounds < 10
     want = QuantileBoundaries(bins).fit(x)
-    assert np.array_equal(got.edges, want.edges)
+    assert np.array_equal(edges, want.edges)
     with pytest.raises(ValueError, match="non-finite"):
         bucket_counts(np.array([1.0, np.nan]))
+
+
+def test_tie_aware_quantiles_equal_their_definition() -> None:
+    """The oracle form of the tie-aware edges equals the definition written with ``np.quantile``
+    on the values that are not yet edges, bit for bit (random data with and without mass points)."""
+    from pipeline.transforms.buckets import tie_aware_quantiles
+
+    def by_definition(x: np.ndarray, bins: int) -> np.ndarray:
+        edges = np.unique(np.quantile(x, np.linspace(0.0, 1.0, bins + 1)))
+        while len(edges) < bins + 1:
+            rest = x[~np.isin(x, edges)]
+            if rest.size == 0:
+                break
+            grown = np.unique(np.concatenate([edges, np.quantile(rest, np.linspace(0.0, 1.0, bins + 1 - len(edges) + 2)[1:-1])]))
+            if len(grown) == len(edges):
+                break
+            edges = grown
+        return np.concatenate([edges, np.full(bins + 1 - len(edges), edges[-1])])
+
+    rng = np.random.default_rng(0)
+    for t in range(400):
+        n = int(rng.integers(1, 300))
+        x = [rng.normal(size=n), np.where(rng.random(n) < rng.random(), 0.0, rng.exponential(size=n)),
+             rng.integers(0, rng.integers(1, 6), n).astype(float),
+             np.where(rng.random(n) < 0.5, rng.choice([0.0, 1.0, 2.5], n), rng.normal(size=n))][t % 4]
+        bins = int(rng.integers(1, 40))
+        assert np.array_equal(tie_aware_quantiles(x, bins), by_definition(x, bins)), (t, n, bins)

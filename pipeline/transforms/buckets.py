@@ -3,8 +3,17 @@ embeddings (:mod:`mtl.numeric`: ``bucket`` and ``piecewise_linear``) read from t
 
 One :class:`QuantileBoundaries` per dense feature (each component binned on its own); the edges
 are the ``0, 1/bins, ..., 1`` quantiles of the training values as written by preprocessing
-(after scaling, so the model's input and the edges share a scale). A repeated quantile (a
-value held by many rows, e.g. zero counts) is kept: every component has ``bins + 1`` edges.
+(after scaling, so the model's input and the edges share a scale), made tie-aware
+(:func:`tie_aware_edges`): a value held by many rows (zero counts; Adult's capital gain, 92%
+zeros) takes one edge, and the bins it would have filled with repeats go to the other values, so
+a feature that is mostly one value is still resolved where it varies. Every component has
+``bins + 1`` edges (with fewer distinct values than that, the largest edge repeats).
+
+The algorithm is written once, over two questions about the sorted values (the value at a rank;
+how many values lie below and at a value): in memory (:func:`tie_aware_quantiles`) they are
+answered from the sorted array, in the distributed builder (:func:`edges_from_parts`) from
+per-bucket counts and the values of the buckets asked for, collected in passes over the written
+training files, so both give bit-identical edges.
 
 Example:
     >>> import numpy as np
@@ -18,12 +27,70 @@ Example:
 from __future__ import annotations
 
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
 from mtl.features import FeatureSpec
 from pipeline.transforms._io import JsonFitted
+
+
+def tie_aware_edges(n: int, bins: int, order_stats: Callable[[np.ndarray], np.ndarray],
+                    below_and_at: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
+    """``bins + 1`` sorted edges of ``n`` values: their ``0, 1/bins, ..., 1`` quantiles (numpy's
+    linear method) when no quantile repeats; otherwise the distinct quantiles, then, while edges
+    are missing, the evenly spaced interior quantiles of the values that are not yet an edge (mass
+    points removed). With fewer distinct values than bins the largest edge repeats.
+
+    Args:
+        n: number of values (>= 1).
+        bins: number of bins.
+        order_stats: ranks (0-based, in sorted order) -> the values there.
+        below_and_at: values -> how many of the ``n`` values lie strictly below each, and how many
+            equal it (asked only for values between neighbouring order statistics it returned).
+    """
+    lower, upper, gamma = quantile_ranks(n, np.linspace(0.0, 1.0, bins + 1))
+    edges = np.unique(lerp(order_stats(lower), order_stats(upper), gamma))
+    while len(edges) < bins + 1:
+        below, at = below_and_at(edges)
+        rest = n - int(at.sum())
+        if rest == 0:
+            break
+        missing = bins + 1 - len(edges)
+        lower, upper, gamma = quantile_ranks(rest, np.linspace(0.0, 1.0, missing + 2)[1:-1])
+        # a rank among the values that are not edges -> among all: skip the edges' runs below it
+        run_starts = below - (np.cumsum(at) - at)  # where each edge's run would begin among the rest
+        skipped = np.concatenate([[0], np.cumsum(at)])
+
+        def full(rank: np.ndarray) -> np.ndarray:
+            return rank + skipped[np.searchsorted(run_starts, rank, side="right")]
+
+        grown = np.unique(np.concatenate([edges, lerp(order_stats(full(lower)), order_stats(full(upper)), gamma)]))
+        if len(grown) == len(edges):
+            break
+        edges = grown
+    return np.concatenate([edges, np.full(bins + 1 - len(edges), edges[-1])])
+
+
+def tie_aware_quantiles(values: np.ndarray, bins: int) -> np.ndarray:
+    """:func:`tie_aware_edges` of values in memory.
+
+    Args:
+        values: ``[N]`` finite training values (N >= 1).
+        bins: number of bins.
+
+    Example:
+        >>> tie_aware_quantiles(np.array([0.0] * 8 + [1.0, 2.0, 3.0, 4.0]), 4).tolist()
+        [0.0, 1.25, 1.6666666666666665, 2.333333333333333, 4.0]
+    """
+    x = np.sort(np.asarray(values, dtype=np.float64) + 0.0)  # -0.0 as 0.0, as the distributed fit
+
+    def below_and_at(v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        lo, hi = np.searchsorted(x, v, side="left"), np.searchsorted(x, v, side="right")
+        return lo, hi - lo
+
+    return tie_aware_edges(len(x), bins, lambda r: x[r], below_and_at)
 
 
 class QuantileBoundaries(JsonFitted):
@@ -52,7 +119,7 @@ class QuantileBoundaries(JsonFitted):
             raise ValueError("QuantileBoundaries: no training rows to fit")
         if not np.isfinite(x).all():
             raise ValueError("QuantileBoundaries: non-finite training values")
-        self.edges = np.quantile(x, np.linspace(0.0, 1.0, self.bins + 1), axis=0).T  # [dim, bins+1]
+        self.edges = np.stack([tie_aware_quantiles(x[:, j], self.bins) for j in range(x.shape[1])])  # [dim, bins+1]
         return self
 
     def transform(self, x: np.ndarray) -> np.ndarray:
@@ -188,14 +255,14 @@ def bucket_counts(x: np.ndarray) -> np.ndarray:
     return np.bincount(at.reshape(-1), minlength=x.shape[1] * width).reshape(x.shape[1], width)
 
 
-def quantile_ranks(n: int, bins: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def quantile_ranks(n: int, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The ranks (0-based, in sorted order) ``np.quantile``'s default (linear) method reads for
-    the ``0, 1/bins, ..., 1`` quantiles of ``n`` values, and the interpolation weights.
+    the quantiles ``probs`` of ``n`` values, and the interpolation weights.
 
     Returns:
-        ``(lower, upper, gamma)``, each ``[bins + 1]``.
+        ``(lower, upper, gamma)``, each like ``probs``.
     """
-    virtual = (n - 1) * np.linspace(0.0, 1.0, bins + 1)
+    virtual = (n - 1) * np.asarray(probs, dtype=np.float64)
     lower = np.floor(virtual)
     upper = lower + 1
     top = virtual >= n - 1
@@ -214,60 +281,128 @@ def lerp(a: np.ndarray, b: np.ndarray, t: np.ndarray) -> np.ndarray:
     return out
 
 
-def wanted_buckets(counts: np.ndarray, bins: int) -> tuple[int, list[np.ndarray]]:
-    """From the summed first-pass counts of one feature: the number of rows, and per component
-    the buckets holding the ranks the edges read (what the second pass collects)."""
+def first_wanted(counts: np.ndarray, bins: int) -> list[np.ndarray]:
+    """From the summed first-pass counts of one feature: per component, the buckets holding the
+    ranks the plain quantiles read (the first second-pass round; ties may ask for more).
+
+    Raises:
+        ValueError: no rows.
+    """
     n = int(counts[0].sum())
     if n == 0:
         raise ValueError("no training rows to fit numeric_bins on")
-    lower, upper, _ = quantile_ranks(n, bins)
+    lower, upper, _ = quantile_ranks(n, np.linspace(0.0, 1.0, bins + 1))
     ranks = np.unique(np.concatenate([lower, upper]))
     ends = np.cumsum(counts, axis=1)
-    return n, [np.unique(np.searchsorted(ends[j], ranks, side="right")) for j in range(counts.shape[0])]
+    return [np.unique(np.searchsorted(ends[j], ranks, side="right")) for j in range(counts.shape[0])]
 
 
-def bucket_values(x: np.ndarray, wanted: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
+Collected = tuple[np.ndarray, np.ndarray, np.ndarray]  # sorted distinct values, their counts, their buckets
+
+
+def bucket_values(x: np.ndarray, wanted: list[np.ndarray]) -> list[Collected]:
     """Second pass over a part of the rows: per component, the distinct values in its wanted
-    buckets and how often each occurs (few: a bucket is a narrow value range).
+    buckets, how often each occurs and its bucket (few: a bucket is a narrow value range).
 
     Args:
-        x: ``[N]`` or ``[N, dim]`` values of one feature; wanted: :func:`wanted_buckets`.
+        x: ``[N]`` or ``[N, dim]`` values of one feature; wanted: per component, bucket ids.
     """
     x = _as_2d(x)
     out = []
     for j, buckets in enumerate(wanted):
         col = x[:, j]
-        picked = col[np.isin(_buckets(col), buckets)].astype(np.float64) + 0.0
-        out.append(np.unique(picked, return_counts=True))
+        bucket = _buckets(col)
+        keep = np.isin(bucket, buckets)
+        values, first, counts = np.unique(col[keep].astype(np.float64) + 0.0, return_index=True, return_counts=True)
+        out.append((values, counts.astype(np.int64), bucket[keep][first]))
     return out
 
 
-def boundaries_from_parts(counts: np.ndarray, parts: list[list[tuple[np.ndarray, np.ndarray]]],
-                          bins: int) -> "QuantileBoundaries":
-    """The :class:`QuantileBoundaries` that :meth:`QuantileBoundaries.fit` gives on all the
-    rows, from the summed first-pass counts and every part's second-pass values.
+def merge_collected(parts: list[Collected]) -> Collected:
+    """One :data:`Collected` from several (parts of the rows, rounds of buckets)."""
+    values, inv = np.unique(np.concatenate([p[0] for p in parts]), return_inverse=True)
+    counts = np.bincount(inv.reshape(-1), weights=np.concatenate([p[1] for p in parts]), minlength=len(values))
+    buckets = np.zeros(len(values), dtype=np.int64)
+    buckets[inv.reshape(-1)] = np.concatenate([p[2] for p in parts])
+    return values, counts.astype(np.int64), buckets
+
+
+class MissingBuckets(Exception):
+    """An order statistic lies in a bucket whose values were not collected yet."""
+
+    def __init__(self, buckets: np.ndarray) -> None:
+        super().__init__(f"{len(buckets)} bucket(s) not collected")
+        self.buckets = buckets
+
+
+class _PartsOracle:
+    """The two questions of :func:`tie_aware_edges` about one component's values, answered from
+    its bucket counts and the collected values of some buckets (:class:`MissingBuckets` when
+    an answer needs a bucket not collected)."""
+
+    def __init__(self, counts: np.ndarray, have: np.ndarray, collected: Collected) -> None:
+        self.counts = counts.astype(np.int64)
+        self.ends = np.cumsum(self.counts)
+        self.starts = self.ends - self.counts  # rows below each bucket
+        self.have = np.sort(np.asarray(have, dtype=np.int64))
+        have_rows = self.counts[self.have]
+        self.have_below = np.cumsum(have_rows) - have_rows  # collected rows in collected buckets below
+        self.values, self.value_counts, self.value_buckets = collected
+        self.value_ends = np.cumsum(self.value_counts)
+
+    def _collected_below(self, bucket: np.ndarray) -> np.ndarray:
+        return self.have_below[np.searchsorted(self.have, bucket)]
+
+    def order_stats(self, ranks: np.ndarray) -> np.ndarray:
+        bucket = np.searchsorted(self.ends, ranks, side="right")
+        missing = np.setdiff1d(bucket, self.have)
+        if missing.size:
+            raise MissingBuckets(missing)
+        inside = ranks - self.starts[bucket] + self._collected_below(bucket)
+        return self.values[np.searchsorted(self.value_ends, inside, side="right")]
+
+    def _rank_of(self, i: np.ndarray) -> np.ndarray:
+        """The rank of the first occurrence of collected value ``i``."""
+        b = self.value_buckets[i]
+        return self.starts[b] + (self.value_ends[i] - self.value_counts[i]) - self._collected_below(b)
+
+    def below_and_at(self, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        i = np.searchsorted(self.values, v, side="left")
+        hit = (i < len(self.values)) & (self.values[np.minimum(i, len(self.values) - 1)] == v)
+        below, at = np.zeros(len(v), dtype=np.int64), np.zeros(len(v), dtype=np.int64)
+        below[hit], at[hit] = self._rank_of(i[hit]), self.value_counts[i[hit]]
+        # a value between two collected neighbours with no row between them (an interpolated
+        # quantile): the rows below it are the rows up to the lower neighbour
+        for k in np.flatnonzero(~hit):
+            prev_end = self._rank_of(i[k] - 1) + self.value_counts[i[k] - 1] if i[k] > 0 else None
+            next_start = self._rank_of(i[k]) if i[k] < len(self.values) else int(self.ends[-1])
+            if prev_end is None or prev_end != next_start:
+                raise RuntimeError("numeric_bins: a value that is not between neighbouring order statistics")
+            below[k] = next_start
+        return below, at
+
+
+def edges_from_parts(counts: np.ndarray, have: list[np.ndarray], collected: list[Collected],
+                     bins: int) -> tuple[np.ndarray | None, list[np.ndarray]]:
+    """Per component, :func:`tie_aware_edges` from the summed first-pass counts and the values
+    of the buckets collected so far: the edges ``[dim, bins + 1]``, or ``None`` and per component
+    the buckets still to collect (another second-pass round).
 
     Args:
         counts: summed :func:`bucket_counts` ``[dim, 2**HIST_BITS]``.
-        parts: per part of the rows, :func:`bucket_values` with :func:`wanted_buckets`.
+        have: per component, the buckets collected; collected: per component, their values
+            (:func:`merge_collected` of every part's :func:`bucket_values`).
         bins: quantile bins.
     """
-    n, wanted = wanted_buckets(counts, bins)
-    lower, upper, gamma = quantile_ranks(n, bins)
-    starts = np.cumsum(counts, axis=1) - counts  # rows below each bucket
-    edges = np.zeros((counts.shape[0], bins + 1), dtype=np.float64)
+    n = int(counts[0].sum())
+    edges, missing = [], []
     for j in range(counts.shape[0]):
-        values, inv = np.unique(np.concatenate([p[j][0] for p in parts]), return_inverse=True)
-        seen = np.bincount(inv.reshape(-1), weights=np.concatenate([p[j][1] for p in parts]),
-                           minlength=len(values)).astype(np.int64)
-        ends = np.cumsum(seen)  # the wanted buckets' values in order: rank within them
-
-        def order_stat(rank: np.ndarray) -> np.ndarray:
-            bucket = np.searchsorted(np.cumsum(counts[j]), rank, side="right")
-            # rows of the wanted buckets below this bucket, then the rank inside it
-            below_wanted = np.array([counts[j][wanted[j][wanted[j] < b]].sum() for b in bucket], dtype=np.int64)
-            inside = rank - starts[j][bucket] + below_wanted
-            return values[np.searchsorted(ends, inside, side="right")]
-
-        edges[j] = lerp(order_stat(lower), order_stat(upper), gamma)
-    return QuantileBoundaries(bins, edges)
+        oracle = _PartsOracle(counts[j], have[j], collected[j])
+        try:
+            edges.append(tie_aware_edges(n, bins, oracle.order_stats, oracle.below_and_at))
+            missing.append(np.zeros(0, dtype=np.int64))
+        except MissingBuckets as exc:
+            missing.append(exc.buckets)
+    if any(m.size for m in missing):
+        return None, missing
+    return np.stack(edges), missing
