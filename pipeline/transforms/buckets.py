@@ -207,6 +207,7 @@ def with_boundaries(spec: FeatureSpec, fitted: dict[str, QuantileBoundaries], ar
 # the same edges from parts of the rows (distributed): exact order statistics in two passes
 
 
+NEAR = 2  # buckets either side of a likely one that the first round collects as well
 HIST_BITS = 12  # a value's first pass bucket: the top bits of its order key (sign, exponent, 3 mantissa bits)
 
 
@@ -282,8 +283,11 @@ def lerp(a: np.ndarray, b: np.ndarray, t: np.ndarray) -> np.ndarray:
 
 
 def first_wanted(counts: np.ndarray, bins: int) -> list[np.ndarray]:
-    """From the summed first-pass counts of one feature: per component, the buckets holding the
-    ranks the plain quantiles read (the first second-pass round; ties may ask for more).
+    """From the summed first-pass counts of one feature: per component, the buckets the first
+    second-pass round collects: those holding the plain quantiles' ranks, and those that
+    :func:`tie_aware_edges` will probably ask for next (its run on the buckets themselves, each
+    taken for one value, plus their neighbours), so that a feature with mass points usually needs
+    no further round.
 
     Raises:
         ValueError: no rows.
@@ -291,10 +295,31 @@ def first_wanted(counts: np.ndarray, bins: int) -> list[np.ndarray]:
     n = int(counts[0].sum())
     if n == 0:
         raise ValueError("no training rows to fit numeric_bins on")
-    lower, upper, _ = quantile_ranks(n, np.linspace(0.0, 1.0, bins + 1))
-    ranks = np.unique(np.concatenate([lower, upper]))
-    ends = np.cumsum(counts, axis=1)
-    return [np.unique(np.searchsorted(ends[j], ranks, side="right")) for j in range(counts.shape[0])]
+    return [_likely_buckets(counts[j], bins) for j in range(counts.shape[0])]
+
+
+def _likely_buckets(counts: np.ndarray, bins: int) -> np.ndarray:
+    """:func:`tie_aware_edges` run with bucket ids for values (a bucket as one value): the
+    buckets it reads, and their neighbours that hold rows."""
+    ends = np.cumsum(counts)
+    starts = ends - counts
+    asked: list[np.ndarray] = []
+
+    def order_stats(ranks: np.ndarray) -> np.ndarray:
+        bucket = np.searchsorted(ends, ranks, side="right")
+        asked.append(bucket)
+        return bucket.astype(np.float64)
+
+    def below_and_at(v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        whole = v == np.floor(v)
+        b = np.floor(v).astype(np.int64)
+        return np.where(whole, starts[b], ends[b]), np.where(whole, counts[b], 0)
+
+    tie_aware_edges(int(ends[-1]), bins, order_stats, below_and_at)
+    found = np.unique(np.concatenate(asked))
+    near = np.unique((found[:, None] + np.arange(-NEAR, NEAR + 1)).reshape(-1))
+    near = near[(near >= 0) & (near < len(counts))]
+    return near[counts[near] > 0]
 
 
 Collected = tuple[np.ndarray, np.ndarray, np.ndarray]  # sorted distinct values, their counts, their buckets
