@@ -8,6 +8,11 @@ locally (:func:`pipeline.train.local.train_local`, its early stopping on the val
 for every seed. Both are scored on the same rows of ``--split``: per-task AUC, and with users
 per-task uAUC and the weighted score; with ``--raw`` (a generator folder) the oracle's as well.
 
+``--holdout FRACTION`` gives an honest selection on the validation split: every config trains
+with ``train.valid_holdout`` (early stopping on the users whose hash is not held out), LightGBM
+early-stops on the same selection rows, and with ``--split valid`` every set-up (the oracle
+too) is scored on the held-out users' rows only (:mod:`pipeline.train.holdout`).
+
 ``--baseline NAME`` compares every other config with that one (e.g. single-task) per task:
 paired bootstrap of the metric's difference (over users when the data has users, else over
 rows) of the seed-averaged predictions; the verdicts are classified into the seed's outcome
@@ -39,9 +44,10 @@ from mtl.metrics import auc  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 from pipeline.data import load_spec, read_split  # noqa: E402
 from pipeline.report.outcome import BETTER, EQUAL, WORSE, classify, paired_bootstrap_uauc  # noqa: E402
-from pipeline.train.config import TrainJobConfig  # noqa: E402
+from pipeline.train.config import TrainJobConfig, ValidHoldoutConfig  # noqa: E402
 from pipeline.data import iter_local_batches  # noqa: E402
 from pipeline.train.evaluate import mean_routing, oracle_probabilities, predict, score_predictions  # noqa: E402
+from pipeline.train.holdout import report_mask  # noqa: E402
 from pipeline.train.local import train_local  # noqa: E402
 
 #: LightGBM grid searched on the validation split (per task)
@@ -52,11 +58,15 @@ THREADS = 2
 LGBM_FIXED = {"num_leaves": [31], "learning_rate": [0.05], "min_child_samples": [20], "n_estimators": [400]}
 
 
-def lgbm_matrix(data_dir: Path, split: str, spec: FeatureSpec) -> tuple[Any, np.ndarray | None, list[str]]:
-    """The split's features as a pandas frame (ids categorical), its labels ``[N, K]``."""
+def lgbm_matrix(data_dir: Path, split: str, spec: FeatureSpec,
+                rows: np.ndarray | None = None) -> tuple[Any, np.ndarray | None, list[str]]:
+    """The split's features as a pandas frame (ids categorical), its labels ``[N, K]``; only
+    the rows where ``rows`` (a mask over the split) is True when given."""
     import pandas as pd
 
     table = read_split(data_dir, split)
+    if rows is not None:
+        table = table.filter(rows)
     cols: dict[str, np.ndarray] = {}
     for f in spec.sparse:
         cols[f.name] = table[f.name].to_numpy()
@@ -104,17 +114,26 @@ def lightgbm_task(train: tuple, valid: tuple, test_x: Any, k: int, seeds: list[i
     return np.mean(probs, 0), {**params, "n_estimators": trees, "valid_auc": best[0]}
 
 
-def run_lightgbm(data_dir: Path, spec: FeatureSpec, split: str, seeds: list[int],
-                 grid: dict[str, list[Any]]) -> tuple[list[np.ndarray], dict[str, Any]]:
-    """Per seed test probabilities ``[N, K]`` (LightGBM's seeds: row and column subsampling)."""
+def run_lightgbm(data_dir: Path, spec: FeatureSpec, split: str, seeds: list[int], grid: dict[str, list[Any]],
+                 holdout: ValidHoldoutConfig | None = None) -> tuple[list[np.ndarray], dict[str, Any]]:
+    """Per seed test probabilities ``[N, K]`` (LightGBM's seeds: row and column subsampling);
+    with ``holdout`` tuned on the validation split's selection rows and scored on ``split``'s
+    report rows when ``split`` is ``valid``."""
     xt, yt, _ = lgbm_matrix(data_dir, "train", spec)
-    xv, yv, _ = lgbm_matrix(data_dir, "valid", spec)
-    xs, _, _ = lgbm_matrix(data_dir, split, spec)
+    xv, yv, _ = lgbm_matrix(data_dir, "valid", spec, None if holdout is None else ~split_report_mask(data_dir, "valid", holdout))
+    xs, _, _ = lgbm_matrix(data_dir, split, spec, split_report_mask(data_dir, split, holdout))
     per_task, chosen = [], {}
     for k, task in enumerate(spec.tasks):
         probs, chosen[task] = lightgbm_task((xt, yt), (xv, yv), xs, k, seeds, grid)
         per_task.append(probs)
     return [np.stack(per_task, 1)], chosen
+
+
+def split_report_mask(data_dir: Path, split: str, holdout: ValidHoldoutConfig | None) -> np.ndarray | None:
+    """The report rows of ``split`` (a mask) when a holdout is set and ``split`` is ``valid``."""
+    if holdout is None or split != "valid":
+        return None
+    return report_mask(read_split(data_dir, split, columns=[holdout.key])[holdout.key].to_numpy(), holdout)
 
 
 def paired_bootstrap_auc(labels: np.ndarray, probs: np.ndarray, base: np.ndarray, n_boot: int = 1000,
@@ -155,6 +174,9 @@ def main() -> None:
     ap.add_argument("--no-lightgbm", action="store_true")
     ap.add_argument("--lgbm-fixed", action="store_true", help="no grid: LGBM_FIXED (large data)")
     ap.add_argument("--json", type=Path, help="write all results here")
+    ap.add_argument("--holdout", type=float, help="report_fraction of train.valid_holdout: select on the other "
+                    "users' validation rows, report (--split valid) on these")
+    ap.add_argument("--holdout-salt", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2,
                     help="LightGBM and torch threads (1 on a heavily shared machine: 2-thread regions stall)")
     args = ap.parse_args()
@@ -162,8 +184,11 @@ def main() -> None:
     THREADS = args.threads
 
     spec = load_spec(args.data)
+    holdout = None if args.holdout is None else ValidHoldoutConfig(report_fraction=args.holdout, salt=args.holdout_salt)
+    report_rows = split_report_mask(args.data, args.split, holdout)
     started = time.time()
-    print(f"# bench_quality {args.data} split={args.split} seeds={args.seeds} load={os.getloadavg()}", flush=True)
+    print(f"# bench_quality {args.data} split={args.split} seeds={args.seeds} load={os.getloadavg()}"
+          + (f" report rows {int(report_rows.sum())} of {len(report_rows)}" if report_rows is not None else ""), flush=True)
     results: dict[str, dict[str, Any]] = {}
     preds: dict[str, np.ndarray] = {}
     labels: np.ndarray | None = None
@@ -174,10 +199,11 @@ def main() -> None:
         job = load_config(TrainJobConfig, path, overrides)
         runs = []
         for seed in args.seeds:
-            cfg = job.train.model_copy(update={"seed": seed, "torch_threads": args.threads})
+            update = {"seed": seed, "torch_threads": args.threads} | ({"valid_holdout": holdout} if holdout else {})
+            cfg = job.train.model_copy(update=update)
             t0 = time.time()
             res = train_local(cfg, args.data)
-            probs, labels, meta = predict(res.model, args.data, args.split, res.spec)
+            probs, labels, meta = take_report_rows(*predict(res.model, args.data, args.split, res.spec), holdout, args.split)
             runs.append(probs)
             gates = mean_routing(res.model, iter_local_batches(args.data, args.split, 8192, spec=res.spec)).get("gate")
             if gates is not None:  # per task: the largest share on one expert; per expert: its least use
@@ -189,10 +215,11 @@ def main() -> None:
         results[name] = summarize(name, runs, labels, meta, spec, args.split) | {"config": path, "overrides": overrides}
         preds[name] = np.mean(runs, 0)
     if labels is None:
-        _, labels, meta = predict_first_split(args.data, args.split, spec)
+        _, labels, meta = take_report_rows(*predict_first_split(args.data, args.split, spec), holdout, args.split)
     if not args.no_lightgbm:
         t0 = time.time()
-        runs, chosen = run_lightgbm(args.data, spec, args.split, args.seeds, LGBM_FIXED if args.lgbm_fixed else LGBM_GRID)
+        runs, chosen = run_lightgbm(args.data, spec, args.split, args.seeds, LGBM_FIXED if args.lgbm_fixed else LGBM_GRID,
+                                    holdout)
         results["lightgbm"] = summarize("lightgbm", runs, labels, meta, spec, args.split) | {"params": chosen}
         preds["lightgbm"] = runs[0]
         print(f"lightgbm: {time.time() - t0:.0f}s, chosen {chosen}", flush=True)
@@ -207,6 +234,17 @@ def main() -> None:
     results["wall_s"] = time.time() - started
     if args.json:
         args.json.write_text(json.dumps(results, indent=2, default=float))
+
+
+def take_report_rows(probs: np.ndarray | None, labels: np.ndarray, meta: dict[str, np.ndarray],
+                     holdout: ValidHoldoutConfig | None,
+                     split: str) -> tuple[np.ndarray | None, np.ndarray, dict[str, np.ndarray]]:
+    """Predictions, labels and meta of ``split``'s report rows (all rows without a holdout or
+    off the validation split)."""
+    if holdout is None or split != "valid":
+        return probs, labels, meta
+    rows = report_mask(meta[holdout.key], holdout)
+    return None if probs is None else probs[rows], labels[rows], {k: v[rows] for k, v in meta.items()}
 
 
 def predict_first_split(data_dir: Path, split: str, spec: FeatureSpec) -> tuple[None, np.ndarray, dict[str, np.ndarray]]:

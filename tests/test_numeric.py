@@ -15,7 +15,7 @@ from mtl.features import DenseFeature, FeatureSpec, NumericEncoding, SparseFeatu
 from mtl.inputs import InputModule
 from mtl.numeric import NumericEmbedding, piecewise_linear_encoding
 from pipeline.train.config import TrainConfig
-from pipeline.transforms.buckets import QuantileBoundaries
+from pipeline.transforms.buckets import QuantileBoundaries, tie_aware_quantiles
 
 
 def test_piecewise_linear_encoding_follows_the_paper() -> None:
@@ -70,6 +70,39 @@ def test_quantile_boundaries_round_trip(tmp_path: Path) -> None:
     assert np.array_equal(back.transform(other), q.transform(other))
     with pytest.raises(ValueError, match="non-finite"):
         QuantileBoundaries(3).fit(np.array([1.0, np.nan]))
+
+
+def test_tie_aware_quantiles_spend_the_bins_of_a_mass_point_on_the_other_values() -> None:
+    rng = np.random.default_rng(1)
+    # Adult's capital gain: 92% zeros; plain quantiles leave 2 of 32 bins to the non-zero values
+    gains = np.where(rng.random(5000) < 0.92, 0.0, rng.lognormal(8, 1, 5000))
+    edges = tie_aware_quantiles(gains, 32)
+    assert edges.shape == (33,) and np.all(np.diff(edges) >= 0)
+    assert edges[0] == 0.0 and edges[-1] == gains.max()
+    nonzero = gains[gains > 0]
+    # the non-zero values get (nearly) all the bins, no bin holding more than 2/31 of them
+    assert len(np.unique(edges[edges > 0])) >= 30
+    inner = np.searchsorted(np.sort(nonzero), edges[1:-1]) / len(nonzero)
+    assert np.diff(inner).max() < 2 / 31 and inner[0] < 2 / 31 and inner[-1] > 1 - 2 / 31
+    # without repeated quantiles: exactly the plain quantiles
+    normal = rng.normal(size=1000)
+    np.testing.assert_array_equal(tie_aware_quantiles(normal, 16), np.quantile(normal, np.linspace(0, 1, 17)))
+    # few distinct values: every one of them is an edge (so each gets its own bucket)
+    few = tie_aware_quantiles(np.array([3.0, 1.0, 1.0, 2.0, 1.0]), 5)
+    assert few.shape == (6,) and np.all(np.diff(few) >= 0) and {1.0, 2.0, 3.0} <= set(few.tolist())
+
+
+def test_piecewise_linear_over_tie_aware_bins_resolves_a_mostly_zero_feature() -> None:
+    """The defect of issue 14: two gains on either side of a decisive threshold got the same
+    encoding with plain quantile edges; with tie-aware edges they differ."""
+    rng = np.random.default_rng(2)
+    gains = np.where(rng.random(5000) < 0.92, 0.0, rng.lognormal(8, 1, 5000))
+    a, b = np.quantile(gains[gains > 0], [0.3, 0.4])  # two typical non-zero gains
+    fitted = QuantileBoundaries(32).fit(gains[:, None])
+    enc = piecewise_linear_encoding(torch.tensor([[a], [b]]), torch.tensor(fitted.edges))
+    assert (enc[0] != enc[1]).sum() >= 2  # at least a bin between them
+    ids = fitted.transform(np.array([[a], [b]]))[:, 0]
+    assert ids[1] - ids[0] >= 2  # and for the bucket encoding: different rows
 
 
 def test_spec_round_trip_and_train_config_encodings() -> None:

@@ -95,6 +95,21 @@ class NumericEncodingConfig(Strict):
         return NumericEncoding(self.kind, dim=self.dim, frequencies=self.frequencies, sigma=self.sigma)
 
 
+class ValidHoldoutConfig(Strict):
+    """Which validation rows are held out for the report (``train.valid_holdout``; what is done
+    with them: :mod:`pipeline.train.holdout`).
+
+    Args:
+        key: the meta column hashed: ``_user`` (every user's rows on one side) or ``_row``.
+        report_fraction: the share of keys held out for the report; training selects on the rest.
+        salt: another salt draws another split of the keys.
+    """
+
+    key: Literal["_user", "_row"] = "_user"
+    report_fraction: float = Field(0.5, gt=0, lt=1)
+    salt: int = Field(0, ge=0)
+
+
 class EarlyStoppingConfig(Strict):
     """Stop when the validation score has not improved for ``patience`` evaluations."""
 
@@ -131,6 +146,9 @@ class TrainConfig(Strict):
     #: numeric features as embeddings, by dense feature name ("*": every other dense feature);
     #: bucket / piecewise_linear need the dataset's numeric_bins (issue 14)
     numeric: dict[str, NumericEncodingConfig] = Field(default_factory=dict)
+    #: evaluate (early stopping, best weights) on a hashed part of the validation rows only and
+    #: hold the rest out for the report (pipeline.train.holdout); None = select on every row
+    valid_holdout: ValidHoldoutConfig | None = None
 
     def model_spec(self, spec: FeatureSpec) -> FeatureSpec:
         """The data's spec with this run's numeric encodings (what the model is built from and

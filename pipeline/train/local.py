@@ -23,6 +23,7 @@ from mtl.models import MultiTaskModel
 from pipeline.data import MaterializedShard, arrow_to_batch, iter_local_batches, load_spec, read_split
 from pipeline.train.config import TrainConfig, steps_warning
 from pipeline.train.evaluate import predict_batches, score_predictions
+from pipeline.train.holdout import selection_batches
 from pipeline.train.loop import FitResult, LoopHooks, fit
 from pipeline.train.step import TrainState, build
 
@@ -47,7 +48,8 @@ def default_threads() -> int:
 
 def train_local(cfg: TrainConfig, data_dir: str | Path, on_log: Callable[[int, dict[str, Any]], None] | None = None,
                 on_eval: Callable[[int, dict[str, float]], None] | None = None, valid_split: str = "valid") -> TrainResult:
-    """Train on the ``train`` split, evaluate on ``valid_split`` after every epoch.
+    """Train on the ``train`` split, evaluate on ``valid_split`` after every epoch (on its
+    selection rows only when ``cfg.valid_holdout`` is set).
 
     Args:
         on_log: ``(step, record)`` every ``cfg.log_every`` steps (running losses).
@@ -64,7 +66,9 @@ def train_local(cfg: TrainConfig, data_dir: str | Path, on_log: Callable[[int, d
     if warning:
         print(f"train_local: {warning}", file=sys.stderr)
     del table
-    valid = list(iter_local_batches(data_dir, valid_split, cfg.eval_batch_size, spec=spec))
+    # with train.valid_holdout: only the selection rows (the report rows stay unseen)
+    valid = selection_batches(list(iter_local_batches(data_dir, valid_split, cfg.eval_batch_size, spec=spec)),
+                              cfg.valid_holdout)
 
     def evaluate(s: TrainState) -> dict[str, float]:
         probs, labels, meta = predict_batches(s.model, valid)

@@ -46,6 +46,7 @@ from pipeline.data import Batch, MaterializedShard, arrow_to_batch, load_spec, r
 from pipeline.train import plots
 from pipeline.train.config import TrainJobConfig, steps_warning
 from pipeline.train.evaluate import mean_routing, oracle_metrics, predict_batches, score_predictions
+from pipeline.train.holdout import batch_part
 from pipeline.train.loop import FitResult, LoopHooks, fit
 from pipeline.train.step import TrainState, build
 
@@ -173,7 +174,10 @@ def train_worker(config: dict[str, Any]) -> None:
     assert train is not None
     shard = MaterializedShard(train, cfg.batch_size, seed=cfg.seed, rank=rank,
                               num_batches=math.ceil(max(sizes) / cfg.batch_size))
-    valid = split_rows(materialize_shard(ray.train.get_dataset_shard("valid"), spec), cfg.eval_batch_size)
+    valid_shard = materialize_shard(ray.train.get_dataset_shard("valid"), spec)
+    if valid_shard is not None and cfg.valid_holdout is not None:  # select on the selection rows only
+        valid_shard = batch_part(valid_shard, cfg.valid_holdout, "select")
+    valid = split_rows(valid_shard, cfg.eval_batch_size)
     record = _Record()
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
