@@ -333,7 +333,8 @@ class DatasetConfig(_Strict):
     """Numeric features."""
     numeric_bins: int | None = Field(None, ge=1)
     """Quantile bins fitted per dense feature component (history counts and rates included) on
-    the training rows' scaled values, saved as ``artifacts/bins_<name>.json`` and written into
+    the training rows' scaled values, tie-aware (a value held by many rows takes one edge and
+    leaves its bins to the other values), saved as ``artifacts/bins_<name>.json`` and written into
     the feature spec as ``boundaries``: what a train config's ``numeric`` encodings
     ``bucket`` / ``piecewise_linear`` read (None: no boundaries)."""
     lists: list[ListConfig] = Field(default_factory=list)
