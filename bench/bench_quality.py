@@ -209,8 +209,9 @@ def main() -> None:
             if gates is not None:  # per task: the largest share on one expert; per expert: its least use
                 print(f"{name} seed {seed}: gate max share per task {np.round(gates.max(1), 3).tolist()}, "
                       f"expert use (mean over tasks) {np.round(gates.mean(0), 3).tolist()}", flush=True)
-            print(f"{name} seed {seed}: {time.time() - t0:.0f}s, steps {res.metrics.get('train/steps')}, "
-                  f"valid {res.metrics.get('valid/score', res.metrics.get('valid/auc_' + spec.tasks[0]))}", flush=True)
+            chosen_on = cfg.early_stopping.metric  # the selection metric and every task's AUC at the chosen step
+            valid = {k: round(v, 5) for k, v in res.metrics.items() if k == chosen_on or k.startswith("valid/auc_")}
+            print(f"{name} seed {seed}: {time.time() - t0:.0f}s, steps {res.metrics.get('train/steps')}, valid {valid}", flush=True)
         assert labels is not None
         results[name] = summarize(name, runs, labels, meta, spec, args.split) | {"config": path, "overrides": overrides}
         preds[name] = np.mean(runs, 0)
