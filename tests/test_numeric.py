@@ -146,7 +146,7 @@ def test_build_uses_and_keeps_the_encoded_spec() -> None:
 def test_edges_from_parts_equal_the_whole(seed: int) -> None:
     """The distributed fit (bucket counts per part, then rounds of the asked buckets' values per
     part, as ``preprocess_dist._fit_bins`` runs them) gives bit-identical edges to
-    ``QuantileBoundaries.fit`` on all rows: float32 and float64, mass points (log counts, mostly
+    ``QuantileBoundaries.fit`` on all rows: float32 and float64, -0.0 beside 0.0, mass points (log counts, mostly
     zeros, small-count rates), tiny parts and empty parts."""
     from pipeline.transforms.buckets import bucket_counts, bucket_values, edges_from_parts, first_wanted, merge_collected
 
@@ -155,7 +155,9 @@ def test_edges_from_parts_equal_the_whole(seed: int) -> None:
     x = [rng.normal(size=(n, dim)).astype(np.float32),
          np.log1p(rng.integers(0, 5, size=(n, dim))).astype(np.float32),
          (rng.integers(0, 7, size=(n, dim)) / rng.integers(1, 9, size=(n, dim))).astype(np.float32),
-         np.where(rng.random(n) < 0.9, 0.0, rng.exponential(1e4, size=n))][seed % 4]
+         np.where(rng.random(n) < 0.9, 0.0, rng.exponential(1e4, size=n)),
+         np.where(rng.random((n, dim)) < 0.5, rng.choice([-0.0, 0.0], size=(n, dim)), rng.normal(size=(n, dim))).astype(np.float32),
+         ][seed % 5]
     parts = np.split(x, np.sort(rng.integers(0, n + 1, size=rng.integers(0, 5))))
     counts = sum(bucket_counts(p) for p in parts)
     d = counts.shape[0]

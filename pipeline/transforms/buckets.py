@@ -335,11 +335,12 @@ def bucket_values(x: np.ndarray, wanted: list[np.ndarray]) -> list[Collected]:
     x = _as_2d(x)
     out = []
     for j, buckets in enumerate(wanted):
-        col = x[:, j]
-        bucket = _buckets(col)
+        # distinct values first, in the column's own float type (a float32 sort is fast, and most
+        # features repeat values), then keep those of the wanted buckets; -0.0 and 0.0 are one
+        values, counts = np.unique(x[:, j], return_counts=True)
+        bucket = _buckets(values)
         keep = np.isin(bucket, buckets)
-        values, first, counts = np.unique(col[keep].astype(np.float64) + 0.0, return_index=True, return_counts=True)
-        out.append((values, counts.astype(np.int64), bucket[keep][first]))
+        out.append((values[keep].astype(np.float64) + 0.0, counts[keep].astype(np.int64), bucket[keep]))
     return out
 
 
