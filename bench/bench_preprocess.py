@@ -7,7 +7,9 @@ builder (``--engine distributed``, the default), the single-process reference bu
 
 1. generates ``--scale`` WeChat-format data into ``--data`` with ``pipeline.generate`` unless it
    is already there (not timed; larger data: ``python -m pipeline generate --set multiplier=4``);
-2. times each run of ``--order`` as a fresh process (Ray start-up included) under
+2. times each run of ``--order`` as a fresh process (Ray start-up included; Ray's workers at the
+   bench's own niceness, ``RAY_worker_niceness=0`` unless set: Ray's default +15 would hand a
+   shared machine's CPUs to other jobs before the engine that does more work in workers) under
    ``/usr/bin/time -v`` (the driver's peak RSS) while sampling the summed PSS of the driver's
    process tree (driver, Ray's GCS, raylet, workers, object store pages counted once);
 3. checks the distributed and reference outputs are equal (spec, rows per split, the whole
@@ -245,7 +247,7 @@ def _timed(cmd: list[str]) -> tuple[float, str, dict]:
 
     t0 = time.perf_counter()
     proc = subprocess.Popen(["/usr/bin/time", "-v", *cmd], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"})
+                            text=True, env={"RAY_worker_niceness": "0", **os.environ, "RAY_USAGE_STATS_ENABLED": "0"})
     peak = {"tree_pss_mb": 0.0}
     done = threading.Event()
 
