@@ -46,7 +46,8 @@ def tracked_run(uri: str, experiment: str, run_name: str | None = None, artifact
                 tags: dict[str, str] | None = None, parent_run_id: str | None = None,
                 run_id: str | None = None) -> Iterator[str]:
     """A run that ends FINISHED on success, FAILED on an error and KILLED on Ctrl-C or SIGTERM
-    (never left RUNNING); yields its id. Nothing global is set, so it nests freely.
+    (never left RUNNING) unless another process ended it first (that end is kept); yields its id.
+    Nothing global is set, so it nests freely.
     ``run_id``: continue that existing run (a resumed search) instead of creating one."""
     import mlflow
 
@@ -68,7 +69,10 @@ def tracked_run(uri: str, experiment: str, run_name: str | None = None, artifact
         status = "KILLED"
         raise
     finally:
-        client.set_terminated(run_id, status=status)
+        # a run someone else has ended meanwhile keeps that end: a Tune search ends the run of a
+        # trial it stopped (FINISHED for ASHA) while the trial's process may still be tearing down
+        if client.get_run(run_id).info.status == "RUNNING":
+            client.set_terminated(run_id, status=status)
         _restore_sigterm(previous)
 
 
