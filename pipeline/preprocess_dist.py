@@ -1120,7 +1120,7 @@ def _fit_bins(spec: FeatureSpec, results: list[dict[str, Any]], train_dir: Path,
               artifacts: Path) -> FeatureSpec:
     """``numeric_bins``: the edges :func:`pipeline.transforms.buckets.fit_numeric_boundaries`
     fits on the written training rows, from the assembly tasks' bucket counts (first pass) and
-    rounds of one task per training file collecting the values of the buckets the edges need
+    rounds of one task per group of training files collecting the values of the buckets the edges need
     (the plain quantiles' buckets first; a feature with mass points asks for a round more per
     step of :func:`~pipeline.transforms.buckets.tie_aware_edges`); the driver never holds the
     training values."""
@@ -1134,7 +1134,6 @@ def _fit_bins(spec: FeatureSpec, results: list[dict[str, Any]], train_dir: Path,
     if not files or any(isinstance(c, int) for c in counts.values()):
         raise ValueError(f"{train_dir}: no training rows to fit numeric_bins on")
     empty = (np.zeros(0), np.zeros(0, np.int64), np.zeros(0, np.int64))
-    have = {name: [np.zeros(0, np.int64)] * dim for name, dim in dense}
     collected = {name: [empty] * dim for name, dim in dense}
     wanted = {name: first_wanted(counts[name], bins) for name, _ in dense}
     fitted: dict[str, QuantileBoundaries] = {}
@@ -1147,11 +1146,10 @@ def _fit_bins(spec: FeatureSpec, results: list[dict[str, Any]], train_dir: Path,
         wanted_ref = ray.put(wanted)
         parts = ray.get([task.remote(list(g), asked, wanted_ref) for g in groups])
         for name, dim in asked:
-            have[name] = [np.union1d(have[name][j], wanted[name][j]) for j in range(dim)]
             collected[name] = [merge_collected([collected[name][j], *[p[name][j] for p in parts]]) for j in range(dim)]
         wanted = {}
         for name, _ in asked:
-            edges, missing = edges_from_parts(counts[name], have[name], collected[name], bins)
+            edges, missing = edges_from_parts(counts[name], collected[name], bins)
             if edges is None:
                 wanted[name] = missing
             else:

@@ -161,15 +161,13 @@ def test_edges_from_parts_equal_the_whole(seed: int) -> None:
     parts = np.split(x, np.sort(rng.integers(0, n + 1, size=rng.integers(0, 5))))
     counts = sum(bucket_counts(p) for p in parts)
     d = counts.shape[0]
-    have = [np.zeros(0, np.int64)] * d
     collected = [(np.zeros(0), np.zeros(0, np.int64), np.zeros(0, np.int64))] * d
     wanted, rounds = first_wanted(counts, bins), 0
     while True:
         rounds += 1
         got = [bucket_values(p, wanted) for p in parts]
-        have = [np.union1d(have[j], wanted[j]) for j in range(d)]
         collected = [merge_collected([collected[j], *[g[j] for g in got]]) for j in range(d)]
-        edges, wanted = edges_from_parts(counts, have, collected, bins)
+        edges, wanted = edges_from_parts(counts, collected, bins)
         if edges is not None:
             break
         assert rounds < 10

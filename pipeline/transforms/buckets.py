@@ -204,7 +204,8 @@ def with_boundaries(spec: FeatureSpec, fitted: dict[str, QuantileBoundaries], ar
 
 
 # --------------------------------------------------------------------------------------------
-# the same edges from parts of the rows (distributed): exact order statistics in two passes
+# the same edges from parts of the rows (distributed): bucket counts, then rounds that collect
+# the values of the buckets the order statistics fall in
 
 
 NEAR = 2  # buckets either side of a likely one that the first round collects as well
@@ -366,14 +367,15 @@ class _PartsOracle:
     its bucket counts and the collected values of some buckets (:class:`MissingBuckets` when
     an answer needs a bucket not collected)."""
 
-    def __init__(self, counts: np.ndarray, have: np.ndarray, collected: Collected) -> None:
+    def __init__(self, counts: np.ndarray, collected: Collected) -> None:
         self.counts = counts.astype(np.int64)
         self.ends = np.cumsum(self.counts)
         self.starts = self.ends - self.counts  # rows below each bucket
-        self.have = np.sort(np.asarray(have, dtype=np.int64))
+        self.values, self.value_counts, self.value_buckets = collected
+        # a collected bucket always holds values (only buckets with rows are asked for)
+        self.have = np.unique(self.value_buckets)
         have_rows = self.counts[self.have]
         self.have_below = np.cumsum(have_rows) - have_rows  # collected rows in collected buckets below
-        self.values, self.value_counts, self.value_buckets = collected
         self.value_ends = np.cumsum(self.value_counts)
 
     def _collected_below(self, bucket: np.ndarray) -> np.ndarray:
@@ -408,7 +410,7 @@ class _PartsOracle:
         return below, at
 
 
-def edges_from_parts(counts: np.ndarray, have: list[np.ndarray], collected: list[Collected],
+def edges_from_parts(counts: np.ndarray, collected: list[Collected],
                      bins: int) -> tuple[np.ndarray | None, list[np.ndarray]]:
     """Per component, :func:`tie_aware_edges` from the summed first-pass counts and the values
     of the buckets collected so far: the edges ``[dim, bins + 1]``, or ``None`` and per component
@@ -416,14 +418,14 @@ def edges_from_parts(counts: np.ndarray, have: list[np.ndarray], collected: list
 
     Args:
         counts: summed :func:`bucket_counts` ``[dim, 2**HIST_BITS]``.
-        have: per component, the buckets collected; collected: per component, their values
+        collected: per component, the values of the buckets collected so far
             (:func:`merge_collected` of every part's :func:`bucket_values`).
         bins: quantile bins.
     """
     n = int(counts[0].sum())
     edges, missing = [], []
     for j in range(counts.shape[0]):
-        oracle = _PartsOracle(counts[j], have[j], collected[j])
+        oracle = _PartsOracle(counts[j], collected[j])
         try:
             edges.append(tie_aware_edges(n, bins, oracle.order_stats, oracle.below_and_at))
             missing.append(np.zeros(0, dtype=np.int64))
