@@ -87,16 +87,13 @@ class BatchScorer:
     """Ray Data callable class: holds the loaded model, scores contiguous blocks of request rows.
 
     Args:
-        model_path: a local copy of the logged model (see :func:`local_model`), loaded here when
-            ``scorer`` is not given (every actor then reads it from disk).
-        keep: input columns copied to the output (``userid``, ``feedid``).
-        torch_threads: intra-op threads per actor.
         scorer: the loaded :class:`~pipeline.serve.scorer.Scorer`, or an object-store reference
             to it (:func:`predict_file` shares one copy among the actors this way).
+        keep: input columns copied to the output (``userid``, ``feedid``).
+        torch_threads: intra-op threads per actor.
     """
 
-    def __init__(self, model_path: str | None = None, keep: list[str] | None = None, torch_threads: int = 1,
-                 scorer: Any = None) -> None:
+    def __init__(self, scorer: Any, keep: list[str] | None = None, torch_threads: int = 1) -> None:
         self.born = time.time()  # wall clock: the driver compares it with its own (one machine)
         import ray
         import torch
@@ -104,10 +101,6 @@ class BatchScorer:
         torch.set_num_threads(torch_threads)
         if isinstance(scorer, ray.ObjectRef):
             scorer = ray.get(scorer)
-        if scorer is None:
-            if model_path is None:
-                raise ValueError("BatchScorer needs model_path or scorer")
-            scorer = load_scorer(model_path)
         self.scorer = scorer
         self.keep = list(keep or [])
         self.ready = time.time()
