@@ -286,8 +286,9 @@ def _start_ray(num_cpus: int | None, address: str | None, located: Any) -> None:
     try:
         ensure_ray(num_cpus=num_cpus, address=address)
     except BaseException:
-        if located.exception() is not None:
-            raise located.exception() from None
+        found = located.exception()  # waits for the thread
+        if found is not None:
+            raise found from None
         raise
 
 

@@ -140,8 +140,8 @@ class HistoryGroup:
                        z["comb"], z["prefix"], [int(w) for w in z["windows"]], [str(s) for s in z["stats"]])
 
 
-def build_history_group(name: str, keys: list[str], values: list[np.ndarray], days: np.ndarray, actions: np.ndarray, day_base: int) -> HistoryGroup:
-    """The daily sums of ``actions`` per key group (see :class:`HistoryGroup`)."""
+def _encode_keys(name: str, values: list[np.ndarray], days: np.ndarray, day_base: int) -> tuple[list[np.ndarray], np.ndarray]:
+    """Per key its sorted distinct values, and each row's ``(key combination, day)`` code."""
     uniques, code = [], np.zeros(len(days), dtype=np.int64)
     total = 1
     for v in values:
@@ -152,16 +152,26 @@ def build_history_group(name: str, keys: list[str], values: list[np.ndarray], da
         code = code * len(uniq) + inv.astype(np.int64)
     if total * day_base >= 2**62:
         raise DataError(f"history group {name}: too many key combinations ({total}) to encode")
-    comb = code * day_base + days
+    return uniques, code * day_base + np.asarray(days, dtype=np.int64)
+
+
+def _group(name: str, keys: list[str], uniques: list[np.ndarray], day_base: int, uc: np.ndarray,
+           sums: np.ndarray) -> HistoryGroup:
+    prefix = np.zeros((len(uc) + 1, sums.shape[1]), dtype=np.float64)
+    np.cumsum(sums, axis=0, out=prefix[1:])
+    return HistoryGroup(name, keys, uniques, day_base, uc, prefix)
+
+
+def build_history_group(name: str, keys: list[str], values: list[np.ndarray], days: np.ndarray, actions: np.ndarray, day_base: int) -> HistoryGroup:
+    """The daily sums of ``actions`` per key group (see :class:`HistoryGroup`)."""
+    uniques, comb = _encode_keys(name, values, days, day_base)
     inv, uc = pd.factorize(comb, sort=True)
     uc = np.asarray(uc)
     sums = np.zeros((len(uc), 1 + actions.shape[1]), dtype=np.float64)
     sums[:, 0] = np.bincount(inv, minlength=len(uc))
     for a in range(actions.shape[1]):
         sums[:, 1 + a] = np.bincount(inv, weights=actions[:, a], minlength=len(uc))
-    prefix = np.zeros((len(uc) + 1, sums.shape[1]), dtype=np.float64)
-    np.cumsum(sums, axis=0, out=prefix[1:])
-    return HistoryGroup(name, keys, uniques, day_base, uc, prefix)
+    return _group(name, keys, uniques, day_base, uc, sums)
 
 
 def history_group_from_sums(name: str, keys: list[str], values: list[np.ndarray], days: np.ndarray,
@@ -173,24 +183,13 @@ def history_group_from_sums(name: str, keys: list[str], values: list[np.ndarray]
         name, keys: as in :meth:`HistoryGroup.fit`; values: per key, the key values of each
         sums row; days: its day; sums: ``[m, 1 + A]``; day_base: a number above every day.
     """
-    uniques, code = [], np.zeros(len(days), dtype=np.int64)
-    total = 1
-    for v in values:
-        inv, uniq = pd.factorize(v, sort=True)
-        uniques.append(np.asarray(uniq))
-        total *= max(len(uniq), 1)
-        code = code * len(uniq) + inv.astype(np.int64)
-    if total * day_base >= 2**62:
-        raise DataError(f"history group {name}: too many key combinations ({total}) to encode")
-    comb = code * day_base + np.asarray(days, dtype=np.int64)
+    uniques, comb = _encode_keys(name, values, days, day_base)
     inv, uc = pd.factorize(comb, sort=True)  # (key, day) pairs may repeat across partial sums
     uc = np.asarray(uc)
     merged = np.zeros((len(uc), sums.shape[1]), dtype=np.float64)
     for j in range(sums.shape[1]):
         merged[:, j] = np.bincount(inv, weights=sums[:, j], minlength=len(uc))
-    prefix = np.zeros((len(uc) + 1, merged.shape[1]), dtype=np.float64)
-    np.cumsum(merged, axis=0, out=prefix[1:])
-    return HistoryGroup(name, keys, uniques, day_base, uc, prefix)
+    return _group(name, keys, uniques, day_base, uc, merged)
 
 
 def history_feature_names(group: str, windows: list[int], actions: list[str], stats: list[str], unit: str = "d") -> list[str]:
