@@ -31,9 +31,13 @@ Phases (each a function below):
    (:func:`pipeline.transforms.buckets.edges_from_parts`; ties take a round more).
 
 Bad input: a range only sees its own rows, so it cannot count a problem over a whole file as
-the messages do ("...; 3 such row(s)"). When any phase finds bad input, the reference builder
-(:func:`pipeline.preprocess.build_reference`) is run on the same files and raises the error,
-worded exactly as always (an error path: it reads the files in this process).
+the messages do ("...; 3 such row(s)"). A read check (a value that is no integer, a NaN, an
+empty value, ...: :data:`pipeline.preprocess.READ_CHECKS`) is worded by the driver from every
+piece's first failure (:func:`read_error`: the check the reference makes first among the failed
+ones, its first row and its count over the file), with no file read in the driver. When a later
+phase finds bad input, the reference builder (:func:`pipeline.preprocess.build_reference`) is
+run on the same files and raises the error, worded exactly as always (an error path: it reads
+the files in this process).
 """
 
 from __future__ import annotations
@@ -74,6 +78,11 @@ OUTSIDE = 3  # split-code slot of rows outside every split in per-split counts
 
 class BadInput(Exception):
     """The distributed builder found bad input; the reference builder words the error."""
+
+
+class FileReadError(pp.RowCheckError):
+    """A read check's error worded over whole files from the pieces' failures (:func:`read_error`):
+    the reference builder's error, without running it."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -174,18 +183,12 @@ def main_types(cfg: DatasetConfig, raw: Path) -> dict[str, pa.DataType]:
     return types
 
 
-def read_piece(piece: Piece, raw: Path, cfg: DatasetConfig, types: dict[str, pa.DataType]) -> tuple[pa.Table, int]:
-    """One piece as a block and its number of rows: the needed main columns (typed as the main
-    file's), ``_row`` (the 1-based data row in the piece; :func:`_finish_block` adds the rows of
-    the file before it), ``_source``, labels and unlisted-label flags. A piece without data
-    rows (a range of blank lines, an empty row group) gives an empty table.
+def _read_checked(piece: Piece, path: Path, fc: FileConfig) -> pa.Table:
+    """The piece's rows, typed and value-checked (an empty table when it has none).
 
     Raises:
-        DataError: as :func:`pipeline.preprocess.read_source` and the label checks (row
-            numbers and counts of this piece only: the reference builder words the error).
+        RowCheckError: a read check failed (rows of this piece).
     """
-    fc = row_files(cfg)[piece.source]
-    path = Path(piece.path)
     try:
         if path.suffix == ".parquet":
             table = pp._read_parquet(path, fc, row_group=piece.start)
@@ -196,9 +199,59 @@ def read_piece(piece: Piece, raw: Path, cfg: DatasetConfig, types: dict[str, pa.
                 table = pp._read_csv(path, fc, header + fh.read(piece.end - piece.start))
     except OSError as exc:
         raise DataError(f"{path}: cannot read file: {exc.strerror or exc}") from None
+    return table if table.num_rows == 0 else pp._check_values(path, fc, table)
+
+
+@dataclass(frozen=True)
+class ReadFailure:
+    """The first read check (:data:`pipeline.preprocess.READ_CHECKS`) a piece failed.
+
+    Args:
+        source: the piece's file (index in :func:`row_files`); column: the column checked;
+        problem: the check; row: the first failing row in the piece (1-based); count: failing
+        rows in the piece; value, show_value: that row's value and whether the message shows it;
+        rows: the piece's data rows (for the row offsets of the pieces after it).
+    """
+
+    source: int
+    column: str
+    problem: str
+    row: int
+    count: int
+    value: Any
+    show_value: bool
+    rows: int
+
+    def order(self, cfg: DatasetConfig) -> tuple[int, int, int, int]:
+        """Where the reference builder, reading whole files, makes this check: by file, then
+        stage (converting, then checking values), column, check."""
+        stage, check = pp.READ_CHECKS[self.problem]
+        return self.source, stage, list(row_files(cfg)[self.source].columns).index(self.column), check
+
+
+def read_piece(piece: Piece, raw: Path, cfg: DatasetConfig, types: dict[str, pa.DataType]) -> tuple[pa.Table, int | ReadFailure]:
+    """One piece as a block and its number of rows: the needed main columns (typed as the main
+    file's), ``_row`` (the 1-based data row in the piece; :func:`_finish_block` adds the rows of
+    the file before it), ``_source``, labels and unlisted-label flags. A piece without data
+    rows (a range of blank lines, an empty row group) gives an empty table. A piece that fails
+    a read check gives an empty table and the :class:`ReadFailure` (:func:`read_rows` words the
+    error over every piece of the file).
+
+    Raises:
+        DataError: the label checks (row numbers and counts of this piece only: the reference
+            builder words the error).
+    """
+    fc = row_files(cfg)[piece.source]
+    path = Path(piece.path)
+    try:
+        table = _read_checked(piece, path, fc)
+    except pp.RowCheckError as exc:
+        if exc.problem not in pp.READ_CHECKS:
+            raise
+        return pa.table({}), ReadFailure(piece.source, exc.column, exc.problem, exc.row, exc.count, exc.value,
+                                         exc.show_value, exc.rows_checked)
     if table.num_rows == 0:
         return pa.table({}), 0
-    table = pp._check_values(path, fc, table)
     n = table.num_rows
     rows = pp._np(table["_row"])
     cols: dict[str, pa.Array] = {}
@@ -234,6 +287,7 @@ def read_rows(cfg: DatasetConfig, raw: Path, pieces: list[Piece]) -> tuple[list[
     DataError (Ray Data wraps a UDF's exception in one that drops its class).
 
     Raises:
+        FileReadError: a read check failed, worded over whole files (:func:`read_error`).
         BadInput: a file without data rows.
     """
     import ray
@@ -242,6 +296,8 @@ def read_rows(cfg: DatasetConfig, raw: Path, pieces: list[Piece]) -> tuple[list[
     types = main_types(cfg, raw)
     outs = [task.remote(p, raw, cfg, types) for p in pieces]
     counts = ray.get([n for _, n in outs])
+    if any(isinstance(n, ReadFailure) for n in counts):
+        raise read_error(cfg, pieces, counts)
     refs, offsets, before = [], [], [0] * len(row_files(cfg))
     for piece, (ref, _), n in zip(pieces, outs, counts):
         if n:
@@ -251,6 +307,28 @@ def read_rows(cfg: DatasetConfig, raw: Path, pieces: list[Piece]) -> tuple[list[
     if not all(before):
         raise BadInput("a file without data rows")
     return refs, offsets
+
+
+def read_error(cfg: DatasetConfig, pieces: list[Piece], counts: list[int | ReadFailure]) -> FileReadError:
+    """The error the reference builder raises for these pieces' read failures, from the pieces
+    alone: the check it makes first among those that failed (:meth:`ReadFailure.order`) fails
+    nowhere before, so its failing rows are those of the pieces whose first failure it is.
+
+    Args:
+        pieces: every piece, in file order; counts: per piece its rows or its failure.
+    """
+    before = [0] * len(row_files(cfg))
+    placed: list[tuple[ReadFailure, int]] = []  # each failure with the rows of its file before its piece
+    for piece, n in zip(pieces, counts):
+        if isinstance(n, ReadFailure):
+            placed.append((n, before[piece.source]))
+        before[piece.source] += n.rows if isinstance(n, ReadFailure) else n
+    first = min(f.order(cfg) for f, _ in placed)
+    same = [(f, offset) for f, offset in placed if f.order(cfg) == first]
+    f, offset = min(same, key=lambda p: p[1] + p[0].row)
+    path = Path(next(p.path for p in pieces if p.source == f.source))
+    return FileReadError(path, f.column, f.problem, offset + f.row, sum(g.count for g, _ in same), f.value,
+                         f.show_value, before[f.source])
 
 
 # --------------------------------------------------------------------------------------------
@@ -750,6 +828,8 @@ def build_distributed(cfg: DatasetConfig, raw: Path, tmp: Path, ray_num_cpus: in
         return report
     try:
         return _build(cfg, raw, tmp, ray_num_cpus, ray_address, object_store_memory, piece_bytes or PIECE_BYTES)
+    except FileReadError:  # a read check, worded over whole files by read_rows
+        raise
     except Exception as exc:  # noqa: BLE001 - bad input found in a task or the driver
         found = _unwrap(exc)
         if found is None:

@@ -7,6 +7,7 @@ ranges, ordered splits from counts, combined moments, history tables from partia
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -158,6 +159,43 @@ def test_blank_lines_across_ranges_keep_row_numbers(tiny_raw: Path, tmp_path: Pa
     with pytest.raises(DataError) as ref:
         preprocess(cfg, raw, tmp_path / "bad", engine="reference")
     assert str(new.value) == str(ref.value) and "such row(s)" in str(new.value)
+
+
+@pytest.mark.parametrize("edits, expected", [
+    # converting: 'userid' (the first column) fails in two pieces, 'feedid' in an earlier row:
+    # the reference converts userid first, so userid's first row and count over the file
+    ({9000: (0, "y"), 5000: (0, "x"), 50: (1, "1.5"), 100: (3, "")}, r"column 'userid', row 5000 .*'x'\); 2 such"),
+    # no conversion error: the value checks, an empty 'device' in three pieces
+    ({12000: (3, ""), 100: (3, ""), 700: (3, "")}, r"column 'device', row 100 .*empty value; 3 such"),
+])
+def test_a_read_check_is_worded_over_the_whole_file_without_the_reference(
+        tiny_raw: Path, tmp_path: Path, ray_session, monkeypatch: pytest.MonkeyPatch,
+        edits: dict[int, tuple[int, str]], expected: str) -> None:
+    """Bad values in several ranges of a file: the distributed builder's error equals the
+    reference builder's (first failing row, line, value, count over the file) and comes from the
+    pieces' failures: the reference builder is not run."""
+    raw = tmp_path / "raw"
+    shutil.copytree(tiny_raw, raw)
+    (raw / "_GENERATED.json").unlink()
+    lines = (raw / "user_action.csv").read_text().split("\n")
+    for row, (col, value) in edits.items():
+        fields = lines[row].split(",")
+        fields[col] = value
+        lines[row] = ",".join(fields)
+    (raw / "user_action.csv").write_text("\n".join(lines))
+    cfg = load_config(DatasetConfig, CONFIGS / "wechat.yaml")
+    with pytest.raises(DataError) as ref:
+        preprocess(cfg, raw, tmp_path / "ref", engine="reference")
+    assert len(re.findall(expected, str(ref.value))) == 1, str(ref.value)
+
+    def no_reference(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the reference builder ran")
+
+    monkeypatch.setattr(dist, "PIECE_BYTES", 20_000)  # ~50 ranges: the bad rows in different ones
+    monkeypatch.setattr(dist.pp, "build_reference", no_reference)
+    with pytest.raises(DataError) as new:
+        preprocess(cfg, raw, tmp_path / "new")
+    assert str(new.value) == str(ref.value)
 
 
 def test_pieces_count_their_rows_and_blank_ranges_are_empty(tiny_raw: Path, tmp_path: Path) -> None:
