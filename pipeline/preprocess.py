@@ -620,13 +620,15 @@ def label_matrix(cfg: DatasetConfig, main_t: pa.Table, main_path: Path, main_row
     return labels
 
 
+def missing_key_message(key: str, side_path: Path, path: Path, row: int, value: Any, count: int) -> str:
+    """``file: column 'key', row r (line l): value v has no row in side_path; n such row(s)``."""
+    return (f"{_where(path, key, row, path.suffix != '.parquet')}: value {_py(value)!r} has no row in {side_path}; "
+            f"{count} such row(s)")
+
+
 def _fail_missing_key(key: str, side_path: Path, missing: np.ndarray, values: np.ndarray, sources: list[Path], src: np.ndarray, rows: np.ndarray) -> None:
     i = _first_bad(missing)
-    p = sources[int(src[i])]
-    raise DataError(
-        f"{_where(p, key, int(rows[i]), p.suffix != '.parquet')}: value {_py(values[i])!r} has no row in {side_path}; "
-        f"{int(missing.sum())} such row(s)"
-    )
+    raise DataError(missing_key_message(key, side_path, sources[int(src[i])], int(rows[i]), values[i], int(missing.sum())))
 
 
 MARKER = "_PREPROCESSED.json"  # this tool's mark on its output: only such a folder is replaced

@@ -34,8 +34,8 @@ Bad input: a range only sees its own rows, so it cannot count a problem over a w
 the messages do ("...; 3 such row(s)"). A read check (a value that is no integer, a NaN, an
 empty value, ...: :data:`pipeline.preprocess.READ_CHECKS`) is worded by the driver from every
 piece's first failure (:func:`read_error`: the check the reference makes first among the failed
-ones, its first row and its count over the file), with no file read in the driver. When a later
-phase finds bad input, the reference builder (:func:`pipeline.preprocess.build_reference`) is
+ones, its first row and its count over the file), with no file read in the driver; so is a key
+without its side-table row (:func:`check_side_matches`). When another check finds bad input, the reference builder (:func:`pipeline.preprocess.build_reference`) is
 run on the same files and raises the error, worded exactly as always (an error path: it reads
 the files in this process).
 """
@@ -80,9 +80,13 @@ class BadInput(Exception):
     """The distributed builder found bad input; the reference builder words the error."""
 
 
-class FileReadError(pp.RowCheckError):
-    """A read check's error worded over whole files from the pieces' failures (:func:`read_error`):
-    the reference builder's error, without running it."""
+class WordedError(DataError):
+    """Bad input worded over the whole input from the tasks' parts, as the reference builder
+    words it, without running it."""
+
+
+class FileReadError(WordedError, pp.RowCheckError):
+    """A read check's error from the pieces' failures (:func:`read_error`)."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -490,10 +494,15 @@ def _scan_block(block: pa.Table, ctx: RowsContext) -> dict[str, Any]:
     what the split and the history tables need."""
     cfg = ctx.cfg
     pos = ctx.positions(block)
-    out: dict[str, Any] = {"missing": [int((p < 0).sum()) for p in pos]}
-    for sc, p in zip(cfg.side_tables, pos):
+    out: dict[str, Any] = {"missing": [int((p < 0).sum()) for p in pos], "first_missing": []}
+    for sc, p in zip(cfg.side_tables, pos):  # rows of one file, in file order: the first is the block's first
+        first = None
         if sc.on_missing == "error" and (p < 0).any():
-            raise BadInput(f"{sc.path}: rows without a {sc.key} match")
+            i = int(np.flatnonzero(p < 0)[0])
+            first = (int(block["_source"][i].as_py()), int(block["_row"][i].as_py()), block[sc.key][i].as_py())
+        out["first_missing"].append(first)  # (source, row, key value): check_side_matches words the error
+    if any(f is not None for f in out["first_missing"]):
+        return out  # the driver raises on it: no more of this block is used (nor valid without side rows)
     days = ctx.days(block, pos)
     if days is not None:
         if len(days) and days.min() < 0:
@@ -504,6 +513,23 @@ def _scan_block(block: pa.Table, ctx: RowsContext) -> dict[str, Any]:
         if cfg.split.kind == "ordered":
             out["times"] = np.unique(days[labelled], return_counts=True)
     return out
+
+
+def check_side_matches(cfg: DatasetConfig, raw: Path, scans: list[dict[str, Any]]) -> None:
+    """Every row has its side-table row where ``on_missing: error``; else the reference builder's
+    error from the blocks' scans: the first side table with a missing key, the first such row
+    in file order, the count over all rows.
+
+    Raises:
+        WordedError: a key without a side row.
+    """
+    for k, sc in enumerate(cfg.side_tables):
+        firsts = [s["first_missing"][k] for s in scans if s["first_missing"][k] is not None]
+        if firsts:
+            source, row, value = min(firsts, key=lambda f: (f[0], f[1]))
+            path = raw / row_files(cfg)[source].path
+            count = sum(s["missing"][k] for s in scans)
+            raise WordedError(pp.missing_key_message(sc.key, raw / sc.path, path, row, value, count))
 
 
 # --------------------------------------------------------------------------------------------
@@ -537,6 +563,9 @@ def _fit_block(block: pa.Table, ctx: RowsContext) -> tuple[Any, ...]:
     per history group, its partial sums."""
     cfg = ctx.cfg
     scan = _scan_block(block, ctx)
+    if any(f is not None for f in scan["first_missing"]):  # keys without side rows: the driver raises
+        empty = [pa.table({}) for _ in (cfg.history.keys if cfg.history else [])]
+        return ({"scan": scan, "side": []}, *empty) if empty else {"scan": scan, "side": []}
     pos = ctx.positions(block)
     days = ctx.days(block, pos)
     split = ctx.split(block, days)
@@ -828,7 +857,7 @@ def build_distributed(cfg: DatasetConfig, raw: Path, tmp: Path, ray_num_cpus: in
         return report
     try:
         return _build(cfg, raw, tmp, ray_num_cpus, ray_address, object_store_memory, piece_bytes or PIECE_BYTES)
-    except FileReadError:  # a read check, worded over whole files by read_rows
+    except WordedError:  # worded over the whole input already (read checks, side-table matches)
         raise
     except Exception as exc:  # noqa: BLE001 - bad input found in a task or the driver
         found = _unwrap(exc)
@@ -868,7 +897,9 @@ def _build(cfg: DatasetConfig, raw: Path, tmp: Path, ray_num_cpus: int | None, r
     t = tick("read_side", t)
     if cfg.split.kind == "ordered":  # the split needs every block's times first
         ctx_ref = ray.put(ctx)
-        _set_split_rule(cfg, ctx, ray.get([ray.remote(_scan_block).remote(r, ctx_ref) for r in refs]), report)
+        scans = ray.get([ray.remote(_scan_block).remote(r, ctx_ref) for r in refs])
+        check_side_matches(cfg, raw, scans)
+        _set_split_rule(cfg, ctx, scans, report)
         t = tick("scan", t)
     fit = _fit(cfg, ctx, refs, sides, side_meta, raw, tmp, report)
     del sides  # the raw side tables: encoded copies are in the fitted objects; free the object store
@@ -958,6 +989,7 @@ def _fit(cfg: DatasetConfig, ctx: RowsContext, refs: list[Any], sides: list[tupl
             side_sums[i][1] = side_sums[i][1] + missing
         parts.append(part)
     scans = [p.pop("scan") for p in parts]
+    check_side_matches(cfg, raw, scans)
     counts = _combine_counts(cfg, parts, scans, side_meta, raw, report)
     artifacts = tmp / "artifacts"
     artifacts.mkdir()

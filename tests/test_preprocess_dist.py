@@ -183,7 +183,32 @@ def test_a_read_check_is_worded_over_the_whole_file_without_the_reference(
         fields[col] = value
         lines[row] = ",".join(fields)
     (raw / "user_action.csv").write_text("\n".join(lines))
-    cfg = load_config(DatasetConfig, CONFIGS / "wechat.yaml")
+    _assert_worded_without_reference(raw, tmp_path, monkeypatch, expected, [])
+
+
+@pytest.mark.parametrize("sets", [[], ["history=null"]])
+def test_a_key_without_its_side_row_is_worded_over_the_whole_input_without_the_reference(
+        tiny_raw: Path, tmp_path: Path, ray_session, monkeypatch: pytest.MonkeyPatch, sets: list[str]) -> None:
+    """Feeds missing from feed_info.csv, used in many ranges of user_action.csv and in test_a.csv:
+    the first such row in file order, its value and the count over all rows, as the reference."""
+    raw = tmp_path / "raw"
+    shutil.copytree(tiny_raw, raw)
+    (raw / "_GENERATED.json").unlink()
+    actions = pd.read_csv(raw / "user_action.csv", usecols=["feedid"])["feedid"]
+    gone = {int(actions.iloc[i]) for i in (100, 5000, 12000)}
+    feeds = (raw / "feed_info.csv").read_text().split("\n")
+    (raw / "feed_info.csv").write_text("\n".join([feeds[0], *(f for f in feeds[1:] if int(f.split(",")[0] or -1) not in gone)]))
+    first = int(np.flatnonzero(actions.isin(gone))[0]) + 1
+    _assert_worded_without_reference(raw, tmp_path, monkeypatch, rf"user_action.csv: column 'feedid', row {first} "
+                                     rf"\(line {first + 1}\): value {int(actions.iloc[first - 1])} has no row in .*feed_info.csv; \d+ such",
+                                     sets)
+
+
+def _assert_worded_without_reference(raw: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, expected: str,
+                                     sets: list[str]) -> None:
+    """The reference builder's error matches ``expected``; the distributed builder raises the same
+    text without running the reference builder (wechat.yaml with ``sets``)."""
+    cfg = load_config(DatasetConfig, CONFIGS / "wechat.yaml", sets)
     with pytest.raises(DataError) as ref:
         preprocess(cfg, raw, tmp_path / "ref", engine="reference")
     assert len(re.findall(expected, str(ref.value))) == 1, str(ref.value)
