@@ -101,8 +101,12 @@ def rank_shards(files: list[Path], world_size: int) -> list[Any]:
     the tasks take well under a second.
     """
     import ray
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-    task = ray.remote(_rank_parts).options(num_returns=world_size, num_cpus=INGEST_CPUS)
+    # outside any placement group: inside a Tune trial the trial's group would capture the tasks
+    # (and it holds no CPU for them)
+    free = PlacementGroupSchedulingStrategy(placement_group=None)
+    task = ray.remote(_rank_parts).options(num_returns=world_size, num_cpus=INGEST_CPUS, scheduling_strategy=free)
     outs = [task.remote(str(f), world_size) for f in files]
     per_file = [o if world_size > 1 else [o] for o in outs]
     return [ray.data.from_arrow_refs([parts[r] for parts in per_file]) for r in range(world_size)]
