@@ -118,6 +118,23 @@ class EarlyStoppingConfig(Strict):
     min_delta: float = Field(0.0, ge=0)
 
 
+class WeightAverageConfig(Strict):
+    """A running average of the parameters (:class:`mtl.averaging.WeightAverage`) that is
+    evaluated, early-stopped on, restored as the best weights and saved in place of the last
+    weights (``train.weight_average``).
+
+    Args:
+        kind: ``ema`` (``avg <- decay * avg + (1 - decay) * p`` after each step) or ``swa``
+            (the plain mean of the parameters after each step).
+        decay: the EMA's decay per optimizer step (its window is about ``1 / (1 - decay)`` steps).
+        start_step: average only the steps after this one (evaluations before read the live weights).
+    """
+
+    kind: Literal["ema", "swa"] = "ema"
+    decay: float = Field(0.999, gt=0, lt=1)
+    start_step: int = Field(0, ge=0)
+
+
 class TrainConfig(Strict):
     """Everything a training run depends on besides the data (logged with the run)."""
 
@@ -149,6 +166,8 @@ class TrainConfig(Strict):
     #: evaluate (early stopping, best weights) on a hashed part of the validation rows only and
     #: hold the rest out for the report (pipeline.train.holdout); None = select on every row
     valid_holdout: ValidHoldoutConfig | None = None
+    #: evaluate and keep a running average of the weights instead of the last ones; None = off
+    weight_average: WeightAverageConfig | None = None
 
     def model_spec(self, spec: FeatureSpec) -> FeatureSpec:
         """The data's spec with this run's numeric encodings (what the model is built from and
