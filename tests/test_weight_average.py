@@ -158,3 +158,24 @@ def test_resume_with_an_average_needs_one_in_the_checkpoint(tmp_path):
     state = build(_average_cfg(), _spec())
     with pytest.raises(ValueError, match="no weight average"):
         load_state(tmp_path / "state.pt", state)
+
+
+# ------------------------------------------------------------------ learning rate cut on plateau
+
+
+def test_lr_plateau_cuts_every_patience_stalled_evaluations():
+    """Scores 0.5, 0.7, 0.6, 0.65, 0.8, 0.7, 0.7, 0.7, NaN; patience 2, factor 0.5, min_lr 0.02,
+    lr 0.05. Evaluations since the best: 0, 0, 1, 2 (cut: 0.025), 0, 1, 2 (cut: 0.0125, held at
+    min_lr 0.02), 3 (no cut), and a NaN score (not counted, no cut)."""
+    state, shard = _loop(epochs=3, eval_every_steps=1, lr_plateau={"factor": 0.5, "patience": 2, "min_lr": 0.02})
+    scores = iter([0.5, 0.7, 0.6, 0.65, 0.8, 0.7, 0.7, 0.7, float("nan")])
+    lrs = []
+
+    def evaluate(s):
+        lrs.append(s.optimizers[0].param_groups[0]["lr"])  # the rate the last step used
+        return {"valid/score": next(scores)}
+
+    fit(state, shard.epoch, LoopHooks(evaluate=evaluate))
+    assert lrs == pytest.approx([0.05] * 4 + [0.025] * 3 + [0.02] * 2)
+    assert state.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.02)
+    assert state.extra["lr_cuts"] == 2

@@ -110,6 +110,22 @@ class ValidHoldoutConfig(Strict):
     salt: int = Field(0, ge=0)
 
 
+class LrPlateauConfig(Strict):
+    """Multiply every learning rate by ``factor`` each time ``patience`` evaluations in a row
+    have not improved the early-stopping metric (``train.lr_plateau``; "reduce on plateau").
+
+    Args:
+        factor: the multiplier (e.g. 0.5 halves the learning rates).
+        patience: evaluations without improvement before each cut (< early stopping's patience,
+            so the run trains on at the lower rate before it stops).
+        min_lr: no learning rate is cut below this.
+    """
+
+    factor: float = Field(0.5, gt=0, lt=1)
+    patience: int = Field(1, ge=1)
+    min_lr: float = Field(0.0, ge=0)
+
+
 class EarlyStoppingConfig(Strict):
     """Stop when the validation score has not improved for ``patience`` evaluations."""
 
@@ -168,6 +184,8 @@ class TrainConfig(Strict):
     valid_holdout: ValidHoldoutConfig | None = None
     #: evaluate and keep a running average of the weights instead of the last ones; None = off
     weight_average: WeightAverageConfig | None = None
+    #: cut the learning rates when the early-stopping metric stalls; None = constant rates
+    lr_plateau: LrPlateauConfig | None = None
 
     def model_spec(self, spec: FeatureSpec) -> FeatureSpec:
         """The data's spec with this run's numeric encodings (what the model is built from and

@@ -124,10 +124,27 @@ def _evaluate(state: TrainState, hooks: LoopHooks, stop: "_EarlyStop", result: F
     metrics = dict(hooks.evaluate(state))
     metrics["step"], metrics["epoch"] = float(state.step), float(state.epoch)
     is_best = stop.update(state, metrics)
+    score = metrics.get(stop.metric)
+    if not is_best and score is not None and not math.isnan(score):
+        _cut_lr_on_plateau(state)
     state.extra["last_eval_step"] = state.step
     result.evaluations.append(metrics)
     hooks.on_eval(state, metrics, is_best)
     state.extra["_eval_time"] = state.extra.get("_eval_time", 0.0) + time.perf_counter() - started
+
+
+def _cut_lr_on_plateau(state: TrainState) -> None:
+    """``train.lr_plateau``: every ``patience`` evaluations in a row without a new best, all
+    learning rates times ``factor`` (at least ``min_lr``). The rates live in the optimizers'
+    param groups, so checkpoints carry them; the metrics are the same on every rank, so is the cut."""
+    plateau = state.cfg.lr_plateau
+    since = state.extra.get("evals_since_best", 0)
+    if plateau is None or since == 0 or since % plateau.patience:
+        return
+    for opt in state.optimizers:
+        for group in opt.param_groups:
+            group["lr"] = max(group["lr"] * plateau.factor, plateau.min_lr)
+    state.extra["lr_cuts"] = state.extra.get("lr_cuts", 0) + 1
 
 
 class _EarlyStop:
