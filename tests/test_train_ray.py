@@ -24,6 +24,8 @@ BASE = [
     "train.batch_size=512", "train.epochs=2", "train.optimizer.lr=0.01", "train.log_every=3", "train.strategy.name=pcgrad",
     "train.sync=global", "train.precision=float32", "scaling.num_workers=2", "scaling.placement_strategy=SPREAD",
     "scaling.cpus_per_worker=0.5", "failure.max_failures=1", "checkpoint.num_to_keep=3",
+    # evaluated on a weight average, which the killed worker's resume must carry on
+    "train.weight_average={kind: ema, decay: 0.9}",
 ]
 
 
