@@ -137,7 +137,8 @@ class EarlyStoppingConfig(Strict):
 class WeightAverageConfig(Strict):
     """A running average of the parameters (:class:`mtl.averaging.WeightAverage`) that is
     evaluated, early-stopped on, restored as the best weights and saved in place of the last
-    weights (``train.weight_average``).
+    weights (``train.weight_average``). Costs a copy of the model (embedding tables included)
+    and one pass over all its parameters per step.
 
     Args:
         kind: ``ema`` (``avg <- decay * avg + (1 - decay) * p`` after each step) or ``swa``
