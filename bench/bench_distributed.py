@@ -144,19 +144,18 @@ def write_bench_parquet(d: Path) -> Path:
 
 
 def run_once(steps: int, warmup: int, precision: str, tmp: Path) -> dict[str, float]:
-    import ray
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from pipeline.train.ray_train import INGEST_CPUS, RankShards, rank_shards
+    from pipeline.train.ray_train import RankShards, rank_shards
 
     out = tmp / f"result-{time.time_ns()}.json"
-    ds = ray.data.read_parquet(str(tmp / "train"), ray_remote_args={"num_cpus": INGEST_CPUS})
+    shards = rank_shards(sorted((tmp / "train").glob("*.parquet")), 2)
     trainer = TorchTrainer(
         worker, train_loop_config={"steps": steps, "warmup": warmup, "precision": precision, "out": str(out)},
         scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.75}),
         run_config=RunConfig(name=f"bench-{time.time_ns()}", storage_path=str(tmp / "ray")),
-        datasets={"train": ds}, dataset_config=RankShards({"train": rank_shards(ds, 2)}),
+        datasets={"train": shards[0]}, dataset_config=RankShards({"train": shards}),
     )
     trainer.fit()
     return json.loads(out.read_text())["medians"]

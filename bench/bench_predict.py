@@ -9,7 +9,10 @@
 - ``ray_cluster``: the same joining a Ray head started once by this script (``--address``, how a
   cluster user runs it; each run connects and disconnects);
 - ``cli``: ``python -m pipeline predict`` as a subprocess (interpreter, imports and a local Ray
-  included): the issue's "<= 60 s" target.
+  included): the issue's "<= 60 s" target;
+- ``ray_floor``: a new interpreter that starts a local Ray as ``predict`` does, runs a Ray Data
+  ``map_batches`` with a callable class on as many actors over as many tiny blocks, and shuts
+  Ray down: no model, no torch, no scoring. What any Ray Data command pays before its work.
 
 Ray's workers run at the bench's own niceness (``RAY_worker_niceness=0``, as Ray's job server
 sets for jobs; Ray's default is +15): on a shared machine the scoring actors and the in-process
@@ -95,6 +98,32 @@ def in_process(model_uri: str, input_path: str, out: Path) -> tuple[dict[str, fl
     return t, probs
 
 
+class _Identity:
+    """A callable class that does nothing (``ray_floor``'s map_batches)."""
+
+    def __call__(self, batch: "pa.Table") -> "pa.Table":
+        return batch
+
+
+def ray_floor(num_cpus: int) -> None:
+    """Ray's fixed cost for a batch command: a local Ray started as ``predict`` starts it, a Ray
+    Data ``map_batches`` with a callable class on ``num_cpus`` actors over ``4 * num_cpus`` blocks
+    of 10 rows (the block count ``predict`` cuts), shutdown."""
+    import pyarrow as pa
+    import ray
+
+    from pipeline.predict import BLOCKS_PER_ACTOR
+    from pipeline.ray_runtime import ensure_ray
+
+    ensure_ray(num_cpus=num_cpus)
+    blocks = [pa.table({"x": np.arange(10)}) for _ in range(BLOCKS_PER_ACTOR * num_cpus)]
+    pool = ray.data.ActorPoolStrategy(size=num_cpus, max_tasks_in_flight_per_actor=1)
+    ds = ray.data.from_arrow(blocks).map_batches(_Identity, batch_size=None, batch_format="pyarrow", compute=pool, num_cpus=1)
+    rows = sum(b.num_rows for b in ds.iter_batches(batch_format="pyarrow", batch_size=None))
+    assert rows == 10 * len(blocks), rows
+    ray.shutdown()
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", required=True)
@@ -105,12 +134,16 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=1, help="rounds run first and not counted")
     p.add_argument("--batch-size", type=int, default=None, help="predict's --batch-size (default: its own)")
     p.add_argument("--skip", nargs="*", default=[],
-                   help="set-ups left out (in_process in_process_fresh ray_local ray_cluster cli)")
+                   help="set-ups left out (in_process in_process_fresh ray_local ray_cluster cli ray_floor)")
     p.add_argument("--in-process-to", default=None, help=argparse.SUPPRESS)  # in_process_fresh's child
+    p.add_argument("--floor-child", action="store_true", help=argparse.SUPPRESS)  # ray_floor's child
     args = p.parse_args()
     os.environ["MLFLOW_TRACKING_URI"] = args.tracking_uri
     if args.in_process_to:
         in_process(args.model, args.input, Path(args.in_process_to))
+        return
+    if args.floor_child:
+        ray_floor(args.num_cpus)
         return
     import mlflow
     import ray
@@ -147,23 +180,32 @@ def main() -> None:
             subprocess.run(cmd, check=True, env={**os.environ, "PYTHONPATH": str(REPO)}, cwd=REPO, stdout=subprocess.DEVNULL)
             return {"total": time.perf_counter() - t0}
 
+        def floor() -> dict[str, float]:
+            cmd = [sys.executable, __file__, "--model", args.model, "--tracking-uri", args.tracking_uri,
+                   "--input", args.input, "--num-cpus", str(args.num_cpus), "--floor-child"]
+            env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+            t0 = time.perf_counter()
+            subprocess.run(cmd, check=True, env={**env, "PYTHONPATH": str(REPO)}, cwd=REPO, stdout=subprocess.DEVNULL)
+            return {"total": time.perf_counter() - t0}
+
         def in_proc() -> dict[str, float]:
             t, reference["probs"] = in_process(args.model, args.input, sub)
             return t
 
         setups: dict[str, Callable[[], dict[str, float]]] = {
             "in_process": in_proc, "in_process_fresh": fresh, "ray_local": lambda: ray_run(None),
-            "ray_cluster": lambda: ray_run(address), "cli": cli}
+            "ray_cluster": lambda: ray_run(address), "cli": cli, "ray_floor": floor}
         setups = {k: f for k, f in setups.items() if k not in args.skip}
         for r in range(args.warmup + args.repeats):
             for name, fn in setups.items():
                 load = os.getloadavg()[0]
                 timings = fn()
-                check = pd.read_csv(sub)
-                if "probs" in reference:
-                    probs = check.iloc[:, 2:].to_numpy()
-                    timings["max_abs_diff_vs_in_process"] = float(np.abs(probs - reference["probs"]).max())
-                out["rows"] = len(check)
+                if name != "ray_floor":  # the floor writes no submission
+                    check = pd.read_csv(sub)
+                    if "probs" in reference:
+                        probs = check.iloc[:, 2:].to_numpy()
+                        timings["max_abs_diff_vs_in_process"] = float(np.abs(probs - reference["probs"]).max())
+                    out["rows"] = len(check)
                 out["runs"].append({"round": r, "warmup": r < args.warmup, "setup": name, "load_avg_1m": load,
                                     **{k: round(v, 3) for k, v in timings.items()}})
                 print(json.dumps(out["runs"][-1]), file=sys.stderr, flush=True)

@@ -133,15 +133,52 @@ def _first_bad(mask: np.ndarray) -> int:
     return int(np.flatnonzero(mask)[0])
 
 
+class RowCheckError(DataError):
+    """A check of a file's column that some rows failed: the message names the file, the column,
+    the first failing row (its line for CSV files) and value, and counts the failing rows.
+
+    Carries its parts so that a distributed read, where each piece of a file sees its own rows
+    only, can word the same error for the whole file (:mod:`pipeline.preprocess_dist`).
+
+    Args:
+        path: the file; column: the column checked; problem: what is wrong, e.g. ``"NaN"``.
+        row: the first failing 1-based data row (of the rows checked); count: failing rows.
+        value: its value, shown when ``show_value``; rows_checked: rows the check saw.
+    """
+
+    def __init__(self, path: Path, column: str, problem: str, row: int, count: int, value: Any = None,
+                 show_value: bool = False, rows_checked: int = 0, locate: bool = True) -> None:
+        self.path, self.column, self.problem = Path(path), column, problem
+        self.row, self.count, self.value, self.show_value = int(row), int(count), _py(value), show_value
+        self.rows_checked = int(rows_checked)
+        super().__init__(self.message(locate))
+
+    def message(self, locate: bool = True) -> str:
+        """``file: column 'c', row r (line l): problem (value v); n such row(s)``; ``locate=False``
+        leaves out the line (found by scanning the file)."""
+        csv_file = self.path.suffix != ".parquet"
+        where = _where(self.path, self.column, self.row, csv_file) if locate else _where(self.path, self.column, None)
+        shown = f" (value {self.value!r})" if self.show_value else ""
+        return f"{where}: {self.problem}{shown}; {self.count} such row(s)"
+
+    def __reduce__(self) -> tuple[Any, ...]:  # picklable with its parts (Ray ships exceptions)
+        return (RowCheckError, (self.path, self.column, self.problem, self.row, self.count, self.value,
+                                self.show_value, self.rows_checked, False))
+
+
+#: the checks of reading a file, in the order :func:`_read_csv` / :func:`_check_values` make them
+#: over one column: while converting it (stage 0), then on its typed values (stage 1); a file's
+#: columns are converted one after another, then checked one after another
+READ_CHECKS: dict[str, tuple[int, int]] = {
+    "not valid UTF-8": (0, 0), "not an integer": (0, 1), "integer out of the int64 range": (0, 2),
+    "not a number": (0, 3), "NaN": (1, 0), "infinite value": (1, 1), "empty value": (1, 2),
+}
+
+
 def _raise_at(path: Path, column: str, rows: np.ndarray, bad: np.ndarray, problem: str, values: Any = None) -> None:
     i = _first_bad(bad)
-    value = values[i] if values is not None else None
-    value = value.item() if isinstance(value, np.generic) else value
-    shown = f" (value {value!r})" if values is not None else ""
-    n = int(bad.sum())
-    raise DataError(
-        f"{_where(path, column, int(rows[i]), path.suffix != '.parquet')}: {problem}{shown}; {n} such row(s)"
-    )
+    raise RowCheckError(path, column, problem, int(rows[i]), int(bad.sum()),
+                        values[i] if values is not None else None, values is not None, len(rows))
 
 
 def _convert_strings(arr: pa.ChunkedArray | pa.Array, kind: str, path: Path, column: str) -> pa.Array:
@@ -583,13 +620,15 @@ def label_matrix(cfg: DatasetConfig, main_t: pa.Table, main_path: Path, main_row
     return labels
 
 
+def missing_key_message(key: str, side_path: Path, path: Path, row: int, value: Any, count: int) -> str:
+    """``file: column 'key', row r (line l): value v has no row in side_path; n such row(s)``."""
+    return (f"{_where(path, key, row, path.suffix != '.parquet')}: value {_py(value)!r} has no row in {side_path}; "
+            f"{count} such row(s)")
+
+
 def _fail_missing_key(key: str, side_path: Path, missing: np.ndarray, values: np.ndarray, sources: list[Path], src: np.ndarray, rows: np.ndarray) -> None:
     i = _first_bad(missing)
-    p = sources[int(src[i])]
-    raise DataError(
-        f"{_where(p, key, int(rows[i]), p.suffix != '.parquet')}: value {_py(values[i])!r} has no row in {side_path}; "
-        f"{int(missing.sum())} such row(s)"
-    )
+    raise DataError(missing_key_message(key, side_path, sources[int(src[i])], int(rows[i]), values[i], int(missing.sum())))
 
 
 MARKER = "_PREPROCESSED.json"  # this tool's mark on its output: only such a folder is replaced

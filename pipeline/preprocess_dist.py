@@ -31,9 +31,13 @@ Phases (each a function below):
    (:func:`pipeline.transforms.buckets.edges_from_parts`; ties take a round more).
 
 Bad input: a range only sees its own rows, so it cannot count a problem over a whole file as
-the messages do ("...; 3 such row(s)"). When any phase finds bad input, the reference builder
-(:func:`pipeline.preprocess.build_reference`) is run on the same files and raises the error,
-worded exactly as always (an error path: it reads the files in this process).
+the messages do ("...; 3 such row(s)"). A read check (a value that is no integer, a NaN, an
+empty value, ...: :data:`pipeline.preprocess.READ_CHECKS`) is worded by the driver from every
+piece's first failure (:func:`read_error`: the check the reference makes first among the failed
+ones, its first row and its count over the file), with no file read in the driver; so is a key
+without its side-table row (:func:`check_side_matches`). When another check finds bad input, the reference builder (:func:`pipeline.preprocess.build_reference`) is
+run on the same files and raises the error, worded exactly as always (an error path: it reads
+the files in this process).
 """
 
 from __future__ import annotations
@@ -74,6 +78,15 @@ OUTSIDE = 3  # split-code slot of rows outside every split in per-split counts
 
 class BadInput(Exception):
     """The distributed builder found bad input; the reference builder words the error."""
+
+
+class WordedError(DataError):
+    """Bad input worded over the whole input from the tasks' parts, as the reference builder
+    words it, without running it."""
+
+
+class FileReadError(WordedError, pp.RowCheckError):
+    """A read check's error from the pieces' failures (:func:`read_error`)."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -174,18 +187,12 @@ def main_types(cfg: DatasetConfig, raw: Path) -> dict[str, pa.DataType]:
     return types
 
 
-def read_piece(piece: Piece, raw: Path, cfg: DatasetConfig, types: dict[str, pa.DataType]) -> tuple[pa.Table, int]:
-    """One piece as a block and its number of rows: the needed main columns (typed as the main
-    file's), ``_row`` (the 1-based data row in the piece; :func:`_finish_block` adds the rows of
-    the file before it), ``_source``, labels and unlisted-label flags. A piece without data
-    rows (a range of blank lines, an empty row group) gives an empty table.
+def _read_checked(piece: Piece, path: Path, fc: FileConfig) -> pa.Table:
+    """The piece's rows, typed and value-checked (an empty table when it has none).
 
     Raises:
-        DataError: as :func:`pipeline.preprocess.read_source` and the label checks (row
-            numbers and counts of this piece only: the reference builder words the error).
+        RowCheckError: a read check failed (rows of this piece).
     """
-    fc = row_files(cfg)[piece.source]
-    path = Path(piece.path)
     try:
         if path.suffix == ".parquet":
             table = pp._read_parquet(path, fc, row_group=piece.start)
@@ -196,9 +203,59 @@ def read_piece(piece: Piece, raw: Path, cfg: DatasetConfig, types: dict[str, pa.
                 table = pp._read_csv(path, fc, header + fh.read(piece.end - piece.start))
     except OSError as exc:
         raise DataError(f"{path}: cannot read file: {exc.strerror or exc}") from None
+    return table if table.num_rows == 0 else pp._check_values(path, fc, table)
+
+
+@dataclass(frozen=True)
+class ReadFailure:
+    """The first read check (:data:`pipeline.preprocess.READ_CHECKS`) a piece failed.
+
+    Args:
+        source: the piece's file (index in :func:`row_files`); column: the column checked;
+        problem: the check; row: the first failing row in the piece (1-based); count: failing
+        rows in the piece; value, show_value: that row's value and whether the message shows it;
+        rows: the piece's data rows (for the row offsets of the pieces after it).
+    """
+
+    source: int
+    column: str
+    problem: str
+    row: int
+    count: int
+    value: Any
+    show_value: bool
+    rows: int
+
+    def order(self, cfg: DatasetConfig) -> tuple[int, int, int, int]:
+        """Where the reference builder, reading whole files, makes this check: by file, then
+        stage (converting, then checking values), column, check."""
+        stage, check = pp.READ_CHECKS[self.problem]
+        return self.source, stage, list(row_files(cfg)[self.source].columns).index(self.column), check
+
+
+def read_piece(piece: Piece, raw: Path, cfg: DatasetConfig, types: dict[str, pa.DataType]) -> tuple[pa.Table, int | ReadFailure]:
+    """One piece as a block and its number of rows: the needed main columns (typed as the main
+    file's), ``_row`` (the 1-based data row in the piece; :func:`_finish_block` adds the rows of
+    the file before it), ``_source``, labels and unlisted-label flags. A piece without data
+    rows (a range of blank lines, an empty row group) gives an empty table. A piece that fails
+    a read check gives an empty table and the :class:`ReadFailure` (:func:`read_rows` words the
+    error over every piece of the file).
+
+    Raises:
+        DataError: the label checks (row numbers and counts of this piece only: the reference
+            builder words the error).
+    """
+    fc = row_files(cfg)[piece.source]
+    path = Path(piece.path)
+    try:
+        table = _read_checked(piece, path, fc)
+    except pp.RowCheckError as exc:
+        if exc.problem not in pp.READ_CHECKS:
+            raise
+        return pa.table({}), ReadFailure(piece.source, exc.column, exc.problem, exc.row, exc.count, exc.value,
+                                         exc.show_value, exc.rows_checked)
     if table.num_rows == 0:
         return pa.table({}), 0
-    table = pp._check_values(path, fc, table)
     n = table.num_rows
     rows = pp._np(table["_row"])
     cols: dict[str, pa.Array] = {}
@@ -234,6 +291,7 @@ def read_rows(cfg: DatasetConfig, raw: Path, pieces: list[Piece]) -> tuple[list[
     DataError (Ray Data wraps a UDF's exception in one that drops its class).
 
     Raises:
+        FileReadError: a read check failed, worded over whole files (:func:`read_error`).
         BadInput: a file without data rows.
     """
     import ray
@@ -242,6 +300,8 @@ def read_rows(cfg: DatasetConfig, raw: Path, pieces: list[Piece]) -> tuple[list[
     types = main_types(cfg, raw)
     outs = [task.remote(p, raw, cfg, types) for p in pieces]
     counts = ray.get([n for _, n in outs])
+    if any(isinstance(n, ReadFailure) for n in counts):
+        raise read_error(cfg, pieces, counts)
     refs, offsets, before = [], [], [0] * len(row_files(cfg))
     for piece, (ref, _), n in zip(pieces, outs, counts):
         if n:
@@ -251,6 +311,28 @@ def read_rows(cfg: DatasetConfig, raw: Path, pieces: list[Piece]) -> tuple[list[
     if not all(before):
         raise BadInput("a file without data rows")
     return refs, offsets
+
+
+def read_error(cfg: DatasetConfig, pieces: list[Piece], counts: list[int | ReadFailure]) -> FileReadError:
+    """The error the reference builder raises for these pieces' read failures, from the pieces
+    alone: the check it makes first among those that failed (:meth:`ReadFailure.order`) fails
+    nowhere before, so its failing rows are those of the pieces whose first failure it is.
+
+    Args:
+        pieces: every piece, in file order; counts: per piece its rows or its failure.
+    """
+    before = [0] * len(row_files(cfg))
+    placed: list[tuple[ReadFailure, int]] = []  # each failure with the rows of its file before its piece
+    for piece, n in zip(pieces, counts):
+        if isinstance(n, ReadFailure):
+            placed.append((n, before[piece.source]))
+        before[piece.source] += n.rows if isinstance(n, ReadFailure) else n
+    first = min(f.order(cfg) for f, _ in placed)
+    same = [(f, offset) for f, offset in placed if f.order(cfg) == first]
+    f, offset = min(same, key=lambda p: p[1] + p[0].row)
+    path = Path(next(p.path for p in pieces if p.source == f.source))
+    return FileReadError(path, f.column, f.problem, offset + f.row, sum(g.count for g, _ in same), f.value,
+                         f.show_value, before[f.source])
 
 
 # --------------------------------------------------------------------------------------------
@@ -412,10 +494,15 @@ def _scan_block(block: pa.Table, ctx: RowsContext) -> dict[str, Any]:
     what the split and the history tables need."""
     cfg = ctx.cfg
     pos = ctx.positions(block)
-    out: dict[str, Any] = {"missing": [int((p < 0).sum()) for p in pos]}
-    for sc, p in zip(cfg.side_tables, pos):
+    out: dict[str, Any] = {"missing": [int((p < 0).sum()) for p in pos], "first_missing": []}
+    for sc, p in zip(cfg.side_tables, pos):  # rows of one file, in file order: the first is the block's first
+        first = None
         if sc.on_missing == "error" and (p < 0).any():
-            raise BadInput(f"{sc.path}: rows without a {sc.key} match")
+            i = int(np.flatnonzero(p < 0)[0])
+            first = (int(block["_source"][i].as_py()), int(block["_row"][i].as_py()), block[sc.key][i].as_py())
+        out["first_missing"].append(first)  # (source, row, key value): check_side_matches words the error
+    if any(f is not None for f in out["first_missing"]):
+        return out  # the driver raises on it: no more of this block is used (nor valid without side rows)
     days = ctx.days(block, pos)
     if days is not None:
         if len(days) and days.min() < 0:
@@ -426,6 +513,23 @@ def _scan_block(block: pa.Table, ctx: RowsContext) -> dict[str, Any]:
         if cfg.split.kind == "ordered":
             out["times"] = np.unique(days[labelled], return_counts=True)
     return out
+
+
+def check_side_matches(cfg: DatasetConfig, raw: Path, scans: list[dict[str, Any]]) -> None:
+    """Every row has its side-table row where ``on_missing: error``; else the reference builder's
+    error from the blocks' scans: the first side table with a missing key, the first such row
+    in file order, the count over all rows.
+
+    Raises:
+        WordedError: a key without a side row.
+    """
+    for k, sc in enumerate(cfg.side_tables):
+        firsts = [s["first_missing"][k] for s in scans if s["first_missing"][k] is not None]
+        if firsts:
+            source, row, value = min(firsts, key=lambda f: (f[0], f[1]))
+            path = raw / row_files(cfg)[source].path
+            count = sum(s["missing"][k] for s in scans)
+            raise WordedError(pp.missing_key_message(sc.key, raw / sc.path, path, row, value, count))
 
 
 # --------------------------------------------------------------------------------------------
@@ -459,6 +563,9 @@ def _fit_block(block: pa.Table, ctx: RowsContext) -> tuple[Any, ...]:
     per history group, its partial sums."""
     cfg = ctx.cfg
     scan = _scan_block(block, ctx)
+    if any(f is not None for f in scan["first_missing"]):  # keys without side rows: the driver raises
+        empty = [pa.table({}) for _ in (cfg.history.keys if cfg.history else [])]
+        return ({"scan": scan, "side": []}, *empty) if empty else {"scan": scan, "side": []}
     pos = ctx.positions(block)
     days = ctx.days(block, pos)
     split = ctx.split(block, days)
@@ -750,6 +857,8 @@ def build_distributed(cfg: DatasetConfig, raw: Path, tmp: Path, ray_num_cpus: in
         return report
     try:
         return _build(cfg, raw, tmp, ray_num_cpus, ray_address, object_store_memory, piece_bytes or PIECE_BYTES)
+    except WordedError:  # worded over the whole input already (read checks, side-table matches)
+        raise
     except Exception as exc:  # noqa: BLE001 - bad input found in a task or the driver
         found = _unwrap(exc)
         if found is None:
@@ -788,7 +897,9 @@ def _build(cfg: DatasetConfig, raw: Path, tmp: Path, ray_num_cpus: int | None, r
     t = tick("read_side", t)
     if cfg.split.kind == "ordered":  # the split needs every block's times first
         ctx_ref = ray.put(ctx)
-        _set_split_rule(cfg, ctx, ray.get([ray.remote(_scan_block).remote(r, ctx_ref) for r in refs]), report)
+        scans = ray.get([ray.remote(_scan_block).remote(r, ctx_ref) for r in refs])
+        check_side_matches(cfg, raw, scans)
+        _set_split_rule(cfg, ctx, scans, report)
         t = tick("scan", t)
     fit = _fit(cfg, ctx, refs, sides, side_meta, raw, tmp, report)
     del sides  # the raw side tables: encoded copies are in the fitted objects; free the object store
@@ -878,6 +989,7 @@ def _fit(cfg: DatasetConfig, ctx: RowsContext, refs: list[Any], sides: list[tupl
             side_sums[i][1] = side_sums[i][1] + missing
         parts.append(part)
     scans = [p.pop("scan") for p in parts]
+    check_side_matches(cfg, raw, scans)
     counts = _combine_counts(cfg, parts, scans, side_meta, raw, report)
     artifacts = tmp / "artifacts"
     artifacts.mkdir()

@@ -7,6 +7,7 @@ ranges, ordered splits from counts, combined moments, history tables from partia
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -158,6 +159,68 @@ def test_blank_lines_across_ranges_keep_row_numbers(tiny_raw: Path, tmp_path: Pa
     with pytest.raises(DataError) as ref:
         preprocess(cfg, raw, tmp_path / "bad", engine="reference")
     assert str(new.value) == str(ref.value) and "such row(s)" in str(new.value)
+
+
+@pytest.mark.parametrize("edits, expected", [
+    # converting: 'userid' (the first column) fails in two pieces, 'feedid' in an earlier row:
+    # the reference converts userid first, so userid's first row and count over the file
+    ({9000: (0, "y"), 5000: (0, "x"), 50: (1, "1.5"), 100: (3, "")}, r"column 'userid', row 5000 .*'x'\); 2 such"),
+    # no conversion error: the value checks, an empty 'device' in three pieces
+    ({12000: (3, ""), 100: (3, ""), 700: (3, "")}, r"column 'device', row 100 .*empty value; 3 such"),
+])
+def test_a_read_check_is_worded_over_the_whole_file_without_the_reference(
+        tiny_raw: Path, tmp_path: Path, ray_session, monkeypatch: pytest.MonkeyPatch,
+        edits: dict[int, tuple[int, str]], expected: str) -> None:
+    """Bad values in several ranges of a file: the distributed builder's error equals the
+    reference builder's (first failing row, line, value, count over the file) and comes from the
+    pieces' failures: the reference builder is not run."""
+    raw = tmp_path / "raw"
+    shutil.copytree(tiny_raw, raw)
+    (raw / "_GENERATED.json").unlink()
+    lines = (raw / "user_action.csv").read_text().split("\n")
+    for row, (col, value) in edits.items():
+        fields = lines[row].split(",")
+        fields[col] = value
+        lines[row] = ",".join(fields)
+    (raw / "user_action.csv").write_text("\n".join(lines))
+    _assert_worded_without_reference(raw, tmp_path, monkeypatch, expected, [])
+
+
+@pytest.mark.parametrize("sets", [[], ["history=null"]])
+def test_a_key_without_its_side_row_is_worded_over_the_whole_input_without_the_reference(
+        tiny_raw: Path, tmp_path: Path, ray_session, monkeypatch: pytest.MonkeyPatch, sets: list[str]) -> None:
+    """Feeds missing from feed_info.csv, used in many ranges of user_action.csv and in test_a.csv:
+    the first such row in file order, its value and the count over all rows, as the reference."""
+    raw = tmp_path / "raw"
+    shutil.copytree(tiny_raw, raw)
+    (raw / "_GENERATED.json").unlink()
+    actions = pd.read_csv(raw / "user_action.csv", usecols=["feedid"])["feedid"]
+    gone = {int(actions.iloc[i]) for i in (100, 5000, 12000)}
+    feeds = (raw / "feed_info.csv").read_text().split("\n")
+    (raw / "feed_info.csv").write_text("\n".join([feeds[0], *(f for f in feeds[1:] if int(f.split(",")[0] or -1) not in gone)]))
+    first = int(np.flatnonzero(actions.isin(gone))[0]) + 1
+    _assert_worded_without_reference(raw, tmp_path, monkeypatch, rf"user_action.csv: column 'feedid', row {first} "
+                                     rf"\(line {first + 1}\): value {int(actions.iloc[first - 1])} has no row in .*feed_info.csv; \d+ such",
+                                     sets)
+
+
+def _assert_worded_without_reference(raw: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, expected: str,
+                                     sets: list[str]) -> None:
+    """The reference builder's error matches ``expected``; the distributed builder raises the same
+    text without running the reference builder (wechat.yaml with ``sets``)."""
+    cfg = load_config(DatasetConfig, CONFIGS / "wechat.yaml", sets)
+    with pytest.raises(DataError) as ref:
+        preprocess(cfg, raw, tmp_path / "ref", engine="reference")
+    assert len(re.findall(expected, str(ref.value))) == 1, str(ref.value)
+
+    def no_reference(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the reference builder ran")
+
+    monkeypatch.setattr(dist, "PIECE_BYTES", 20_000)  # ~50 ranges: the bad rows in different ones
+    monkeypatch.setattr(dist.pp, "build_reference", no_reference)
+    with pytest.raises(DataError) as new:
+        preprocess(cfg, raw, tmp_path / "new")
+    assert str(new.value) == str(ref.value)
 
 
 def test_pieces_count_their_rows_and_blank_ranges_are_empty(tiny_raw: Path, tmp_path: Path) -> None:

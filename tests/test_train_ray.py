@@ -1,6 +1,7 @@
 """``python -m pipeline train`` on Ray Train: two workers on a simulated two-node cluster
 (``ray_session``), MLflow from rank 0, a killed worker resumed from its checkpoint with the same
-final metrics as an uninterrupted run, a NaN loss named by task, step and rank."""
+final metrics as an uninterrupted run (both evaluating a weight average, which the logged model
+holds), a NaN loss named by task, step and rank."""
 
 from __future__ import annotations
 
@@ -10,12 +11,20 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 
 from pipeline.config import load_config
+from pipeline.train.config import ValidHoldoutConfig
+from pipeline.train.evaluate import predict, score_predictions
+from pipeline.train.holdout import report_mask
+from pipeline.valid_predictions import Predictions
 from pipeline.train.config import TrainJobConfig
 from pipeline.train.ray_train import run_train
 from pipeline.train.stage import DEFAULT_CONFIG
+from pipeline.train.step import build
+from pipeline.data import load_spec
+from mtl.checkpoint import load_checkpoint
 from mtl.strategies import NonFiniteLossError
 
 pytestmark = pytest.mark.slow
@@ -24,6 +33,8 @@ BASE = [
     "train.batch_size=512", "train.epochs=2", "train.optimizer.lr=0.01", "train.log_every=3", "train.strategy.name=pcgrad",
     "train.sync=global", "train.precision=float32", "scaling.num_workers=2", "scaling.placement_strategy=SPREAD",
     "scaling.cpus_per_worker=0.5", "failure.max_failures=1", "checkpoint.num_to_keep=3",
+    # select on the hashed selection users only (each worker cuts its own shard: the Ray path)
+    "train.valid_holdout={report_fraction: 0.5}",
     # evaluated on a weight average, which the killed worker's resume must carry on
     "train.weight_average={kind: ema, decay: 0.9}",
 ]
@@ -39,7 +50,7 @@ def uninterrupted(tiny_processed, ray_session, tmp_path_factory):
     return out, run_train(_job(), tiny_processed, out)
 
 
-def test_two_workers_train_and_log_to_mlflow(uninterrupted):
+def test_two_workers_train_and_log_to_mlflow(uninterrupted, tiny_processed):
     out, outcome = uninterrupted
     m = outcome.metrics
     # the model learned something and the oracle (true probabilities) is above it
@@ -72,8 +83,26 @@ def test_two_workers_train_and_log_to_mlflow(uninterrupted):
     arts = {a.path for a in client.list_artifacts(outcome.run_id)}
     assert {"config.yaml", "loss_curves.png", "validation_curves.png", "gradient_cosine.png",
             "gradient_conflict.png", "routing_gate.png", "valid_predictions.parquet", "model"} <= arts
+    # train.valid_holdout on the workers: the run evaluated (and logged predictions of) exactly
+    # the validation rows of the selection users, none of the report users', with the scores of
+    # those rows
+    preds = Predictions.load(client.download_artifacts(outcome.run_id, "valid_predictions.parquet", str(out)))
+    valid = pq.read_table(tiny_processed / "valid", columns=["_user", "_row"]).to_pandas()
+    selected = valid[~report_mask(valid["_user"].to_numpy(), ValidHoldoutConfig(report_fraction=0.5))]
+    assert 0 < len(selected) < len(valid)
+    assert sorted(preds.rows.tolist()) == sorted(selected["_row"].tolist())
+    scored = score_predictions(preds.probs, preds.labels, preds.users, preds.tasks, "valid")
+    assert scored["valid/score"] == pytest.approx(m["valid/score"], abs=1e-9)
     model_files = {a.path for a in client.list_artifacts(outcome.run_id, "model")}
     assert model_files == {"model/state.pt", "model/feature_spec.json", "model/config.yaml"}
+    # the logged model is the one evaluated (the weight average, not the last weights): read
+    # back, it scores the run's final score on the selection rows
+    model = build(_job().train, load_spec(tiny_processed)).model
+    load_checkpoint(Path(client.download_artifacts(outcome.run_id, "model/state.pt", str(out))), model, restore_rng=False)
+    probs, labels, meta = predict(model, tiny_processed, "valid", load_spec(tiny_processed))
+    keep = ~report_mask(meta["_user"], ValidHoldoutConfig(report_fraction=0.5))
+    again = score_predictions(probs[keep], labels[keep], meta["_user"][keep], preds.tasks, "valid")
+    assert again["valid/score"] == pytest.approx(m["valid/score"], abs=1e-6)
     # everything the run wrote is under its --out folder
     assert str(out) in outcome.tracking_uri and outcome.storage_path.startswith(str(out))
     assert run.info.artifact_uri.startswith(out.as_uri())
