@@ -1,6 +1,7 @@
 """``python -m pipeline train`` on Ray Train: two workers on a simulated two-node cluster
 (``ray_session``), MLflow from rank 0, a killed worker resumed from its checkpoint with the same
-final metrics as an uninterrupted run, a NaN loss named by task, step and rank."""
+final metrics as an uninterrupted run (both evaluating a weight average, which the logged model
+holds), a NaN loss named by task, step and rank."""
 
 from __future__ import annotations
 
@@ -15,12 +16,15 @@ import pytest
 
 from pipeline.config import load_config
 from pipeline.train.config import ValidHoldoutConfig
-from pipeline.train.evaluate import score_predictions
+from pipeline.train.evaluate import predict, score_predictions
 from pipeline.train.holdout import report_mask
 from pipeline.valid_predictions import Predictions
 from pipeline.train.config import TrainJobConfig
 from pipeline.train.ray_train import run_train
 from pipeline.train.stage import DEFAULT_CONFIG
+from pipeline.train.step import build
+from pipeline.data import load_spec
+from mtl.checkpoint import load_checkpoint
 from mtl.strategies import NonFiniteLossError
 
 pytestmark = pytest.mark.slow
@@ -31,6 +35,8 @@ BASE = [
     "scaling.cpus_per_worker=0.5", "failure.max_failures=1", "checkpoint.num_to_keep=3",
     # select on the hashed selection users only (each worker cuts its own shard: the Ray path)
     "train.valid_holdout={report_fraction: 0.5}",
+    # evaluated on a weight average, which the killed worker's resume must carry on
+    "train.weight_average={kind: ema, decay: 0.9}",
 ]
 
 
@@ -89,6 +95,14 @@ def test_two_workers_train_and_log_to_mlflow(uninterrupted, tiny_processed):
     assert scored["valid/score"] == pytest.approx(m["valid/score"], abs=1e-9)
     model_files = {a.path for a in client.list_artifacts(outcome.run_id, "model")}
     assert model_files == {"model/state.pt", "model/feature_spec.json", "model/config.yaml"}
+    # the logged model is the one evaluated (the weight average, not the last weights): read
+    # back, it scores the run's final score on the selection rows
+    model = build(_job().train, load_spec(tiny_processed)).model
+    load_checkpoint(Path(client.download_artifacts(outcome.run_id, "model/state.pt", str(out))), model, restore_rng=False)
+    probs, labels, meta = predict(model, tiny_processed, "valid", load_spec(tiny_processed))
+    keep = ~report_mask(meta["_user"], ValidHoldoutConfig(report_fraction=0.5))
+    again = score_predictions(probs[keep], labels[keep], meta["_user"][keep], preds.tasks, "valid")
+    assert again["valid/score"] == pytest.approx(m["valid/score"], abs=1e-6)
     # everything the run wrote is under its --out folder
     assert str(out) in outcome.tracking_uri and outcome.storage_path.startswith(str(out))
     assert run.info.artifact_uri.startswith(out.as_uri())

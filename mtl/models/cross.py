@@ -44,6 +44,7 @@ class BatchedCrossNet(nn.Module):
         mixtures: low-rank experts per layer (``> 1`` = DCN-Mix; needs ``rank``).
         shared_input: the input is one ``[B, d]`` tensor read by every member; otherwise
             ``[num_members, B, d]``.
+        dropout: dropout after each hidden layer of the MLP (:class:`BatchedMLP`).
 
     Every parameter has ``num_members`` on dim 0 (member ``m``'s slice is its own network).
     Returns ``[num_members, B, width]`` from :meth:`forward`.
@@ -63,6 +64,7 @@ class BatchedCrossNet(nn.Module):
         rank: int | None = None,
         mixtures: int = 1,
         shared_input: bool = True,
+        dropout: float = 0.0,
     ) -> None:
         super().__init__()
         if layers < 1:
@@ -87,7 +89,7 @@ class BatchedCrossNet(nn.Module):
                     layer["c"] = _uniform(n, m, rank, rank, fan_in=rank)
                     layer["gate"] = _uniform(n, d, m, fan_in=d)
             self.cross.append(layer)
-        self.mlp = BatchedMLP(n, d, hidden, shared_input=False) if hidden else None
+        self.mlp = BatchedMLP(n, d, hidden, shared_input=False, dropout=dropout) if hidden else None
         self.out_width = hidden[-1] if hidden else d
 
     def last_layer(self) -> list[nn.Parameter]:
@@ -134,10 +136,12 @@ def expert_block(
     hidden: list[int],
     shared_input: bool = True,
     cross: dict[str, Any] | None = None,
+    dropout: float = 0.0,
 ) -> BatchedMLP | BatchedCrossNet:
     """The experts (or bottom) of an architecture: ``"mlp"`` (:class:`BatchedMLP`) or
     ``"cross"`` (:class:`BatchedCrossNet`, options ``layers``, ``rank``, ``mixtures`` from
-    ``cross``); both return ``[num_members, B, hidden[-1]]``.
+    ``cross``); both return ``[num_members, B, hidden[-1]]``, with ``dropout`` after each
+    hidden MLP layer in training mode.
 
     Raises:
         ValueError: an unknown kind, or cross options given to ``"mlp"``.
@@ -145,12 +149,12 @@ def expert_block(
     if kind == "mlp":
         if cross:
             raise ValueError(f"cross options {sorted(cross)} given to MLP experts; set the expert type to 'cross'")
-        return BatchedMLP(num_members, in_dim, hidden, shared_input=shared_input)
+        return BatchedMLP(num_members, in_dim, hidden, shared_input=shared_input, dropout=dropout)
     if kind == "cross":
         unknown = sorted(set(cross or {}) - {"layers", "rank", "mixtures"})
         if unknown:
             raise ValueError(f"cross options {unknown} unknown; accepted: ['layers', 'mixtures', 'rank']")
-        return BatchedCrossNet(num_members, in_dim, hidden, shared_input=shared_input, **(cross or {}))
+        return BatchedCrossNet(num_members, in_dim, hidden, shared_input=shared_input, dropout=dropout, **(cross or {}))
     raise ValueError(f"expert type {kind!r} unknown; choose from {EXPERT_TYPES}")
 
 

@@ -56,6 +56,9 @@ class BatchedMLP(nn.Module):
         shared_input: the input is one ``[B, in_dim]`` tensor read by every member (the first
             layer is then one ``Linear(in_dim, num_members * hidden[0])``); otherwise the input
             is ``[num_members, B, in_dim]``.
+        dropout: in training mode, each hidden layer's output (after its ReLU) is zeroed with
+            this probability per entry and the rest scaled by ``1 / (1 - dropout)`` (inverted
+            dropout; the identity in eval mode); never after the ``out_dim`` layer. 0 = off.
 
     Returns ``[num_members, B, width]`` from :meth:`forward`.
 
@@ -72,11 +75,14 @@ class BatchedMLP(nn.Module):
         hidden: list[int],
         out_dim: int | None = None,
         shared_input: bool = True,
+        dropout: float = 0.0,
     ) -> None:
         super().__init__()
         widths = [in_dim, *hidden] + ([out_dim] if out_dim is not None else [])
         if len(widths) < 2:
             raise ValueError("BatchedMLP needs at least one layer")
+        check_dropout(dropout)
+        self.dropout = float(dropout)
         self.num_members = num_members
         self.shared_input = shared_input
         self.num_hidden = len(hidden)
@@ -121,7 +127,16 @@ class BatchedMLP(nn.Module):
             if layer == 0 and member_scale is not None:
                 x = scale_grad(x, member_scale.view(n, 1, 1))
             x = torch.baddbmm(b, x, w)
-        return torch.relu(x) if layer < self.num_hidden else x
+        if layer >= self.num_hidden:
+            return x
+        x = torch.relu(x)
+        return F.dropout(x, self.dropout, self.training) if self.dropout else x
+
+
+def check_dropout(p: float) -> None:
+    """A dropout probability must be in ``[0, 1)``."""
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {p}")
 
 
 def mix_experts(gates: Tensor, experts: Tensor, task_scale: Scale | None = None) -> Tensor:

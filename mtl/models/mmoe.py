@@ -33,6 +33,9 @@ class MMoE(MultiTaskModel):
             fused kernel, and has no batched ``shared_task_gradients``).
         cross: cross expert options (``layers``, ``rank``, ``mixtures``).
         gate_temperature: the gates are ``softmax(logits / T)``; ``T > 1`` flattens them.
+        dropout: dropout after each hidden layer of the experts and towers in training mode
+            (:class:`~mtl.models.layers.BatchedMLP`); a training forward then runs the
+            per-module body (:meth:`forward_modules`), evaluation the fused kernel. 0 = off.
         load_balance: weight ``lambda`` of the load-balancing penalty
             ``lambda * mean_k (E * sum_e u_ke^2 - 1)``, ``u_ke`` = task ``k``'s mean gate weight on
             expert ``e`` over the training batch (0 when every expert gets ``1/E`` of each task's
@@ -67,6 +70,7 @@ class MMoE(MultiTaskModel):
         cross: dict[str, Any] | None = None,
         gate_temperature: float = 1.0,
         load_balance: float = 0.0,
+        dropout: float = 0.0,
     ) -> None:
         super().__init__(spec, sparse_gradients=sparse_gradients, compute_dtype=compute_dtype)
         expert_hidden = expert_hidden or [128, 64]
@@ -76,9 +80,11 @@ class MMoE(MultiTaskModel):
         d, k = self.inputs.output_dim, self.num_tasks
         self.num_experts = num_experts
         self.gate_temperature, self.load_balance = float(gate_temperature), float(load_balance)
-        self.experts = expert_block(expert_type, num_experts, d, expert_hidden, shared_input=True, cross=cross)
+        self.experts = expert_block(expert_type, num_experts, d, expert_hidden, shared_input=True, cross=cross,
+                                    dropout=dropout)
         self.fused = expert_type == "mlp"
-        if not self.fused:
+        self.dropout = float(dropout)
+        if not self.fused or self.dropout:
             # the batched per-task expert gradients are the fused MLP kernel's: the strategy
             # driver takes per-task gradients by autograd instead
             self.shared_task_gradients = None  # type: ignore[assignment]
@@ -86,7 +92,7 @@ class MMoE(MultiTaskModel):
         self._balance_gates: Tensor | None = None
         # All K gates as one Linear(d, K*E); rows k*E:(k+1)*E belong to task k.
         self.gates = nn.Linear(d, k * num_experts)
-        self.towers = BatchedMLP(k, expert_hidden[-1], tower_hidden, out_dim=1, shared_input=False)
+        self.towers = BatchedMLP(k, expert_hidden[-1], tower_hidden, out_dim=1, shared_input=False, dropout=dropout)
         self._workspace = Workspace()
         self._last_forward = _ForwardRecord()
 
@@ -117,7 +123,7 @@ class MMoE(MultiTaskModel):
             # The input is detached: the training step backpropagates the penalty after the task
             # losses' backward has freed the input's graph, so the penalty trains the gates only.
             self._balance_gates = self.gate_weights(x.detach())
-        if not self.fused:
+        if not self.fused or (self.dropout and self.training):  # the fused kernel has no dropout
             return self.forward_modules(x, task_grad_scale)
         gate_w, gate_b = self.gates.weight, self.gates.bias
         if self.gate_temperature != 1.0:  # softmax(z / T): the gate layer scaled by 1 / T

@@ -40,6 +40,7 @@ class _ExtractionLevel(nn.Module):
         gate_shared: list[bool],
         expert_type: str = "mlp",
         cross: dict[str, Any] | None = None,
+        dropout: float = 0.0,
     ) -> None:
         super().__init__()
         k = num_tasks
@@ -49,11 +50,12 @@ class _ExtractionLevel(nn.Module):
         self.num_shared = num_shared
         self.num_experts = e = self.num_task_experts + num_shared
         self.shared_experts = (
-            expert_block(expert_type, num_shared, in_dim, expert_hidden, shared_input=True, cross=cross)
+            expert_block(expert_type, num_shared, in_dim, expert_hidden, shared_input=True, cross=cross, dropout=dropout)
             if num_shared else None
         )
         self.task_experts = (
-            expert_block(expert_type, self.num_task_experts, in_dim, expert_hidden, shared_input=first, cross=cross)
+            expert_block(expert_type, self.num_task_experts, in_dim, expert_hidden, shared_input=first, cross=cross,
+                         dropout=dropout)
             if self.num_task_experts
             else None
         )
@@ -178,6 +180,8 @@ class PLE(MultiTaskModel):
         expert_type: ``"mlp"`` or ``"cross"`` (every expert: DCN-v2 cross layers, then the
             ``expert_hidden`` MLP; :class:`~mtl.models.cross.BatchedCrossNet`).
         cross: cross expert options (``layers``, ``rank``, ``mixtures``).
+        dropout: dropout after each hidden layer of the experts and towers in training mode
+            (:class:`~mtl.models.layers.BatchedMLP`); 0 = off.
 
     Example:
         >>> from mtl.features import FeatureSpec, SparseFeature
@@ -200,6 +204,7 @@ class PLE(MultiTaskModel):
         compute_dtype: Precision = None,
         expert_type: str = "mlp",
         cross: dict[str, Any] | None = None,
+        dropout: float = 0.0,
     ) -> None:
         super().__init__(spec, sparse_gradients=sparse_gradients, compute_dtype=compute_dtype)
         k = self.num_tasks
@@ -230,7 +235,7 @@ class PLE(MultiTaskModel):
             level = _ExtractionLevel(
                 k, in_dim, counts, num_shared_experts, expert_hidden,
                 first=lvl == 0, shared_gate=lvl < n_lvl - 1, gate_shared=gate_shared,
-                expert_type=expert_type, cross=cross,
+                expert_type=expert_type, cross=cross, dropout=dropout,
             )  # fmt: skip
             # Where task k's gradient is scaled (a shared tensor entering task-specific code):
             gate_mask = torch.tensor([not gs and ins for gs, ins in zip(gate_shared, in_shared)])
@@ -244,7 +249,7 @@ class PLE(MultiTaskModel):
             level.scale_task_experts = n_lvl == 1
             self.levels.append(level)
             in_dim = expert_hidden[-1]
-        self.towers = BatchedMLP(k, in_dim, tower_hidden, out_dim=1, shared_input=False)
+        self.towers = BatchedMLP(k, in_dim, tower_hidden, out_dim=1, shared_input=False, dropout=dropout)
 
     def _run(
         self, x: Tensor, task_grad_scale: Tensor | None, record: dict[str, Tensor] | None = None

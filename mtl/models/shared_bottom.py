@@ -33,6 +33,8 @@ class SharedBottom(MultiTaskModel):
         bottom_type: ``"mlp"`` or ``"cross"`` (DCN-v2 cross layers, then the ``bottom_hidden``
             MLP: :class:`~mtl.models.cross.BatchedCrossNet`).
         cross: cross bottom options (``layers``, ``rank``, ``mixtures``).
+        dropout: dropout after each hidden layer of the bottom and towers in training mode
+            (:class:`~mtl.models.layers.BatchedMLP`); 0 = off.
 
     Example:
         >>> import torch
@@ -51,12 +53,15 @@ class SharedBottom(MultiTaskModel):
         compute_dtype: Precision = None,
         bottom_type: str = "mlp",
         cross: dict[str, Any] | None = None,
+        dropout: float = 0.0,
     ) -> None:
         super().__init__(spec, sparse_gradients=sparse_gradients, compute_dtype=compute_dtype)
         bottom_hidden = list(bottom_hidden) if bottom_hidden else [128, 64]
         tower_hidden = list(tower_hidden) if tower_hidden is not None else [32]
-        self.bottom = expert_block(bottom_type, 1, self.inputs.output_dim, bottom_hidden, shared_input=True, cross=cross)
-        self.towers = BatchedMLP(self.num_tasks, bottom_hidden[-1], tower_hidden, out_dim=1, shared_input=True)
+        self.bottom = expert_block(bottom_type, 1, self.inputs.output_dim, bottom_hidden, shared_input=True, cross=cross,
+                                   dropout=dropout)
+        self.towers = BatchedMLP(self.num_tasks, bottom_hidden[-1], tower_hidden, out_dim=1, shared_input=True,
+                                 dropout=dropout)
 
     def forward_representation(self, x: Tensor, task_grad_scale: Tensor | None = None) -> Tensor:
         h = self.bottom(x)[0]  # [B, H]

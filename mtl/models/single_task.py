@@ -26,6 +26,8 @@ class SingleTask(MultiTaskModel):
         hidden: MLP widths (ReLU after each) before each task's final logit.
         sparse_gradients: row-sparse embedding gradients.
         compute_dtype: body precision (:mod:`mtl.precision`), applied by ``forward``.
+        dropout: dropout after each hidden layer in training mode
+            (:class:`~mtl.models.layers.BatchedMLP`); 0 = off.
 
     Example:
         >>> import torch
@@ -41,10 +43,12 @@ class SingleTask(MultiTaskModel):
         hidden: list[int] | None = None,
         sparse_gradients: bool = False,
         compute_dtype: Precision = None,
+        dropout: float = 0.0,
     ) -> None:
         super().__init__(spec, sparse_gradients=sparse_gradients, compute_dtype=compute_dtype)
         hidden = list(hidden) if hidden is not None else [128, 64]
-        self.towers = BatchedMLP(self.num_tasks, self.inputs.output_dim, hidden, out_dim=1, shared_input=True)
+        self.towers = BatchedMLP(self.num_tasks, self.inputs.output_dim, hidden, out_dim=1, shared_input=True,
+                                 dropout=dropout)
 
     def forward_representation(self, x: Tensor, task_grad_scale: Tensor | None = None) -> Tensor:
         return self.towers(x, task_grad_scale).squeeze(-1).t()

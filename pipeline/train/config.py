@@ -110,12 +110,46 @@ class ValidHoldoutConfig(Strict):
     salt: int = Field(0, ge=0)
 
 
+class LrPlateauConfig(Strict):
+    """Multiply every learning rate by ``factor`` each time ``patience`` evaluations in a row
+    have not improved the early-stopping metric (``train.lr_plateau``; "reduce on plateau").
+
+    Args:
+        factor: the multiplier (e.g. 0.5 halves the learning rates).
+        patience: evaluations without improvement before each cut (< early stopping's patience,
+            so the run trains on at the lower rate before it stops).
+        min_lr: no learning rate is cut below this.
+    """
+
+    factor: float = Field(0.5, gt=0, lt=1)
+    patience: int = Field(1, ge=1)
+    min_lr: float = Field(0.0, ge=0)
+
+
 class EarlyStoppingConfig(Strict):
     """Stop when the validation score has not improved for ``patience`` evaluations."""
 
     metric: str = "valid/score"
     patience: int | None = Field(None, ge=1)
     min_delta: float = Field(0.0, ge=0)
+
+
+class WeightAverageConfig(Strict):
+    """A running average of the parameters (:class:`mtl.averaging.WeightAverage`) that is
+    evaluated, early-stopped on, restored as the best weights and saved in place of the last
+    weights (``train.weight_average``). Costs a copy of the model (embedding tables included)
+    and one pass over all its parameters per step.
+
+    Args:
+        kind: ``ema`` (``avg <- decay * avg + (1 - decay) * p`` after each step) or ``swa``
+            (the plain mean of the parameters after each step).
+        decay: the EMA's decay per optimizer step (its window is about ``1 / (1 - decay)`` steps).
+        start_step: average only the steps after this one (evaluations before read the live weights).
+    """
+
+    kind: Literal["ema", "swa"] = "ema"
+    decay: float = Field(0.999, gt=0, lt=1)
+    start_step: int = Field(0, ge=0)
 
 
 class TrainConfig(Strict):
@@ -149,6 +183,10 @@ class TrainConfig(Strict):
     #: evaluate (early stopping, best weights) on a hashed part of the validation rows only and
     #: hold the rest out for the report (pipeline.train.holdout); None = select on every row
     valid_holdout: ValidHoldoutConfig | None = None
+    #: evaluate and keep a running average of the weights instead of the last ones; None = off
+    weight_average: WeightAverageConfig | None = None
+    #: cut the learning rates when the early-stopping metric stalls; None = constant rates
+    lr_plateau: LrPlateauConfig | None = None
 
     def model_spec(self, spec: FeatureSpec) -> FeatureSpec:
         """The data's spec with this run's numeric encodings (what the model is built from and

@@ -71,7 +71,7 @@ def train_local(cfg: TrainConfig, data_dir: str | Path, on_log: Callable[[int, d
                               cfg.valid_holdout)
 
     def evaluate(s: TrainState) -> dict[str, float]:
-        probs, labels, meta = predict_batches(s.model, valid)
+        probs, labels, meta = predict_batches(s.eval_model, valid)
         if labels is None:
             raise ValueError(f"{data_dir}/{valid_split} has no labels to evaluate")
         return score_predictions(probs, labels, meta.get("_user"), spec.tasks, valid_split)

@@ -1,6 +1,8 @@
 """The one training loop, shared by the local run and every Ray Train worker: epochs of
 :func:`~pipeline.train.step.train_step`, running losses every ``log_every`` steps, evaluation per
-epoch (and every ``eval_every_steps``), early stopping with the best weights restored.
+epoch (and every ``eval_every_steps``), early stopping with the best weights restored. With a
+weight average (``train.weight_average``) the averaged weights are evaluated, and they are the
+weights the run ends with.
 
 What differs between a local run and a Ray worker is passed in as :class:`LoopHooks`: where
 batches come from, how evaluation gathers predictions, where records and checkpoints go.
@@ -122,10 +124,27 @@ def _evaluate(state: TrainState, hooks: LoopHooks, stop: "_EarlyStop", result: F
     metrics = dict(hooks.evaluate(state))
     metrics["step"], metrics["epoch"] = float(state.step), float(state.epoch)
     is_best = stop.update(state, metrics)
+    score = metrics.get(stop.metric)
+    if not is_best and score is not None and not math.isnan(score):
+        _cut_lr_on_plateau(state)
     state.extra["last_eval_step"] = state.step
     result.evaluations.append(metrics)
     hooks.on_eval(state, metrics, is_best)
     state.extra["_eval_time"] = state.extra.get("_eval_time", 0.0) + time.perf_counter() - started
+
+
+def _cut_lr_on_plateau(state: TrainState) -> None:
+    """``train.lr_plateau``: every ``patience`` evaluations in a row without a new best, all
+    learning rates times ``factor`` (at least ``min_lr``). The rates live in the optimizers'
+    param groups, so checkpoints carry them; the metrics are the same on every rank, so is the cut."""
+    plateau = state.cfg.lr_plateau
+    since = state.extra.get("evals_since_best", 0)
+    if plateau is None or since == 0 or since % plateau.patience:
+        return
+    for opt in state.optimizers:
+        for group in opt.param_groups:
+            group["lr"] = max(group["lr"] * plateau.factor, plateau.min_lr)
+    state.extra["lr_cuts"] = state.extra.get("lr_cuts", 0) + 1
 
 
 class _EarlyStop:
@@ -161,13 +180,16 @@ class _EarlyStop:
             state.extra["best_score"] = float(score)
             state.extra["best_metrics"] = dict(metrics)
             state.extra["evals_since_best"] = 0
-            state.extra["best_model"] = {k: v.detach().to("cpu", copy=True) for k, v in state.model.state_dict().items()}
+            state.extra["best_model"] = {k: v.detach().to("cpu", copy=True) for k, v in state.eval_model.state_dict().items()}
             return True
         state.extra["evals_since_best"] += 1
         return False
 
     def restore_best(self, state: TrainState) -> None:
-        """Put the best evaluation's weights back (when early stopping is on)."""
+        """Leave in ``state.model`` the weights the run ends with: the best evaluation's (when
+        early stopping is on), else the weight average's (when the run keeps one), else the last."""
         best = state.extra.get("best_model")
         if self.patience is not None and best is not None:
             state.model.load_state_dict(copy.deepcopy(best))
+        elif state.eval_model is not state.model:
+            state.model.load_state_dict(state.eval_model.state_dict())

@@ -38,7 +38,7 @@ import pyarrow.parquet as pq
 import torch
 import torch.distributed as dist
 
-from mtl.checkpoint import STATE_FILE, load_checkpoint, save_checkpoint
+from mtl.checkpoint import STATE_FILE, save_checkpoint
 from mtl.distributed import Collectives
 from mtl.features import FeatureSpec
 from mtl.strategies import NonFiniteLossError
@@ -49,7 +49,7 @@ from pipeline.train.config import TrainJobConfig, steps_warning
 from pipeline.train.evaluate import mean_routing, oracle_metrics, predict_batches, score_predictions
 from pipeline.train.holdout import batch_part
 from pipeline.train.loop import FitResult, LoopHooks, fit
-from pipeline.train.step import TrainState, build
+from pipeline.train.step import TrainState, build, load_state, save_state
 
 try:  # Ray is imported lazily by the CLI; this module is only imported where Ray is wanted
     from ray.train import DataConfig
@@ -196,8 +196,7 @@ def train_worker(config: dict[str, Any]) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
-            position = load_checkpoint(Path(d) / STATE_FILE, state.model, state.strategy, state.optimizers,
-                                       map_location=device)
+            position = load_state(Path(d) / STATE_FILE, state)
         record.restore(state, position)
     logger = _rank0_logger(config) if rank == 0 else None
     hooks = _Hooks(job, config, state, side, valid, record, logger, rank)
@@ -278,7 +277,7 @@ class _Hooks:
 
     # -- evaluation: gather every rank's predictions, score on rank 0, broadcast
     def evaluate(self, state: TrainState) -> dict[str, float]:
-        probs, labels, meta = predict_batches(state.model, self.valid, state.device)
+        probs, labels, meta = predict_batches(state.eval_model, self.valid, state.device)
         k = state.spec.num_tasks
         if labels is None:
             labels = np.zeros((0, k))
@@ -358,7 +357,7 @@ class _Hooks:
             ray.train.report(numbers, checkpoint=None)
             return
         with tempfile.TemporaryDirectory() as d:
-            save_checkpoint(Path(d) / STATE_FILE, state.model, state.strategy, state.optimizers, self.record.position(state))
+            save_state(Path(d) / STATE_FILE, state, self.record.position(state))
             ray.train.report(numbers, checkpoint=ray.train.Checkpoint.from_directory(d))
 
     def finish(self, result: FitResult) -> None:

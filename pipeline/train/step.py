@@ -17,6 +17,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -24,6 +25,8 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
+from mtl.averaging import WeightAverage
+from mtl.checkpoint import load_checkpoint, save_checkpoint
 from mtl.device import host_to_device
 from mtl.diagnostics import GramMonitor
 from mtl.distributed import GradientSync
@@ -37,8 +40,9 @@ from pipeline.train.config import TrainConfig
 
 @dataclass
 class TrainState:
-    """What a training loop holds: model, strategy, optimizers, the gradient sync and where the
-    run stands (``step`` counts optimizer steps over the whole run)."""
+    """What a training loop holds: model, strategy, optimizers, the gradient sync, the running
+    weight average (``train.weight_average``; None = off) and where the run stands (``step``
+    counts optimizer steps over the whole run)."""
 
     cfg: TrainConfig
     spec: FeatureSpec
@@ -52,6 +56,13 @@ class TrainState:
     epoch: int = 0
     step_in_epoch: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
+    average: WeightAverage | None = None
+
+    @property
+    def eval_model(self) -> MultiTaskModel:
+        """The weights that are evaluated, early-stopped on and kept: the running average once
+        it holds a step, else the live model."""
+        return self.model if self.average is None else self.average.model_or(self.model)  # type: ignore[return-value]
 
 
 def seed_everything(seed: int) -> None:
@@ -108,6 +119,9 @@ def build(cfg: TrainConfig, spec: FeatureSpec, device: torch.device | str = "cpu
     monitor = GramMonitor(spec.num_tasks)
     strategy.gram_reducer = monitor.wrap(strategy.gram_reducer)
     state = TrainState(cfg, spec, model, strategy, optimizers, sync, device, monitor)
+    wa = cfg.weight_average
+    if wa is not None:
+        state.average = WeightAverage(model, wa.kind, decay=wa.decay, start_step=wa.start_step)
     if strategy.uses_representation:
         state.extra["representation_module"] = representation_module(model)
     return state
@@ -185,6 +199,19 @@ def apply_update(state: TrainState, losses_after_update: Callable[[], Tensor] | 
         state.strategy.update(state.sync.mean_over_ranks(after) if state.sync.world_size > 1 else after)
     state.step += 1
     state.step_in_epoch += 1
+    if state.average is not None:  # after the update: the same parameters on every rank
+        state.average.update(state.model, state.step)
+
+
+def save_state(path: str | Path, state: TrainState, position: dict[str, Any]) -> Path:
+    """A checkpoint of ``state`` (model, strategy, optimizers, weight average) and ``position``."""
+    return save_checkpoint(path, state.model, state.strategy, state.optimizers, position, average=state.average)
+
+
+def load_state(path: str | Path, state: TrainState) -> dict[str, Any]:
+    """Restore :func:`save_state`'s checkpoint into ``state``; returns the saved position."""
+    return load_checkpoint(path, state.model, state.strategy, state.optimizers, map_location=state.device,
+                           average=state.average)
 
 
 @torch.no_grad()
