@@ -35,9 +35,10 @@ the messages do ("...; 3 such row(s)"). A read check (a value that is no integer
 empty value, ...: :data:`pipeline.preprocess.READ_CHECKS`) is worded by the driver from every
 piece's first failure (:func:`read_error`: the check the reference makes first among the failed
 ones, its first row and its count over the file), with no file read in the driver; so is a key
-without its side-table row (:func:`check_side_matches`). When another check finds bad input, the reference builder (:func:`pipeline.preprocess.build_reference`) is
-run on the same files and raises the error, worded exactly as always (an error path: it reads
-the files in this process).
+without its side-table row (:func:`check_side_matches`). When another check finds bad input,
+the reference builder (:func:`pipeline.preprocess.build_reference`) is run on the same files
+and raises the error, worded exactly as always (an error path: it reads the files in this
+process).
 """
 
 from __future__ import annotations
@@ -501,7 +502,7 @@ def _scan_block(block: pa.Table, ctx: RowsContext) -> dict[str, Any]:
             i = int(np.flatnonzero(p < 0)[0])
             first = (int(block["_source"][i].as_py()), int(block["_row"][i].as_py()), block[sc.key][i].as_py())
         out["first_missing"].append(first)  # (source, row, key value): check_side_matches words the error
-    if any(f is not None for f in out["first_missing"]):
+    if _unmatched(out):
         return out  # the driver raises on it: no more of this block is used (nor valid without side rows)
     days = ctx.days(block, pos)
     if days is not None:
@@ -513,6 +514,11 @@ def _scan_block(block: pa.Table, ctx: RowsContext) -> dict[str, Any]:
         if cfg.split.kind == "ordered":
             out["times"] = np.unique(days[labelled], return_counts=True)
     return out
+
+
+def _unmatched(scan: dict[str, Any]) -> bool:
+    """The scanned block has a key without its side row where that is an error."""
+    return any(f is not None for f in scan["first_missing"])
 
 
 def check_side_matches(cfg: DatasetConfig, raw: Path, scans: list[dict[str, Any]]) -> None:
@@ -563,7 +569,7 @@ def _fit_block(block: pa.Table, ctx: RowsContext) -> tuple[Any, ...]:
     per history group, its partial sums."""
     cfg = ctx.cfg
     scan = _scan_block(block, ctx)
-    if any(f is not None for f in scan["first_missing"]):  # keys without side rows: the driver raises
+    if _unmatched(scan):  # keys without side rows: the driver raises
         empty = [pa.table({}) for _ in (cfg.history.keys if cfg.history else [])]
         return ({"scan": scan, "side": []}, *empty) if empty else {"scan": scan, "side": []}
     pos = ctx.positions(block)

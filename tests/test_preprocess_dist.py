@@ -62,6 +62,14 @@ def _assert_same_report(ra: dict, rb: dict) -> None:
         assert pca["explained_variance"] == pytest.approx(rb["pca"][name]["explained_variance"], rel=1e-9)
 
 
+def _editable_copy(tiny_raw: Path, tmp_path: Path) -> Path:
+    """A copy of the generated files to edit (without the generator's marker, which vouches for them)."""
+    raw = tmp_path / "raw"
+    shutil.copytree(tiny_raw, raw)
+    (raw / "_GENERATED.json").unlink()
+    return raw
+
+
 def _run_both(cfg: DatasetConfig, raw: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[dict, dict]:
     monkeypatch.setattr(dist, "PIECE_BYTES", 20_000)  # many ranges per file, rows cut at every boundary
     ra = preprocess(cfg, raw, tmp_path / "ref", engine="reference")
@@ -103,9 +111,7 @@ def test_distributed_equals_reference_with_sampling_and_rows_outside(tiny_raw: P
     """Organisers' protocol: negative sampling, test_a rows outside every split, train_only
     history; and a feed missing from feed_info.csv (``on_missing: null``), so some blocks hold
     missing side rows (OOV ids, float history keys)."""
-    raw = tmp_path / "raw"
-    shutil.copytree(tiny_raw, raw)
-    (raw / "_GENERATED.json").unlink()
+    raw = _editable_copy(tiny_raw, tmp_path)
     acts, test = pd.read_csv(raw / "user_action.csv"), pd.read_csv(raw / "test_a.csv")
     cold = test.feedid[~test.feedid.isin(acts.feedid)].iloc[0]
     feeds = pd.read_csv(raw / "feed_info.csv", dtype=str, keep_default_na=False)
@@ -136,9 +142,7 @@ def test_blank_lines_across_ranges_keep_row_numbers(tiny_raw: Path, tmp_path: Pa
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     """Empty lines (LF and CRLF) at range boundaries: ``_row`` stays the source's data row; a
     bad value after them is reported with the reference's row, line and count."""
-    raw = tmp_path / "raw"
-    shutil.copytree(tiny_raw, raw)
-    (raw / "_GENERATED.json").unlink()
+    raw = _editable_copy(tiny_raw, tmp_path)
     lines = (raw / "user_action.csv").read_bytes().split(b"\n")
     out = [lines[0]]
     for i, line in enumerate(lines[1:], start=1):
@@ -174,9 +178,7 @@ def test_a_read_check_is_worded_over_the_whole_file_without_the_reference(
     """Bad values in several ranges of a file: the distributed builder's error equals the
     reference builder's (first failing row, line, value, count over the file) and comes from the
     pieces' failures: the reference builder is not run."""
-    raw = tmp_path / "raw"
-    shutil.copytree(tiny_raw, raw)
-    (raw / "_GENERATED.json").unlink()
+    raw = _editable_copy(tiny_raw, tmp_path)
     lines = (raw / "user_action.csv").read_text().split("\n")
     for row, (col, value) in edits.items():
         fields = lines[row].split(",")
@@ -191,9 +193,7 @@ def test_a_key_without_its_side_row_is_worded_over_the_whole_input_without_the_r
         tiny_raw: Path, tmp_path: Path, ray_session, monkeypatch: pytest.MonkeyPatch, sets: list[str]) -> None:
     """Feeds missing from feed_info.csv, used in many ranges of user_action.csv and in test_a.csv:
     the first such row in file order, its value and the count over all rows, as the reference."""
-    raw = tmp_path / "raw"
-    shutil.copytree(tiny_raw, raw)
-    (raw / "_GENERATED.json").unlink()
+    raw = _editable_copy(tiny_raw, tmp_path)
     actions = pd.read_csv(raw / "user_action.csv", usecols=["feedid"])["feedid"]
     gone = {int(actions.iloc[i]) for i in (100, 5000, 12000)}
     feeds = (raw / "feed_info.csv").read_text().split("\n")
@@ -227,9 +227,7 @@ def test_pieces_count_their_rows_and_blank_ranges_are_empty(tiny_raw: Path, tmp_
     """A read task numbers and counts the rows the CSV reader reads (LF and CRLF blank lines
     skipped); from the counts, the pieces' rows are the file's rows 1..N in order; a range of
     blank lines only is an empty piece, not an error."""
-    raw = tmp_path / "raw"
-    shutil.copytree(tiny_raw, raw)
-    (raw / "_GENERATED.json").unlink()
+    raw = _editable_copy(tiny_raw, tmp_path)
     lines = (raw / "user_action.csv").read_bytes().split(b"\n")
     body = [line for line in lines[1:300] if line]
     (raw / "user_action.csv").write_bytes(b"\n".join([lines[0], *body[:100], *[b""] * 60, *[b"\r"] * 30, *body[100:], b""]))

@@ -480,13 +480,6 @@ def _rows_per_rank(data_dir: Path, split: str, world: int) -> list[int]:
     return np.bincount(row_ids % world, minlength=world).tolist()
 
 
-def _split_files_or_fail(data_dir: Path, split: str) -> list[Path]:
-    files = split_files(data_dir, split)
-    if not files:
-        raise FileNotFoundError(f"{data_dir}/{split}: no Parquet files")
-    return files
-
-
 def make_trainer(job: TrainJobConfig, data_dir: str | Path, out: str | Path, spec: FeatureSpec,
                  run_id: str | None = None, tracking_uri: str | None = None, name: str | None = None,
                  callbacks: list[Any] | None = None) -> Any:
@@ -502,7 +495,8 @@ def make_trainer(job: TrainJobConfig, data_dir: str | Path, out: str | Path, spe
     cpus = resolve_cpus_per_worker(job)
     use_gpu = bool(ray.cluster_resources().get("GPU", 0)) if job.scaling.use_gpu == "auto" else bool(job.scaling.use_gpu)
     name = name or job.name or f"train-{(run_id or 'local')[:12]}"
-    parts = {split: rank_shards(_split_files_or_fail(data_dir, getattr(job.data, f"{split}_split")), job.scaling.num_workers)
+    # check_job, run by every caller first, has refused empty splits
+    parts = {split: rank_shards(split_files(data_dir, getattr(job.data, f"{split}_split")), job.scaling.num_workers)
              for split in ("train", "valid")}
     datasets = {split: shards[0] for split, shards in parts.items()}  # Ray Train wants the names; RankShards hands the parts
     return TorchTrainer(
